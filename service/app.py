@@ -1,0 +1,155 @@
+"""The app factory and its lifespan: the one place that creates the engine, the broker
+and the background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service.brokers.base import Broker
+from service.brokers.redis import RedisBroker
+from service.brokers.sql import SqlBroker
+from service.db import Database, create_engine
+from service.maintenance import maintenance_loop
+from service.routers import jobs, leases, ops
+from service.runtime import Runtime
+from service.settings import Settings
+from service.signals import Signals
+
+API_VERSION = "1.0.0"
+log = logging.getLogger("celeriac.service")
+
+
+def build_broker(settings: Settings, db: Database, signals: Signals) -> Broker:
+    if settings.broker_kind == "redis":
+        return RedisBroker(
+            db,
+            signals,
+            url=settings.broker_url,
+            prefix=settings.redis_prefix,
+            reconcile_age_seconds=settings.reconcile_interval_seconds,
+        )
+    return SqlBroker(db, signals, fallback_seconds=settings.sql_poll_fallback_seconds)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(create_engine(settings.database_url))
+        signals = Signals()
+        broker = build_broker(settings, db, signals)
+        await broker.start()
+        runtime = Runtime(settings=settings, db=db, signals=signals, broker=broker)
+        app.state.runtime = runtime
+        runtime.background.append(
+            asyncio.create_task(maintenance_loop(runtime), name="celeriac-maintenance")
+        )
+        log.info("celeriac ready: database=%s broker=%s", db.dialect, broker.name)
+        try:
+            yield
+        finally:
+            for task in runtime.background:
+                task.cancel()
+            await asyncio.gather(*runtime.background, return_exceptions=True)
+            await broker.close()
+            db.engine.dispose()
+
+    app = FastAPI(
+        title="celeriac",
+        version=API_VERSION,
+        summary="A job queue: submit over HTTP, work from any language, results in SQL.",
+        lifespan=lifespan,
+    )
+    app.include_router(jobs.router)
+    app.include_router(leases.router)
+    app.include_router(ops.router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes * 16)
+    return app
+
+
+def problem_response(error: errors.ProblemError) -> JSONResponse:
+    return JSONResponse(
+        error.to_problem(), status_code=error.status, media_type=errors.PROBLEM_JSON
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_problem(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, errors.ProblemError)
+        return problem_response(exc)
+
+    async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        details = [_describe(e) for e in exc.errors()]
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            return problem_response(errors.InvalidJson("the body is not valid JSON"))
+        summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:5])
+        return problem_response(errors.ValidationFailed(summary, errors=details))
+
+    async def on_http(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        by_status: dict[int, type[errors.ProblemError]] = {
+            404: errors.NotFound,
+            405: errors.MethodNotAllowed,
+        }
+        problem_type = by_status.get(exc.status_code, errors.ProblemError)
+        error = problem_type(str(exc.detail))
+        error.status = exc.status_code
+        return problem_response(error)
+
+    app.add_exception_handler(errors.ProblemError, on_problem)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+
+
+def _describe(error: Any) -> dict[str, Any]:
+    location = ".".join(str(part) for part in error.get("loc", ()))
+    return {"location": location, "message": error.get("msg", ""), "type": error.get("type")}
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes before reading them whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise errors.PayloadTooLarge(self._detail())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _detail(self) -> str:
+        return f"the request body exceeds {self.limit} bytes"
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(errors.PayloadTooLarge(self._detail()))
+        await response(scope, receive, send)

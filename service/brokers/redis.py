@@ -1,0 +1,195 @@
+"""Redis as a dispatch index: one sorted set of ready job ids per queue.
+
+Keys live under one hash tag, ``{<prefix>}``, so a Redis Cluster keeps them in one slot
+and multi-queue pops stay atomic. Members are job ids; the score orders by priority, then
+age. Redis holds no lease: a popped id is only a candidate, and SQL grants the lease (a
+job popped twice is still leased once). If Redis is unreachable, leases fall back to SQL
+dispatch; if it lost data, ``reconcile`` re-adds what SQL says is queued."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.brokers.base import Broker
+from service.brokers.sql import dispatch_message
+from service.db import Database
+from service.jobs import Dispatch
+from service.leases import LeaseTerms, claim_by_ids, claim_from_queues, queued_since
+from service.models import JobRow
+from service.signals import Signals
+
+log = logging.getLogger("celeriac.broker.redis")
+
+REBUILD_CHUNK = 5000
+RECONCILE_LIMIT = 5000
+
+
+def score(job: Dispatch) -> float:
+    """Priority first, then the enqueue time embedded in the UUIDv7 id (oldest first)."""
+    millis = int(job.id[:8] + job.id[9:13], 16)
+    return job.priority * 1e13 + (1e13 - millis)
+
+
+class RedisBroker(Broker):
+    name = "redis"
+
+    def __init__(
+        self,
+        db: Database,
+        signals: Signals,
+        *,
+        url: str,
+        prefix: str,
+        reconcile_age_seconds: float,
+    ) -> None:
+        super().__init__(db, signals)
+        self.url = url
+        self.tag = "{" + prefix + "}"
+        self.channel = f"{self.tag}:events"
+        self.epoch_key = f"{self.tag}:epoch"
+        self.reconcile_age = timedelta(seconds=reconcile_age_seconds)
+        self._redis: aioredis.Redis | None = None
+        self._blocking: aioredis.Redis | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._pop_ready: Any = None
+
+    def ready_key(self, queue: str) -> str:
+        return f"{self.tag}:ready:{queue}"
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        assert self._redis is not None, "broker not started"
+        return self._redis
+
+    async def start(self) -> None:
+        self._redis = aioredis.from_url(self.url, decode_responses=True)
+        # Long-polls hold a connection each for their whole wait: keep them off the pool
+        # that publishes and reconciles.
+        self._blocking = aioredis.from_url(self.url, decode_responses=True, max_connections=2000)
+        script = resources.files("service").joinpath("lua/pop_ready.lua").read_text()
+        self._pop_ready = self._redis.register_script(script)
+        self._listener = asyncio.create_task(self._listen(), name="celeriac-redis-listen")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        for client in (self._redis, self._blocking):
+            if client is not None:
+                await client.aclose()
+
+    async def publish(self, jobs: Sequence[Dispatch]) -> None:
+        if not jobs:
+            return
+        try:
+            await self._index(jobs)
+        except RedisError as exc:
+            # The jobs are committed; reconcile will index them. Never fail the caller.
+            log.warning("publish to Redis failed (%s); reconcile will repair", exc)
+            self.signals.queues_ready({job.queue for job in jobs})
+
+    async def _index(self, jobs: Sequence[Dispatch]) -> None:
+        by_queue: dict[str, dict[str, float]] = {}
+        for job in jobs:
+            by_queue.setdefault(job.queue, {})[job.id] = score(job)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue, members in by_queue.items():
+                pipe.zadd(self.ready_key(queue), members)
+            await pipe.execute()
+
+    async def announce(self, finished: Sequence[str], due: datetime | None) -> None:
+        messages = [f"f:{','.join(finished[i : i + 500])}" for i in range(0, len(finished), 500)]
+        if due is not None:
+            messages.append("d:")
+        if not messages:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    pipe.publish(self.channel, message)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("announce over Redis failed: %s", exc)
+
+    async def lease(
+        self,
+        queues: Sequence[str],
+        max_jobs: int,
+        wait: float,
+        terms: Callable[[], LeaseTerms],
+    ) -> list[JobRow]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        keys = [self.ready_key(queue) for queue in queues]
+        while True:
+            try:
+                ids = await self._candidates(keys, max_jobs, deadline - loop.time())
+            except RedisError as exc:
+                log.warning("lease from Redis failed (%s); dispatching from SQL", exc)
+                return await self.db.run(
+                    lambda session: claim_from_queues(session, queues, max_jobs, terms())
+                )
+            rows = await self.db.run(lambda session: claim_by_ids(session, ids, terms()))
+            if rows or loop.time() >= deadline:
+                return rows
+
+    async def _candidates(self, keys: list[str], max_jobs: int, wait: float) -> list[str]:
+        ids: list[str] = await self._pop_ready(keys=keys, args=[max_jobs])
+        if ids or wait <= 0:
+            return ids
+        assert self._blocking is not None
+        popped = await self._blocking.bzmpop(wait, len(keys), keys, max=True, count=max_jobs)
+        if not popped:
+            return []
+        _key, members = popped
+        return [member for member, _score in members]
+
+    async def reconcile(self, now: datetime) -> int:
+        if not await self.redis.exists(self.epoch_key):
+            count = await self._rebuild()
+            await self.redis.set(self.epoch_key, now.isoformat())
+            log.warning("Redis dispatch index was empty or new: rebuilt %d jobs from SQL", count)
+            return count
+        stale = await self.db.read(
+            lambda session: queued_since(session, now - self.reconcile_age, RECONCILE_LIMIT)
+        )
+        if stale:
+            await self._index(stale)
+        return len(stale)
+
+    async def _rebuild(self) -> int:
+        after, total = "", 0
+        while True:
+            chunk = await self.db.read(
+                lambda session: queued_since(session, None, REBUILD_CHUNK, after_id=after)
+            )
+            if not chunk:
+                return total
+            await self._index(chunk)
+            total += len(chunk)
+            after = chunk[-1].id
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            dispatch_message(self.signals, message["data"])
+            except RedisError as exc:
+                log.warning("Redis subscription lost (%s); retrying", exc)
+                await asyncio.sleep(1.0)

@@ -1,0 +1,85 @@
+"""Engine and session factory. SQLite is tuned for one writer and many readers (WAL,
+``BEGIN IMMEDIATE`` so a transaction that will write takes the lock up front instead of
+failing to upgrade it later)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def create_engine(url: str, *, pool_size: int = 20) -> sa.Engine:
+    if url.startswith("sqlite"):
+        return _create_sqlite_engine(url)
+    return sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def _create_sqlite_engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=8,
+        max_overflow=8,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        readonly = connection.get_execution_options().get("celeriac_readonly", False)
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def create_session_factory(engine: sa.Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+T = TypeVar("T")
+
+
+class Database:
+    """Runs one unit of work per call in a worker thread: a session, a transaction that
+    commits when the function returns and rolls back when it raises."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.sessions = create_session_factory(engine)
+        self.dialect = engine.dialect.name
+
+    def run_sync(self, work: Callable[[Session], T]) -> T:
+        with self.sessions.begin() as session:
+            return work(session)
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        return await anyio.to_thread.run_sync(self.run_sync, work)
+
+    async def read(self, work: Callable[[Session], T]) -> T:
+        """Read-only work: on SQLite this must not take the write lock."""
+        return await anyio.to_thread.run_sync(self._read_sync, work)
+
+    def _read_sync(self, work: Callable[[Session], T]) -> T:
+        with self.sessions() as session:
+            session.connection(execution_options={"celeriac_readonly": True})
+            return work(session)

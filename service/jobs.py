@@ -1,0 +1,197 @@
+"""Job domain: submit, read, list, cancel, retry. Plain functions over a Session; the
+caller owns the transaction and does broker side effects after commit."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service import errors
+from service.ids import is_job_id, uuid7
+from service.models import JobRow
+from service.schemas import FINISHED, JobStatus, JobSubmit
+
+PENDING = (JobStatus.scheduled, JobStatus.queued, JobStatus.retrying)
+RETRYABLE = (JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """What a broker needs to index a ready job."""
+
+    id: str
+    queue: str
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    max_retries: int
+
+
+def dispatch_of(row: JobRow) -> Dispatch:
+    return Dispatch(row.id, row.queue, row.priority)
+
+
+def request_hash(spec: JobSubmit) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def new_job(spec: JobSubmit, now: datetime, defaults: Defaults) -> JobRow:
+    """Build the row for a submitted job (not yet added to any session)."""
+    if spec.delay is not None and spec.run_at is not None:
+        raise errors.ValidationFailed("give either delay or run_at, not both")
+    if spec.delay:
+        run_at = now + timedelta(seconds=spec.delay)
+    elif spec.run_at is not None:
+        run_at = max(spec.run_at, now)
+    else:
+        run_at = now
+    backoff = spec.retry_backoff
+    return JobRow(
+        id=uuid7(),
+        task=spec.task,
+        queue=spec.queue,
+        priority=spec.priority,
+        status=JobStatus.scheduled if run_at > now else JobStatus.queued,
+        args=spec.args,
+        kwargs=spec.kwargs,
+        attempt=0,
+        max_retries=defaults.max_retries if spec.max_retries is None else spec.max_retries,
+        backoff_base=1.0 if backoff is None else backoff.base,
+        backoff_max=300.0 if backoff is None else backoff.max,
+        backoff_jitter=True if backoff is None else backoff.jitter,
+        timeout=spec.timeout,
+        run_at=run_at,
+        expires_at=spec.expires_at,
+        cancel_requested=False,
+        created_at=now,
+    )
+
+
+def insert_jobs(session: Session, rows: list[JobRow]) -> None:
+    session.add_all(rows)
+    session.flush()
+
+
+def find_by_idempotency_key(session: Session, key: str) -> JobRow | None:
+    return session.scalars(sa.select(JobRow).where(JobRow.idempotency_key == key)).first()
+
+
+def replay_or_reject(existing: JobRow, body_hash: str) -> JobRow:
+    if existing.request_hash != body_hash:
+        raise errors.IdempotencyMismatch(
+            "this Idempotency-Key was used with a different request body; "
+            "use a new key for a new job"
+        )
+    return existing
+
+
+def get_job(session: Session, job_id: str, *, for_update: bool = False) -> JobRow:
+    if not is_job_id(job_id):
+        raise errors.JobNotFound(f"no job has id {job_id!r}")
+    query = sa.select(JobRow).where(JobRow.id == job_id)
+    if for_update:
+        query = query.with_for_update()
+    row = session.scalars(query).first()
+    if row is None:
+        raise errors.JobNotFound(f"no job has id {job_id!r}")
+    return row
+
+
+def encode_cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        job_id = ""
+    if not is_job_id(job_id):
+        raise errors.InvalidCursor("the cursor is not one this service issued; start over")
+    return job_id
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: JobStatus | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[JobRow], str | None]:
+    """Newest first, keyset-paginated on the time-ordered id."""
+    query = sa.select(JobRow).order_by(JobRow.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(JobRow.status == status)
+    if queue is not None:
+        query = query.where(JobRow.queue == queue)
+    if task is not None:
+        query = query.where(JobRow.task == task)
+    if cursor is not None:
+        query = query.where(JobRow.id < decode_cursor(cursor))
+    rows = list(session.scalars(query))
+    next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel_job(session: Session, job_id: str, now: datetime) -> JobRow:
+    row = get_job(session, job_id, for_update=True)
+    if row.status in FINISHED:
+        raise errors.JobFinished(f"job {job_id} is already {row.status}; nothing to cancel")
+    if row.status == JobStatus.running:
+        row.cancel_requested = True  # the worker hears of it at its next heartbeat
+    else:
+        row.status = JobStatus.cancelled
+        row.finished_at = now
+    session.flush()
+    return row
+
+
+def retry_job(session: Session, job_id: str, now: datetime) -> JobRow:
+    """Queue a failed, cancelled or expired job again, with a fresh retry budget."""
+    row = get_job(session, job_id, for_update=True)
+    if row.status not in RETRYABLE:
+        raise errors.JobNotRetryable(f"job {job_id} is {row.status}; it cannot be retried")
+    row.status = JobStatus.queued
+    row.attempt = 0
+    row.run_at = now
+    row.result = row.error = row.progress = None
+    row.started_at = row.finished_at = None
+    row.cancel_requested = False
+    if row.expires_at is not None and row.expires_at <= now:
+        row.expires_at = None
+    session.flush()
+    return row
+
+
+def queue_stats(session: Session) -> list[dict[str, Any]]:
+    counts: dict[str, dict[str, int]] = {}
+    for queue, status, count in session.execute(
+        sa.select(JobRow.queue, JobRow.status, sa.func.count()).group_by(
+            JobRow.queue, JobRow.status
+        )
+    ):
+        counts.setdefault(queue, {})[status] = count
+    oldest = dict(
+        session.execute(  # type: ignore[arg-type]
+            sa.select(JobRow.queue, sa.func.min(JobRow.run_at))
+            .where(JobRow.status == JobStatus.queued)
+            .group_by(JobRow.queue)
+        ).all()
+    )
+    return [
+        {"name": name, "counts": counts[name], "oldest_queued_at": oldest.get(name)}
+        for name in sorted(counts)
+    ]

@@ -1,0 +1,96 @@
+"""The SQL schema: the system of record. Alembic migrations are checked against this
+metadata (``alembic check`` in the tests), so the two never drift."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Stored as naive UTC with microseconds on every backend, returned timezone-aware."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    task: Mapped[str] = mapped_column(sa.String(128))
+    queue: Mapped[str] = mapped_column(sa.String(128))
+    priority: Mapped[int] = mapped_column(sa.SmallInteger)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    args: Mapped[Any] = mapped_column(sa.JSON)
+    kwargs: Mapped[Any] = mapped_column(sa.JSON)
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    max_retries: Mapped[int] = mapped_column(sa.Integer)
+    backoff_base: Mapped[float] = mapped_column(sa.Float)
+    backoff_max: Mapped[float] = mapped_column(sa.Float)
+    backoff_jitter: Mapped[bool] = mapped_column(sa.Boolean)
+    timeout: Mapped[float | None] = mapped_column(sa.Float)
+    run_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_token: Mapped[str | None] = mapped_column(sa.String(64))
+    lease_worker: Mapped[str | None] = mapped_column(sa.String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    result: Mapped[Any | None] = mapped_column(sa.JSON)
+    error: Mapped[Any | None] = mapped_column(sa.JSON)
+    progress: Mapped[Any | None] = mapped_column(sa.JSON)
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # Dispatch: the next ready jobs of one queue, highest priority first, then oldest.
+        sa.Index(None, "queue", "status", "priority", "id"),
+        # Due scheduled/retrying jobs and jobs past their expiry.
+        sa.Index(None, "status", "run_at"),
+        # Pending jobs past their expiry.
+        sa.Index(None, "status", "expires_at"),
+        # Leases whose deadline passed.
+        sa.Index(None, "status", "lease_expires_at"),
+        # Listing, newest first, by each filter.
+        sa.Index(None, "status", "id"),
+        sa.Index(None, "task", "id"),
+        sa.Index(None, "queue", "id"),
+    )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,46 @@
+"""Shared router dependencies: the runtime, scope checks, size limits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+
+from service import errors
+from service.auth import authorize
+from service.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def require(scope: str) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        authorize(get_runtime(request).settings, request, scope)
+
+    check.__name__ = f"require_{scope}"
+    return check
+
+
+def content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def check_payload_size(request: Request, what: str, *values: Any) -> None:
+    """Enforce the per-job (or per-result) JSON size limit. The request's own length is
+    an upper bound, so the common small request costs no extra serialisation."""
+    limit = get_runtime(request).settings.max_payload_bytes
+    length = content_length(request)
+    if length is not None and length <= limit:
+        return
+    size = sum(len(json.dumps(v, separators=(",", ":"))) for v in values)
+    if size > limit:
+        raise errors.PayloadTooLarge(
+            f"{what} is {size} bytes of JSON; the limit is {limit} "
+            "(CELERIAC_MAX_PAYLOAD_BYTES). Store large inputs elsewhere and pass a reference."
+        )

@@ -1,0 +1,205 @@
+"""Jobs: submit, read, list, cancel, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import errors, jobs
+from service.leases import Effects
+from service.models import JobRow
+from service.routers.deps import check_payload_size, get_runtime, require
+from service.runtime import Runtime
+from service.schemas import (
+    FINISHED,
+    Job,
+    JobBatchResult,
+    JobBatchSubmit,
+    JobPage,
+    JobStatus,
+    JobSubmit,
+    Problem,
+)
+from service.serialize import job_body
+
+router = APIRouter(tags=["jobs"])
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+PROBLEMS: dict[int | str, dict[str, object]] = {
+    status: {"model": Problem, "content": {"application/problem+json": {}}}
+    for status in (400, 401, 403, 404, 409, 413, 422)
+}
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=Job,
+    responses=PROBLEMS,
+    dependencies=[Depends(require("submit"))],
+    summary="Submit a job",
+)
+async def submit_job(
+    spec: JobSubmit,
+    request: Request,
+    runtime: RuntimeDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JSONResponse:
+    check_payload_size(request, "args and kwargs", spec.args, spec.kwargs)
+    row = jobs.new_job(spec, runtime.clock.now(), runtime.defaults)
+    if idempotency_key is None:
+        await runtime.submits.submit(row)
+        replayed = False
+    else:
+        row, replayed = await _submit_idempotent(runtime, row, idempotency_key, spec)
+    headers = {"Location": f"/jobs/{row.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(job_body(row), status_code=200 if replayed else 202, headers=headers)
+
+
+async def _submit_idempotent(
+    runtime: Runtime, row: JobRow, key: str, spec: JobSubmit
+) -> tuple[JobRow, bool]:
+    body_hash = jobs.request_hash(spec)
+    row.idempotency_key, row.request_hash = key, body_hash
+
+    def work(session: Session) -> tuple[JobRow, bool]:
+        existing = jobs.find_by_idempotency_key(session, key)
+        if existing is not None:
+            return jobs.replay_or_reject(existing, body_hash), True
+        jobs.insert_jobs(session, [row])
+        return row, False
+
+    try:
+        stored, replayed = await runtime.db.run(work)
+    except IntegrityError:  # a concurrent request with the same key won the insert
+        stored, replayed = await runtime.db.run(work)
+    if not replayed:
+        await runtime.after_submit([stored])
+    return stored, replayed
+
+
+@router.post(
+    "/jobs/batch",
+    status_code=202,
+    response_model=JobBatchResult,
+    responses=PROBLEMS,
+    dependencies=[Depends(require("submit"))],
+    summary="Submit up to max_batch_jobs jobs in one transaction",
+)
+async def submit_batch(batch: JobBatchSubmit, request: Request, runtime: RuntimeDep) -> JSONResponse:
+    limit = runtime.settings.max_batch_jobs
+    if len(batch.jobs) > limit:
+        raise errors.PayloadTooLarge(
+            f"the batch has {len(batch.jobs)} jobs; the limit is {limit} "
+            "(CELERIAC_MAX_BATCH_JOBS). Split it into several requests."
+        )
+    now = runtime.clock.now()
+    rows = []
+    for index, spec in enumerate(batch.jobs):
+        try:
+            check_payload_size(request, f"jobs[{index}] args and kwargs", spec.args, spec.kwargs)
+            rows.append(jobs.new_job(spec, now, runtime.defaults))
+        except errors.ProblemError as exc:
+            exc.detail = f"jobs[{index}]: {exc.detail}"
+            raise
+    await runtime.db.run(lambda session: jobs.insert_jobs(session, rows))
+    await runtime.after_submit(rows)
+    return JSONResponse({"jobs": [job_body(row) for row in rows]}, status_code=202)
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=Job,
+    responses=PROBLEMS,
+    dependencies=[Depends(require("read"))],
+    summary="Read a job; ?wait=S holds the request until it finishes",
+)
+async def get_job(
+    job_id: str,
+    runtime: RuntimeDep,
+    wait: Annotated[float, Query(ge=0, le=60)] = 0,
+) -> JSONResponse:
+    row = await _wait_for_finish(runtime, job_id, min(wait, runtime.settings.max_result_wait_seconds))
+    return JSONResponse(job_body(row))
+
+
+async def _wait_for_finish(runtime: Runtime, job_id: str, wait: float) -> JobRow:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    event = runtime.signals.finished_waiter(job_id)
+    try:
+        while True:
+            row = await runtime.db.read(lambda session: jobs.get_job(session, job_id))
+            remaining = deadline - loop.time()
+            if row.status in FINISHED or remaining <= 0:
+                return row
+            if not runtime.broker.cross_process:
+                remaining = min(remaining, runtime.settings.sql_poll_fallback_seconds)
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+    finally:
+        runtime.signals.drop_finished_waiter(job_id, event)
+
+
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    responses=PROBLEMS,
+    dependencies=[Depends(require("read"))],
+    summary="List jobs, newest first",
+)
+async def list_jobs(
+    runtime: RuntimeDep,
+    status: JobStatus | None = None,
+    queue: Annotated[str | None, Query(max_length=128)] = None,
+    task: Annotated[str | None, Query(max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JSONResponse:
+    rows, next_cursor = await runtime.db.read(
+        lambda session: jobs.list_jobs(
+            session, status=status, queue=queue, task=task, limit=limit, cursor=cursor
+        )
+    )
+    return JSONResponse({"jobs": [job_body(row) for row in rows], "next_cursor": next_cursor})
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=Job,
+    responses=PROBLEMS,
+    dependencies=[Depends(require("admin"))],
+    summary="Cancel a job (a running one is told at its next heartbeat)",
+)
+async def cancel_job(job_id: str, runtime: RuntimeDep) -> JSONResponse:
+    def work(session: Session, effects: Effects) -> JobRow:
+        row = jobs.cancel_job(session, job_id, runtime.clock.now())
+        if row.status == JobStatus.cancelled:
+            effects.finished.append(row.id)
+        return row
+
+    return JSONResponse(job_body(await runtime.transact(work)))
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=Job,
+    responses=PROBLEMS,
+    dependencies=[Depends(require("admin"))],
+    summary="Queue a failed, cancelled or expired job again",
+)
+async def retry_job(job_id: str, runtime: RuntimeDep) -> JSONResponse:
+    def work(session: Session, effects: Effects) -> JobRow:
+        row = jobs.retry_job(session, job_id, runtime.clock.now())
+        effects.dispatch.append(jobs.dispatch_of(row))
+        return row
+
+    return JSONResponse(job_body(await runtime.transact(work)))

@@ -1,0 +1,206 @@
+"""The worker protocol: lease jobs, heartbeat, and settle (complete, fail, release)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from service import errors
+from service.leases import Effects, LeaseTerms, Settle, SettleOutcome, heartbeat, new_token, settle
+from service.routers.deps import check_payload_size, get_runtime, require
+from service.routers.jobs import PROBLEMS
+from service.runtime import Runtime
+from service.schemas import (
+    Complete,
+    Fail,
+    Heartbeat,
+    HeartbeatBatch,
+    HeartbeatBatchResponse,
+    HeartbeatResponse,
+    Job,
+    LeaseRequest,
+    LeaseResponse,
+    Release,
+    ReportBatch,
+    ReportBatchResponse,
+)
+from service.serialize import iso, job_body, leased_body
+
+router = APIRouter(tags=["worker protocol"], dependencies=[Depends(require("work"))])
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _terms(runtime: Runtime, worker: str, lease_seconds: float | None) -> LeaseTerms:
+    settings = runtime.settings
+    if lease_seconds is not None and lease_seconds > settings.max_lease_seconds:
+        raise errors.ValidationFailed(
+            f"lease_seconds may be at most {settings.max_lease_seconds:g} "
+            "(CELERIAC_MAX_LEASE_SECONDS)"
+        )
+    return LeaseTerms(
+        worker=worker,
+        token=new_token(),
+        now=runtime.clock.now(),
+        lease_seconds=lease_seconds,
+        default_seconds=settings.default_lease_seconds,
+    )
+
+
+@router.post("/leases", response_model=LeaseResponse, responses=PROBLEMS, summary="Lease jobs")
+async def lease_jobs(body: LeaseRequest, runtime: RuntimeDep) -> JSONResponse:
+    settings = runtime.settings
+    if body.max_jobs > settings.max_lease_jobs:
+        raise errors.ValidationFailed(f"max_jobs may be at most {settings.max_lease_jobs}")
+    if body.wait > settings.max_lease_wait_seconds:
+        raise errors.ValidationFailed(
+            f"wait may be at most {settings.max_lease_wait_seconds:g} seconds"
+        )
+    _terms(runtime, body.worker, body.lease_seconds)  # validate before waiting
+    queues = list(dict.fromkeys(body.queues))
+    rows = await runtime.broker.lease(
+        queues,
+        body.max_jobs,
+        body.wait,
+        lambda: _terms(runtime, body.worker, body.lease_seconds),
+    )
+    return JSONResponse({"jobs": [leased_body(row) for row in rows]})
+
+
+@router.post(
+    "/jobs/{job_id}/heartbeat",
+    response_model=HeartbeatResponse,
+    responses=PROBLEMS,
+    summary="Extend a lease (and report progress)",
+)
+async def heartbeat_one(job_id: str, body: Heartbeat, runtime: RuntimeDep) -> JSONResponse:
+    terms = _terms(runtime, "", body.lease_seconds)
+    [outcome] = await runtime.db.run(
+        lambda session: heartbeat(session, [(job_id, body.token, body.progress)], terms)
+    )
+    _raise_problem(job_id, outcome.problem)
+    return JSONResponse(
+        {
+            "lease": {"token": body.token, "expires_at": iso(outcome.expires_at)},
+            "cancel_requested": outcome.cancel_requested,
+        }
+    )
+
+
+@router.post(
+    "/leases/heartbeat",
+    response_model=HeartbeatBatchResponse,
+    responses=PROBLEMS,
+    summary="Extend many leases in one call",
+)
+async def heartbeat_many(body: HeartbeatBatch, runtime: RuntimeDep) -> JSONResponse:
+    terms = _terms(runtime, "", body.lease_seconds)
+    items = [(ref.id, ref.token, ref.progress) for ref in body.leases]
+    outcomes = await runtime.db.run(lambda session: heartbeat(session, items, terms))
+    return JSONResponse(
+        {
+            "leases": [
+                {
+                    "id": o.id,
+                    "ok": o.problem is None,
+                    "expires_at": iso(o.expires_at),
+                    "cancel_requested": o.cancel_requested,
+                    "detail": o.problem,
+                }
+                for o in outcomes
+            ]
+        }
+    )
+
+
+async def _settle(runtime: Runtime, reports: list[Settle]) -> list[SettleOutcome]:
+    now = runtime.clock.now()
+
+    def work(session: Session, effects: Effects) -> list[SettleOutcome]:
+        return settle(session, reports, now, effects)
+
+    return await runtime.transact(work)
+
+
+async def _settle_one(runtime: Runtime, report: Settle) -> JSONResponse:
+    [outcome] = await _settle(runtime, [report])
+    _raise_problem(report.id, outcome.problem)
+    assert outcome.row is not None
+    return JSONResponse(job_body(outcome.row))
+
+
+def _raise_problem(job_id: str, problem: str | None) -> None:
+    if problem == "not-found":
+        raise errors.JobNotFound(f"no job has id {job_id!r}")
+    if problem == "stale-lease":
+        raise errors.StaleLease(
+            f"job {job_id} is no longer leased with this token (the lease expired and was "
+            "re-granted, or the job was settled): drop it, the report changed nothing"
+        )
+
+
+@router.post(
+    "/jobs/{job_id}/complete", response_model=Job, responses=PROBLEMS, summary="Report success"
+)
+async def complete(job_id: str, body: Complete, request: Request, runtime: RuntimeDep) -> JSONResponse:
+    check_payload_size(request, "the result", body.result)
+    return await _settle_one(runtime, Settle(job_id, body.token, "succeeded", result=body.result))
+
+
+@router.post("/jobs/{job_id}/fail", response_model=Job, responses=PROBLEMS, summary="Report failure")
+async def fail(job_id: str, body: Fail, runtime: RuntimeDep) -> JSONResponse:
+    report = Settle(
+        job_id,
+        body.token,
+        "failed",
+        error=body.error.model_dump(exclude_none=True),
+        retry=body.retry,
+        retry_in=body.retry_in,
+    )
+    return await _settle_one(runtime, report)
+
+
+@router.post(
+    "/jobs/{job_id}/release",
+    response_model=Job,
+    responses=PROBLEMS,
+    summary="Give an unstarted job back (not counted as an attempt)",
+)
+async def release(job_id: str, body: Release, runtime: RuntimeDep) -> JSONResponse:
+    return await _settle_one(runtime, Settle(job_id, body.token, "released"))
+
+
+@router.post(
+    "/leases/report",
+    response_model=ReportBatchResponse,
+    responses=PROBLEMS,
+    summary="Settle many leases in one call",
+)
+async def report_many(body: ReportBatch, request: Request, runtime: RuntimeDep) -> JSONResponse:
+    reports: list[Settle] = []
+    for item in body.reports:
+        if item.outcome == "failed" and item.error is None:
+            raise errors.ValidationFailed(f"report for job {item.id}: a failure needs an error")
+        error: dict[str, Any] | None = (
+            None if item.error is None else item.error.model_dump(exclude_none=True)
+        )
+        reports.append(
+            Settle(item.id, item.token, item.outcome, item.result, error, item.retry, item.retry_in)
+        )
+    check_payload_size(request, "the results", *(r.result for r in reports))
+    outcomes = await _settle(runtime, reports)
+    return JSONResponse(
+        {
+            "reports": [
+                {
+                    "id": o.id,
+                    "ok": o.problem is None,
+                    "status": None if o.row is None else o.row.status,
+                    "detail": o.problem,
+                }
+                for o in outcomes
+            ]
+        }
+    )

@@ -1,0 +1,124 @@
+"""Reporting finished jobs: the outbox the pool threads drop outcomes into, and the
+reporter thread that sends them with ``POST /leases/report``.
+
+Batching is natural: each request carries whatever finished while the previous one was
+in flight, so a busy worker sends few large requests and an idle one reports at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ._execution import error_info, failure
+from ._leases import LeaseBook
+from .client import Client
+from .errors import CeleriacError, ServerUnreachable
+
+logger = logging.getLogger("celeriac.worker")
+
+MAX_BATCH_ITEMS = 1000
+# Well under the service's default 1 MiB request limit; a bigger single report goes alone.
+MAX_BATCH_BYTES = 512 * 1024
+MAX_BACKOFF = 10.0
+HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    job_id: str
+    token: str
+    report: str  # one JSON object of the ``reports`` array, encoded by the pool thread
+
+
+class Outbox:
+    """Outcomes waiting to be sent. ``take`` blocks until there is something, and
+    returns ``[]`` once closed and empty."""
+
+    def __init__(self) -> None:
+        self._items: deque[Outcome] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def put(self, outcome: Outcome) -> None:
+        with self._ready:
+            self._items.append(outcome)
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def take(self) -> list[Outcome]:
+        with self._ready:
+            self._ready.wait_for(lambda: self._items or self._closed)
+            batch: list[Outcome] = []
+            size = 0
+            while self._items and len(batch) < MAX_BATCH_ITEMS:
+                size += len(self._items[0].report)
+                if batch and size > MAX_BATCH_BYTES:
+                    break
+                batch.append(self._items.popleft())
+            return batch
+
+
+class Reporter:
+    """Sends outcomes until the outbox is closed and drained. A request that gets no
+    answer is retried (the leases stay in the book, so heartbeats keep them alive)
+    until ``give_up`` is set."""
+
+    def __init__(self, client: Client, outbox: Outbox, book: LeaseBook) -> None:
+        self._client = client
+        self._outbox = outbox
+        self._book = book
+        self.give_up = threading.Event()
+
+    def run(self) -> None:
+        while batch := self._outbox.take():
+            self._deliver(batch)
+            self._book.remove([outcome.job_id for outcome in batch])
+
+    def _deliver(self, batch: list[Outcome]) -> None:
+        backoff = 0.1
+        while not self.give_up.is_set():
+            try:
+                self._send(batch)
+                return
+            except ServerUnreachable as exc:
+                logger.warning("reporting %d outcomes failed, will retry: %s", len(batch), exc)
+            except CeleriacError as exc:
+                if exc.status < 500:
+                    self._rejected(batch, exc)
+                    return
+                logger.warning("reporting %d outcomes failed, will retry: %s", len(batch), exc)
+            self.give_up.wait(backoff)
+            backoff = min(MAX_BACKOFF, backoff * 2)
+        logger.error("gave up reporting jobs %s", [outcome.job_id for outcome in batch])
+
+    def _send(self, batch: list[Outcome]) -> None:
+        body = '{"reports":[' + ",".join(outcome.report for outcome in batch) + "]}"
+        started = time.monotonic()
+        answer = self._client.request(
+            "POST", "/leases/report", content=body.encode(), headers=HEADERS
+        )
+        logger.debug("reported %d outcomes in %.3fs", len(batch), time.monotonic() - started)
+        for item in answer["reports"]:
+            if not item["ok"]:
+                logger.warning("report for job %s not applied: %s", item["id"], item.get("detail"))
+
+    def _rejected(self, batch: list[Outcome], exc: CeleriacError) -> None:
+        if exc.status == 413 and len(batch) == 1:
+            # One result too big for the service: the job fails instead of vanishing.
+            outcome = batch[0]
+            job = {"id": outcome.job_id, "lease": {"token": outcome.token}}
+            error = error_info("ResultTooLarge", f"the service refused the result: {exc}")
+            self._deliver(
+                [Outcome(outcome.job_id, outcome.token, failure(job, error, retry=False))]
+            )
+            return
+        # A request the service will never accept: retrying would wedge every later report.
+        logger.error("service rejected reports for %s: %s", [o.job_id for o in batch], exc)

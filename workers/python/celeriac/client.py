@@ -1,0 +1,344 @@
+"""HTTP clients for API v1: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Both keep one ``httpx`` client, so consecutive calls reuse connections. Every error
+answer becomes a ``CeleriacError``; no answer at all becomes ``ServerUnreachable``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Self, TypedDict, Unpack
+
+import httpx
+
+from .errors import CeleriacError, ServerUnreachable
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+FINISHED = frozenset({"succeeded", "failed", "cancelled", "expired"})
+# The service holds a result long-poll at most 60 s by default; ask for less per call.
+LONG_POLL_CHUNK = 30.0
+
+Job = dict[str, Any]
+JobList = list[Job]
+
+
+class RetryBackoff(TypedDict, total=False):
+    base: float
+    max: float
+    jitter: bool
+
+
+class SubmitOptions(TypedDict, total=False):
+    """Per-job options of ``POST /jobs``; anything left out takes the service default."""
+
+    queue: str
+    priority: int
+    delay: float
+    run_at: datetime | str
+    expires_at: datetime | str
+    max_retries: int
+    retry_backoff: RetryBackoff
+    timeout: float
+
+
+class JobPage(TypedDict):
+    jobs: JobList
+    next_cursor: str | None
+
+
+def resolve_server(server: str | None) -> str:
+    return (server or os.environ.get("CELERIAC_SERVER_URL") or DEFAULT_SERVER).rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    return api_key or os.environ.get("CELERIAC_API_KEY") or None
+
+
+def job_spec(
+    task: str,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    **options: Unpack[SubmitOptions],
+) -> dict[str, Any]:
+    """The JSON body of one job submission (also an item of ``submit_batch``)."""
+    body: dict[str, Any] = {"task": task, "args": list(args), "kwargs": dict(kwargs or {})}
+    for key, value in options.items():
+        if value is not None:
+            body[key] = value.isoformat() if isinstance(value, datetime) else value
+    return body
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"Accept": "application/json", "User-Agent": "celeriac-python"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def _idempotency(key: str | None) -> dict[str, str] | None:
+    return {"Idempotency-Key": key} if key else None
+
+
+def _list_params(
+    status: str | None, queue: str | None, task: str | None, limit: int | None, cursor: str | None
+) -> dict[str, str | int]:
+    given = {"status": status, "queue": queue, "task": task, "limit": limit, "cursor": cursor}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def decode(response: httpx.Response) -> Any:
+    """The JSON body of a 2xx answer; a ``CeleriacError`` for anything else."""
+    if response.is_success:
+        return response.json() if response.content else None
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = None
+    if not isinstance(problem, dict):
+        # Not from the service itself (a proxy, a crash page): keep a readable excerpt.
+        problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+    return _raise(response.status_code, problem)
+
+
+def _raise(status: int, problem: dict[str, Any]) -> Any:
+    title = str(problem.get("title") or "Error")
+    raise CeleriacError(status, title, str(problem.get("detail") or ""), problem)
+
+
+def _unreachable(request: httpx.Request, exc: httpx.TransportError) -> ServerUnreachable:
+    return ServerUnreachable(
+        f"{request.method} {request.url.copy_with(query=None)}: {type(exc).__name__}: {exc}"
+    )
+
+
+def _wait_chunk(deadline: float | None) -> float:
+    if deadline is None:
+        return LONG_POLL_CHUNK
+    return max(0.0, min(LONG_POLL_CHUNK, deadline - time.monotonic()))
+
+
+def _wait_over(job: Job, deadline: float | None, job_id: str) -> bool:
+    if job["status"] in FINISHED:
+        return True
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"job {job_id} still {job['status']} when the wait ran out")
+    return False
+
+
+class Client:
+    """Blocking client. ``server`` defaults to ``$CELERIAC_SERVER_URL``, then
+    http://127.0.0.1:8000; ``api_key`` to ``$CELERIAC_API_KEY``. ``timeout`` bounds every
+    request (long-polls get their wait on top)."""
+
+    def __init__(
+        self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0
+    ) -> None:
+        self.server = resolve_server(server)
+        self._timeout = timeout
+        self._http = httpx.Client(
+            base_url=self.server, headers=_headers(resolve_api_key(api_key)), timeout=timeout
+        )
+
+    def __repr__(self) -> str:
+        return f"Client({self.server!r})"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        params: Mapping[str, str | int | float] | None = None,
+        headers: Mapping[str, str] | None = None,
+        wait: float = 0.0,
+    ) -> Any:
+        """One API call; ``wait`` is how long the service may hold it (long-poll)."""
+        request = self._http.build_request(
+            method, path, json=json, content=content, params=params, headers=headers,
+            timeout=self._timeout + wait,
+        )  # fmt: skip
+        try:
+            response = self._http.send(request)
+        except httpx.TransportError as exc:
+            raise _unreachable(request, exc) from exc
+        return decode(response)
+
+    def submit(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **options: Unpack[SubmitOptions],
+    ) -> Job:
+        body = job_spec(task, args, kwargs, **options)
+        job: Job = self.request("POST", "/jobs", json=body, headers=_idempotency(idempotency_key))
+        return job
+
+    def submit_batch(self, jobs: Iterable[Mapping[str, Any]]) -> JobList:
+        """Submit many jobs in one transaction; items are ``job_spec(...)`` dicts."""
+        answer = self.request("POST", "/jobs/batch", json={"jobs": [dict(j) for j in jobs]})
+        result: JobList = answer["jobs"]
+        return result
+
+    def get(self, job_id: str, wait: float | None = None) -> Job:
+        """The job; with ``wait`` the service holds the answer until it finishes or
+        ``wait`` seconds pass."""
+        params = {"wait": wait} if wait else None
+        job: Job = self.request("GET", f"/jobs/{job_id}", params=params, wait=wait or 0.0)
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job is finished; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id, wait=_wait_chunk(deadline))
+            if _wait_over(job, deadline, job_id):
+                return job
+
+    def cancel(self, job_id: str) -> Job:
+        job: Job = self.request("POST", f"/jobs/{job_id}/cancel")
+        return job
+
+    def retry(self, job_id: str) -> Job:
+        job: Job = self.request("POST", f"/jobs/{job_id}/retry")
+        return job
+
+    def queues(self) -> list[dict[str, Any]]:
+        answer = self.request("GET", "/queues")
+        queues: list[dict[str, Any]] = answer["queues"]
+        return queues
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of jobs, newest first; pass ``next_cursor`` back for the next."""
+        params = _list_params(status, queue, task, limit, cursor)
+        page: JobPage = self.request("GET", "/jobs", params=params)
+        return page
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client``: same methods, awaitable. Use it from one event
+    loop only (its connections belong to that loop)."""
+
+    def __init__(
+        self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0
+    ) -> None:
+        self.server = resolve_server(server)
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.server, headers=_headers(resolve_api_key(api_key)), timeout=timeout
+        )
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.server!r})"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        params: Mapping[str, str | int | float] | None = None,
+        headers: Mapping[str, str] | None = None,
+        wait: float = 0.0,
+    ) -> Any:
+        request = self._http.build_request(
+            method, path, json=json, content=content, params=params, headers=headers,
+            timeout=self._timeout + wait,
+        )  # fmt: skip
+        try:
+            response = await self._http.send(request)
+        except httpx.TransportError as exc:
+            raise _unreachable(request, exc) from exc
+        return decode(response)
+
+    async def submit(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **options: Unpack[SubmitOptions],
+    ) -> Job:
+        body = job_spec(task, args, kwargs, **options)
+        headers = _idempotency(idempotency_key)
+        job: Job = await self.request("POST", "/jobs", json=body, headers=headers)
+        return job
+
+    async def submit_batch(self, jobs: Iterable[Mapping[str, Any]]) -> JobList:
+        answer = await self.request("POST", "/jobs/batch", json={"jobs": [dict(j) for j in jobs]})
+        result: JobList = answer["jobs"]
+        return result
+
+    async def get(self, job_id: str, wait: float | None = None) -> Job:
+        params = {"wait": wait} if wait else None
+        job: Job = await self.request("GET", f"/jobs/{job_id}", params=params, wait=wait or 0.0)
+        return job
+
+    # A timeout parameter rather than asyncio.timeout(): it plans the server-side long-polls,
+    # so the service ends each wait cleanly instead of us cancelling a request mid-flight.
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:  # noqa: ASYNC109
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.get(job_id, wait=_wait_chunk(deadline))
+            if _wait_over(job, deadline, job_id):
+                return job
+
+    async def cancel(self, job_id: str) -> Job:
+        job: Job = await self.request("POST", f"/jobs/{job_id}/cancel")
+        return job
+
+    async def retry(self, job_id: str) -> Job:
+        job: Job = await self.request("POST", f"/jobs/{job_id}/retry")
+        return job
+
+    async def queues(self) -> list[dict[str, Any]]:
+        answer = await self.request("GET", "/queues")
+        queues: list[dict[str, Any]] = answer["queues"]
+        return queues
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        params = _list_params(status, queue, task, limit, cursor)
+        page: JobPage = await self.request("GET", "/jobs", params=params)
+        return page
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,100 @@
+"""``current_job``: what a running task knows about its job, and how it talks back.
+
+The worker sets a ``JobContext`` in a context variable before calling the task, so
+``current_job`` resolves to the right job in every pool thread and in every asyncio task.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, NoReturn, cast
+
+from .errors import Cancelled, Retry
+
+
+class JobContext:
+    """The job being run. Created by the worker; tasks reach it as ``current_job``."""
+
+    def __init__(self, job_id: str, task: str, attempt: int, queue: str, worker: str) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.attempt = attempt
+        self.queue = queue
+        self.worker = worker
+        # Read by the heartbeat thread; a new dict is assigned whole, never mutated.
+        self.progress: dict[str, Any] | None = None
+        self._cancel = threading.Event()
+        self._on_cancel: Callable[[], object] | None = None
+
+    def __repr__(self) -> str:
+        return f"JobContext({self.task} {self.job_id} attempt={self.attempt})"
+
+    def report_progress(
+        self, current: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Record progress; it reaches the service with the worker's next heartbeat."""
+        self.progress = {"current": current, "total": total, "message": message}
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once someone asked to cancel this job, or the worker lost its lease
+        (the service handed the job elsewhere): either way, stop as soon as convenient."""
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled(f"job {self.job_id} was cancelled")
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early on a cancel; True if cancelled."""
+        return self._cancel.wait(timeout)
+
+    def retry(self, exc: BaseException | None = None, delay: float | None = None) -> NoReturn:
+        """Give up on this attempt and ask for another (``delay`` s from now if given)."""
+        raise Retry(exc, delay)
+
+    def request_cancel(self) -> None:
+        """Worker side: flag the cancel, and interrupt an async task right away."""
+        self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def on_cancel(self, callback: Callable[[], object]) -> None:
+        """Worker side: how to interrupt this job (cancel its asyncio task)."""
+        self._on_cancel = callback
+        if self._cancel.is_set():
+            callback()
+
+
+_current: ContextVar[JobContext | None] = ContextVar("celeriac_current_job", default=None)
+
+
+def get_current_job() -> JobContext | None:
+    """The running job, or None outside of a task."""
+    return _current.get()
+
+
+def set_current_job(context: JobContext | None) -> None:
+    """Worker side: bind ``context`` in the calling thread or asyncio task."""
+    _current.set(context)
+
+
+class _CurrentJob:
+    """Stands in for the ``JobContext`` of whichever job runs in the caller's context."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        context = _current.get()
+        if context is None:
+            raise RuntimeError("current_job is only available inside a running celeriac task")
+        return getattr(context, name)
+
+    def __repr__(self) -> str:
+        return f"<current_job {_current.get()!r}>"
+
+
+# Typed as the real thing so ``current_job.attempt`` type-checks; resolved per access.
+current_job = cast(JobContext, _CurrentJob())

@@ -1,0 +1,65 @@
+"""Exceptions raised by the client and understood by the worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CeleriacError(Exception):
+    """The service answered with an error: an RFC 9457 ``application/problem+json`` body.
+
+    ``status``/``title``/``detail`` come from that body; ``problem`` keeps all of it
+    (``type``, and ``errors`` for validation failures).
+    """
+
+    def __init__(self, status: int, title: str, detail: str, problem: dict[str, Any]) -> None:
+        super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.problem = problem
+
+    @property
+    def type(self) -> str:
+        return str(self.problem.get("type", "about:blank"))
+
+    @property
+    def errors(self) -> list[dict[str, Any]] | None:
+        errors = self.problem.get("errors")
+        return errors if isinstance(errors, list) else None
+
+
+class ServerUnreachable(ConnectionError):
+    """No HTTP answer at all: connection refused, reset, or timed out."""
+
+
+class JobFailed(Exception):
+    """A job finished without succeeding (failed, cancelled or expired).
+
+    ``job`` is the job as the service returned it; ``error`` its error object (``type``,
+    ``message``, ``traceback``) or ``None`` for jobs cancelled or expired before running.
+    """
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+        self.status: str = job.get("status", "unknown")
+        self.error: dict[str, Any] | None = job.get("error")
+        reason = f": {self.error.get('type')}: {self.error.get('message')}" if self.error else ""
+        super().__init__(f"job {job.get('id')} ({job.get('task')}) {self.status}{reason}")
+
+
+class Retry(Exception):
+    """Raise inside a task (or call ``current_job.retry()``) to ask for another attempt.
+
+    ``exc`` is reported as the attempt's error; ``delay`` (seconds) overrides the backoff.
+    The service still enforces ``max_retries``.
+    """
+
+    def __init__(self, exc: BaseException | None = None, delay: float | None = None) -> None:
+        super().__init__(f"retry requested{f': {exc!r}' if exc else ''}")
+        self.exc = exc
+        self.delay = delay
+
+
+class Cancelled(Exception):
+    """Raised by ``current_job.raise_if_cancelled()`` once a cancel was requested."""
