@@ -5,17 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 from alembic.config import Config
+
+from alembic import command
+
+
+def _project_root() -> Path:
+    """Where alembic.ini lives: the source checkout the package was imported from (an
+    editable install), else the working directory (the image runs from /app)."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "alembic.ini").exists() and (root / "alembic" / "env.py").exists():
+            return root
+    raise FileNotFoundError(
+        "alembic.ini and alembic/ not found in the working directory or the source "
+        "checkout: run 'celeriac migrate' from the project (or image) directory"
+    )
 
 
 def alembic_config(database_url: str) -> Config:
-    root = Path(__file__).resolve().parent.parent
+    root = _project_root()
     ini = root / "alembic.ini"
-    if not ini.exists():
-        raise FileNotFoundError(
-            f"alembic.ini not found at {ini}: run celeriac from a source checkout or image"
-        )
     config = Config(str(ini))
     config.set_main_option("script_location", str(root / "alembic"))
     # ConfigParser interpolation would eat a '%' in a password.

@@ -4,7 +4,7 @@ metadata (``alembic check`` in the tests), so the two never drift."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -90,6 +90,15 @@ class JobRow(Base):
         sa.Index(None, "task", "id"),
         sa.Index(None, "queue", "id"),
     )
+
+
+JOBS_TABLE = cast(sa.Table, JobRow.__table__)
+JOB_COLUMNS = tuple(column.key for column in JOBS_TABLE.columns)
+JobValues = dict[str, Any]
+
+
+def values_of(row: JobRow) -> JobValues:
+    return {key: getattr(row, key) for key in JOB_COLUMNS}
 
 
 def utcnow() -> datetime:

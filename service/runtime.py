@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -14,9 +15,9 @@ from sqlalchemy.orm import Session
 
 from service.brokers.base import Broker
 from service.db import Database
-from service.jobs import Defaults, dispatch_of, insert_jobs
+from service.jobs import Defaults, dispatch_of_values, insert_jobs
 from service.leases import Effects
-from service.models import JobRow
+from service.models import JobValues
 from service.settings import Settings
 from service.signals import Signals
 
@@ -56,10 +57,10 @@ class SubmitBatcher:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._pending: list[tuple[JobRow, asyncio.Future[None]]] = []
+        self._pending: list[tuple[JobValues, asyncio.Future[None]]] = []
         self._flushing = False
 
-    async def submit(self, row: JobRow) -> None:
+    async def submit(self, row: JobValues) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((row, future))
         if not self._flushing:
@@ -73,7 +74,7 @@ class SubmitBatcher:
                 batch, self._pending = self._pending, []
                 rows = [row for row, _ in batch]
                 try:
-                    await self.runtime.db.run(lambda session: insert_jobs(session, rows))
+                    await self.runtime.db.run(partial(insert_jobs, rows=rows))
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
@@ -118,11 +119,11 @@ class Runtime:
         if effects.finished or effects.earliest_due is not None:
             await self.broker.announce(effects.finished, effects.earliest_due)
 
-    async def after_submit(self, rows: list[JobRow]) -> None:
+    async def after_submit(self, rows: list[JobValues]) -> None:
         effects = Effects()
         for row in rows:
-            if row.status == "queued":
-                effects.dispatch.append(dispatch_of(row))
+            if row["status"] == "queued":
+                effects.dispatch.append(dispatch_of_values(row))
             else:
-                effects.due_at(row.run_at)
+                effects.due_at(row["run_at"])
         await self.apply(effects)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from service.models import JobRow
+from service.models import JobRow, JobValues, values_of
 
 
 def iso(value: datetime | None) -> str | None:
@@ -13,44 +13,48 @@ def iso(value: datetime | None) -> str | None:
 
 
 def job_body(row: JobRow) -> dict[str, Any]:
+    return values_body(values_of(row))
+
+
+def values_body(row: JobValues) -> dict[str, Any]:
     return {
-        "id": row.id,
-        "task": row.task,
-        "queue": row.queue,
-        "priority": row.priority,
-        "status": row.status,
-        "args": row.args,
-        "kwargs": row.kwargs,
-        "attempt": row.attempt,
-        "max_retries": row.max_retries,
+        "id": row["id"],
+        "task": row["task"],
+        "queue": row["queue"],
+        "priority": row["priority"],
+        "status": row["status"],
+        "args": row["args"],
+        "kwargs": row["kwargs"],
+        "attempt": row["attempt"],
+        "max_retries": row["max_retries"],
         "retry_backoff": {
-            "base": row.backoff_base,
-            "max": row.backoff_max,
-            "jitter": row.backoff_jitter,
+            "base": row["backoff_base"],
+            "max": row["backoff_max"],
+            "jitter": row["backoff_jitter"],
         },
-        "timeout": row.timeout,
-        "run_at": iso(row.run_at),
-        "expires_at": iso(row.expires_at),
-        "created_at": iso(row.created_at),
-        "started_at": iso(row.started_at),
-        "finished_at": iso(row.finished_at),
-        "result": row.result,
-        "error": row.error,
-        "progress": row.progress,
-        "cancel_requested": row.cancel_requested,
-        "worker": row.lease_worker,
+        "timeout": row["timeout"],
+        "run_at": iso(row["run_at"]),
+        "expires_at": iso(row["expires_at"]),
+        "created_at": iso(row["created_at"]),
+        "started_at": iso(row["started_at"]),
+        "finished_at": iso(row["finished_at"]),
+        "result": row["result"],
+        "error": row["error"],
+        "progress": row["progress"],
+        "cancel_requested": row["cancel_requested"],
+        "worker": row["lease_worker"],
     }
 
 
-def leased_body(row: JobRow) -> dict[str, Any]:
+def leased_body(row: JobValues) -> dict[str, Any]:
     return {
-        "id": row.id,
-        "task": row.task,
-        "args": row.args,
-        "kwargs": row.kwargs,
-        "queue": row.queue,
-        "priority": row.priority,
-        "attempt": row.attempt,
-        "max_retries": row.max_retries,
-        "lease": {"token": row.lease_token, "expires_at": iso(row.lease_expires_at)},
+        "id": row["id"],
+        "task": row["task"],
+        "args": row["args"],
+        "kwargs": row["kwargs"],
+        "queue": row["queue"],
+        "priority": row["priority"],
+        "attempt": row["attempt"],
+        "max_retries": row["max_retries"],
+        "lease": {"token": row["lease_token"], "expires_at": iso(row["lease_expires_at"])},
     }

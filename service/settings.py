@@ -94,4 +94,6 @@ class Settings(BaseSettings):
             return "sql"
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return "redis"
-        raise ValueError(f"CELERIAC_BROKER_URL: unsupported broker {self.broker_url.split(':')[0]!r}")
+        raise ValueError(
+            f"CELERIAC_BROKER_URL: unsupported broker {self.broker_url.split(':')[0]!r}"
+        )

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -515,11 +516,55 @@ def scratch_redis() -> Iterator[str]:
         client.close()
 
 
+CONSOLE_SCRIPT = (
+    "import sys; from celeriac.cli import main; sys.argv[0] = 'celeriac'; sys.exit(main())"
+)
+
+
+def image_layout(tmp_path: Path) -> tuple[Path, Path]:
+    """The image without Docker: a working directory holding what the runtime stage
+    COPYs into /app, and a site directory holding the packages as a (non-editable)
+    install lays them out from pyproject.toml's [tool.setuptools] tables."""
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    final = len(stage_names()) - 1
+    for stage, instruction, arguments in dockerfile_instructions():
+        if stage == final and instruction == "COPY" and "--from=" not in arguments:
+            *sources, _ = arguments.split()
+            for source in sources:
+                path = REPO / source
+                target = workdir / path.name
+                if path.is_dir():
+                    shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(path, target)
+
+    site = tmp_path / "site-packages"
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert isinstance(config.get("packages"), list), "expected an explicit package list"
+    package_dirs = config.get("package-dir", {})
+    package_data = config.get("package-data", {})
+    for package in config["packages"]:
+        top, *rest = package.split(".")
+        source = REPO / package_dirs.get(top, top) / Path(*rest)
+        target = site / Path(*package.split("."))
+        target.mkdir(parents=True, exist_ok=True)
+        files = list(source.glob("*.py"))
+        for pattern in [*package_data.get(package, []), *package_data.get("*", [])]:
+            files += source.glob(pattern)
+        for file in files:
+            destination = target / file.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, destination)
+    return workdir, site
+
+
 class Native:
     """Runs compose services as local processes, with their addresses mapped to this host."""
 
-    def __init__(self, workdir: Path, mapping: dict[str, str], port: int) -> None:
+    def __init__(self, workdir: Path, site: Path, mapping: dict[str, str], port: int) -> None:
         self.workdir = workdir
+        self.site = site
         self.mapping = mapping
         self.port = port
         self.processes: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -527,7 +572,9 @@ class Native:
     def argv(self, service: dict[str, Any]) -> list[str]:
         argv = as_argv(service["command"])
         if argv[0] == "celeriac":
-            argv[0] = str(Path(sys.executable).parent / "celeriac")
+            # What the image's console script does, minus the source checkout: -P keeps
+            # the working directory off sys.path, PYTHONPATH puts the installed copy first.
+            argv[:1] = [sys.executable, "-P", "-c", CONSOLE_SCRIPT]
         for flag, value in (("--host", "127.0.0.1"), ("--port", str(self.port))):
             if flag in argv:
                 argv[argv.index(flag) + 1] = value
@@ -542,6 +589,7 @@ class Native:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CELERIAC_")}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = str(self.site)
         for key, value in as_mapping(service.get("environment")).items():
             mapped = self.map_value(value)
             assert not re.search(r"@postgres:|//redis:|//api:", mapped), f"unmapped {key}"
@@ -622,22 +670,19 @@ def test_compose_services_run_natively(
         "http://api:8000": base_url,
     }
 
-    # The working directory holds what the image's /app holds: the runtime stage's COPYs.
-    workdir = tmp_path / "app"
-    workdir.mkdir()
-    final = len(stage_names()) - 1
-    for stage, instruction, arguments in dockerfile_instructions():
-        if stage == final and instruction == "COPY" and "--from=" not in arguments:
-            *sources, _ = arguments.split()
-            for source in sources:
-                path = REPO / source
-                target = workdir / path.name
-                if path.is_dir():
-                    shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
-                else:
-                    shutil.copy(path, target)
-
-    native = Native(workdir, mapping, port)
+    workdir, site = image_layout(tmp_path)
+    native = Native(workdir, site, mapping, port)
+    where = "import celeriac, service; print(celeriac.__file__, service.__file__)"
+    probe = subprocess.run(
+        [sys.executable, "-P", "-c", where],
+        env=native.env(services["migrate"]),
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert all(Path(f).is_relative_to(site) for f in probe.stdout.split()), probe.stdout
     try:
         migrate = native.start("migrate", services["migrate"])
         assert migrate.wait(timeout=60) == 0, f"celeriac migrate failed\n{native.logs()}"

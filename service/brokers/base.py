@@ -29,23 +29,28 @@ from datetime import datetime
 from service.db import Database
 from service.jobs import Dispatch
 from service.leases import LeaseTerms
-from service.models import JobRow
+from service.models import JobValues
 from service.signals import Signals
 
 
 class Broker(ABC):
     name: str
+
     # False when events cannot reach other processes: waiters then also re-check SQL
     # every ``sql_poll_fallback_seconds``.
-    cross_process: bool = True
+    @property
+    def cross_process(self) -> bool:
+        return True
 
     def __init__(self, db: Database, signals: Signals) -> None:
         self.db = db
         self.signals = signals
 
+    @abstractmethod
     async def start(self) -> None:
         """Connect and subscribe. Called once by the app's lifespan."""
 
+    @abstractmethod
     async def close(self) -> None:
         """Release connections. Called once at shutdown."""
 
@@ -59,7 +64,7 @@ class Broker(ABC):
         max_jobs: int,
         wait: float,
         terms: Callable[[], LeaseTerms],
-    ) -> list[JobRow]:
+    ) -> list[JobValues]:
         """``terms`` is called for each attempt, so a lease granted late in a long-poll
         still gets its full length."""
 

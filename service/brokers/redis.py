@@ -13,24 +13,32 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
 
 from service.brokers.base import Broker
 from service.brokers.sql import dispatch_message
 from service.db import Database
 from service.jobs import Dispatch
 from service.leases import LeaseTerms, claim_by_ids, claim_from_queues, queued_since
-from service.models import JobRow
+from service.models import JobValues
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.broker.redis")
 
 REBUILD_CHUNK = 5000
 RECONCILE_LIMIT = 5000
+
+
+def _claim_by_ids(
+    session: Session, *, ids: list[str], terms: Callable[[], LeaseTerms]
+) -> list[JobValues]:
+    return claim_by_ids(session, ids, terms())
 
 
 def score(job: Dispatch) -> float:
@@ -74,7 +82,9 @@ class RedisBroker(Broker):
         self._redis = aioredis.from_url(self.url, decode_responses=True)
         # Long-polls hold a connection each for their whole wait: keep them off the pool
         # that publishes and reconciles.
-        self._blocking = aioredis.from_url(self.url, decode_responses=True, max_connections=2000)
+        self._blocking = aioredis.from_url(
+            self.url, decode_responses=True, max_connections=2000, socket_timeout=None
+        )
         script = resources.files("service").joinpath("lua/pop_ready.lua").read_text()
         self._pop_ready = self._redis.register_script(script)
         self._listener = asyncio.create_task(self._listen(), name="celeriac-redis-listen")
@@ -127,7 +137,7 @@ class RedisBroker(Broker):
         max_jobs: int,
         wait: float,
         terms: Callable[[], LeaseTerms],
-    ) -> list[JobRow]:
+    ) -> list[JobValues]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         keys = [self.ready_key(queue) for queue in queues]
@@ -139,7 +149,7 @@ class RedisBroker(Broker):
                 return await self.db.run(
                     lambda session: claim_from_queues(session, queues, max_jobs, terms())
                 )
-            rows = await self.db.run(lambda session: claim_by_ids(session, ids, terms()))
+            rows = await self.db.run(partial(_claim_by_ids, ids=ids, terms=terms))
             if rows or loop.time() >= deadline:
                 return rows
 
@@ -151,8 +161,9 @@ class RedisBroker(Broker):
         popped = await self._blocking.bzmpop(wait, len(keys), keys, max=True, count=max_jobs)
         if not popped:
             return []
-        _key, members = popped
-        return [member for member, _score in members]
+        # BZMPOP answers [key, [[member, score], ...]].
+        members = cast(list[list[str]], popped[1])
+        return [pair[0] for pair in members]
 
     async def reconcile(self, now: datetime) -> int:
         if not await self.redis.exists(self.epoch_key):
@@ -171,7 +182,7 @@ class RedisBroker(Broker):
         after, total = "", 0
         while True:
             chunk = await self.db.read(
-                lambda session: queued_since(session, None, REBUILD_CHUNK, after_id=after)
+                partial(queued_since, before=None, limit=REBUILD_CHUNK, after_id=after)
             )
             if not chunk:
                 return total

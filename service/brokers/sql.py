@@ -21,7 +21,7 @@ from service.brokers.base import Broker
 from service.db import Database
 from service.jobs import Dispatch
 from service.leases import LeaseTerms, claim_from_queues
-from service.models import JobRow
+from service.models import JobValues
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.broker.sql")
@@ -73,7 +73,7 @@ class SqlBroker(Broker):
         max_jobs: int,
         wait: float,
         terms: Callable[[], LeaseTerms],
-    ) -> list[JobRow]:
+    ) -> list[JobValues]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:

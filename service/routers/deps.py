@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
@@ -13,14 +13,16 @@ from service.auth import authorize
 from service.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+# Dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the
+# thread pool, a thread hop per request for what is a dictionary lookup.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def require(scope: str) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        authorize(get_runtime(request).settings, request, scope)
+def require(scope: str) -> Callable[[Request], Coroutine[Any, Any, None]]:
+    async def check(request: Request) -> None:
+        authorize(request.app.state.runtime.settings, request, scope)
 
     check.__name__ = f"require_{scope}"
     return check
@@ -34,7 +36,7 @@ def content_length(request: Request) -> int | None:
 def check_payload_size(request: Request, what: str, *values: Any) -> None:
     """Enforce the per-job (or per-result) JSON size limit. The request's own length is
     an upper bound, so the common small request costs no extra serialisation."""
-    limit = get_runtime(request).settings.max_payload_bytes
+    limit = request.app.state.runtime.settings.max_payload_bytes
     length = content_length(request)
     if length is not None and length <= limit:
         return

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service import errors, jobs
 from service.leases import Effects
-from service.models import JobRow
+from service.models import JobRow, JobValues, values_of
 from service.routers.deps import check_payload_size, get_runtime, require
 from service.runtime import Runtime
 from service.schemas import (
@@ -26,7 +26,7 @@ from service.schemas import (
     JobSubmit,
     Problem,
 )
-from service.serialize import job_body
+from service.serialize import job_body, values_body
 
 router = APIRouter(tags=["jobs"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -57,22 +57,22 @@ async def submit_job(
         replayed = False
     else:
         row, replayed = await _submit_idempotent(runtime, row, idempotency_key, spec)
-    headers = {"Location": f"/jobs/{row.id}"}
+    headers = {"Location": f"/jobs/{row['id']}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(job_body(row), status_code=200 if replayed else 202, headers=headers)
+    return JSONResponse(values_body(row), status_code=200 if replayed else 202, headers=headers)
 
 
 async def _submit_idempotent(
-    runtime: Runtime, row: JobRow, key: str, spec: JobSubmit
-) -> tuple[JobRow, bool]:
+    runtime: Runtime, row: JobValues, key: str, spec: JobSubmit
+) -> tuple[JobValues, bool]:
     body_hash = jobs.request_hash(spec)
-    row.idempotency_key, row.request_hash = key, body_hash
+    row.update(idempotency_key=key, request_hash=body_hash)
 
-    def work(session: Session) -> tuple[JobRow, bool]:
+    def work(session: Session) -> tuple[JobValues, bool]:
         existing = jobs.find_by_idempotency_key(session, key)
         if existing is not None:
-            return jobs.replay_or_reject(existing, body_hash), True
+            return values_of(jobs.replay_or_reject(existing, body_hash)), True
         jobs.insert_jobs(session, [row])
         return row, False
 
@@ -93,7 +93,9 @@ async def _submit_idempotent(
     dependencies=[Depends(require("submit"))],
     summary="Submit up to max_batch_jobs jobs in one transaction",
 )
-async def submit_batch(batch: JobBatchSubmit, request: Request, runtime: RuntimeDep) -> JSONResponse:
+async def submit_batch(
+    batch: JobBatchSubmit, request: Request, runtime: RuntimeDep
+) -> JSONResponse:
     limit = runtime.settings.max_batch_jobs
     if len(batch.jobs) > limit:
         raise errors.PayloadTooLarge(
@@ -111,7 +113,7 @@ async def submit_batch(batch: JobBatchSubmit, request: Request, runtime: Runtime
             raise
     await runtime.db.run(lambda session: jobs.insert_jobs(session, rows))
     await runtime.after_submit(rows)
-    return JSONResponse({"jobs": [job_body(row) for row in rows]}, status_code=202)
+    return JSONResponse({"jobs": [values_body(row) for row in rows]}, status_code=202)
 
 
 @router.get(
@@ -126,7 +128,9 @@ async def get_job(
     runtime: RuntimeDep,
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
 ) -> JSONResponse:
-    row = await _wait_for_finish(runtime, job_id, min(wait, runtime.settings.max_result_wait_seconds))
+    row = await _wait_for_finish(
+        runtime, job_id, min(wait, runtime.settings.max_result_wait_seconds)
+    )
     return JSONResponse(job_body(row))
 
 

@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from service import errors
+from service.jobs import get_job
 from service.leases import Effects, LeaseTerms, Settle, SettleOutcome, heartbeat, new_token, settle
+from service.models import JobRow
 from service.routers.deps import check_payload_size, get_runtime, require
 from service.routers.jobs import PROBLEMS
 from service.runtime import Runtime
@@ -125,10 +127,14 @@ async def _settle(runtime: Runtime, reports: list[Settle]) -> list[SettleOutcome
 
 
 async def _settle_one(runtime: Runtime, report: Settle) -> JSONResponse:
-    [outcome] = await _settle(runtime, [report])
-    _raise_problem(report.id, outcome.problem)
-    assert outcome.row is not None
-    return JSONResponse(job_body(outcome.row))
+    now = runtime.clock.now()
+
+    def work(session: Session, effects: Effects) -> JobRow:
+        [outcome] = settle(session, [report], now, effects)
+        _raise_problem(report.id, outcome.problem)
+        return get_job(session, report.id)
+
+    return JSONResponse(job_body(await runtime.transact(work)))
 
 
 def _raise_problem(job_id: str, problem: str | None) -> None:
@@ -144,12 +150,16 @@ def _raise_problem(job_id: str, problem: str | None) -> None:
 @router.post(
     "/jobs/{job_id}/complete", response_model=Job, responses=PROBLEMS, summary="Report success"
 )
-async def complete(job_id: str, body: Complete, request: Request, runtime: RuntimeDep) -> JSONResponse:
+async def complete(
+    job_id: str, body: Complete, request: Request, runtime: RuntimeDep
+) -> JSONResponse:
     check_payload_size(request, "the result", body.result)
     return await _settle_one(runtime, Settle(job_id, body.token, "succeeded", result=body.result))
 
 
-@router.post("/jobs/{job_id}/fail", response_model=Job, responses=PROBLEMS, summary="Report failure")
+@router.post(
+    "/jobs/{job_id}/fail", response_model=Job, responses=PROBLEMS, summary="Report failure"
+)
 async def fail(job_id: str, body: Fail, runtime: RuntimeDep) -> JSONResponse:
     report = Settle(
         job_id,
@@ -197,7 +207,7 @@ async def report_many(body: ReportBatch, request: Request, runtime: RuntimeDep) 
                 {
                     "id": o.id,
                     "ok": o.problem is None,
-                    "status": None if o.row is None else o.row.status,
+                    "status": o.status,
                     "detail": o.problem,
                 }
                 for o in outcomes

@@ -42,13 +42,18 @@ def error_info(type_name: str, message: str, tb: str | None = None) -> dict[str,
 
 
 def failure(
-    job: LeasedJob, error: dict[str, Any], *, retry: bool, retry_in: float | None = None
+    job_id: str, token: str, error: dict[str, Any], *, retry: bool, retry_in: float | None = None
 ) -> str:
-    report = {"id": job["id"], "token": job["lease"]["token"], "outcome": "failed"}
-    report.update(error=error, retry=retry)
+    report = {"id": job_id, "token": token, "outcome": "failed", "error": error, "retry": retry}
     if retry_in is not None:
         report["retry_in"] = max(0.0, retry_in)
     return _dumps(report)
+
+
+def _failure(
+    job: LeasedJob, error: dict[str, Any], *, retry: bool, retry_in: float | None = None
+) -> str:
+    return failure(job["id"], job["lease"]["token"], error, retry=retry, retry_in=retry_in)
 
 
 def released(job_id: str, token: str) -> str:
@@ -67,7 +72,7 @@ def _success(job: LeasedJob, result: Any) -> str:
     except (TypeError, ValueError) as exc:  # ValueError: NaN/inf, circular references
         logger.warning("%s[%s] returned a non-JSON result: %s", job["task"], job["id"], exc)
         message = f"{type(result).__name__} result is not JSON-serialisable: {exc}"
-        return failure(job, error_info("ResultNotSerializable", message), retry=False)
+        return _failure(job, error_info("ResultNotSerializable", message), retry=False)
 
 
 class AsyncLoop:
@@ -125,7 +130,7 @@ def run_job(task: AnyTask | None, job: LeasedJob, context: JobContext, loop: Asy
     if task is None:
         message = f"no task named {job['task']!r} is registered in this worker"
         logger.error("%s[%s]: %s", job["task"], job["id"], message)
-        return failure(job, error_info("UnknownTask", message), retry=False)
+        return _failure(job, error_info("UnknownTask", message), retry=False)
     set_current_job(context)
     try:
         if task.is_async:
@@ -135,15 +140,15 @@ def run_job(task: AnyTask | None, job: LeasedJob, context: JobContext, loop: Asy
     except Retry as request:
         _log_failure(job, request.exc or request, "retry requested")
         info = _exception_info(request.exc) if request.exc else error_info("Retry", str(request))
-        return failure(job, info, retry=True, retry_in=request.delay)
+        return _failure(job, info, retry=True, retry_in=request.delay)
     except Cancelled as exc:
         _log_failure(job, exc, "cancelled")
-        return failure(job, _exception_info(exc), retry=False)
+        return _failure(job, _exception_info(exc), retry=False)
     # Anything the task raises, SystemExit included, is the job's failure, not the worker's.
     except BaseException as exc:
         retry = task.options.retries(exc)
         _log_failure(job, exc, "will retry if attempts remain" if retry else "no retry")
-        return failure(job, _exception_info(exc), retry=retry)
+        return _failure(job, _exception_info(exc), retry=retry)
     finally:
         set_current_job(None)
     logger.debug("%s[%s] succeeded", job["task"], job["id"])

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._execution import error_info, failure
@@ -71,16 +72,24 @@ class Reporter:
     answer is retried (the leases stay in the book, so heartbeats keep them alive)
     until ``give_up`` is set."""
 
-    def __init__(self, client: Client, outbox: Outbox, book: LeaseBook) -> None:
+    def __init__(
+        self, client: Client, outbox: Outbox, book: LeaseBook, on_done: Callable[[], None]
+    ) -> None:
         self._client = client
         self._outbox = outbox
         self._book = book
+        self._on_done = on_done
         self.give_up = threading.Event()
+        self.done = threading.Event()
 
     def run(self) -> None:
-        while batch := self._outbox.take():
-            self._deliver(batch)
-            self._book.remove([outcome.job_id for outcome in batch])
+        try:
+            while batch := self._outbox.take():
+                self._deliver(batch)
+                self._book.remove([outcome.job_id for outcome in batch])
+        finally:
+            self.done.set()
+            self._on_done()
 
     def _deliver(self, batch: list[Outcome]) -> None:
         backoff = 0.1
@@ -111,14 +120,15 @@ class Reporter:
                 logger.warning("report for job %s not applied: %s", item["id"], item.get("detail"))
 
     def _rejected(self, batch: list[Outcome], exc: CeleriacError) -> None:
-        if exc.status == 413 and len(batch) == 1:
+        if exc.status == 413 and len(batch) > 1:
+            half = len(batch) // 2
+            self._deliver(batch[:half])
+            self._deliver(batch[half:])
+        elif exc.status == 413:
             # One result too big for the service: the job fails instead of vanishing.
-            outcome = batch[0]
-            job = {"id": outcome.job_id, "lease": {"token": outcome.token}}
+            job_id, token = batch[0].job_id, batch[0].token
             error = error_info("ResultTooLarge", f"the service refused the result: {exc}")
-            self._deliver(
-                [Outcome(outcome.job_id, outcome.token, failure(job, error, retry=False))]
-            )
-            return
-        # A request the service will never accept: retrying would wedge every later report.
-        logger.error("service rejected reports for %s: %s", [o.job_id for o in batch], exc)
+            self._deliver([Outcome(job_id, token, failure(job_id, token, error, retry=False))])
+        else:
+            # A request the service will never accept: retrying would wedge later reports.
+            logger.error("service rejected reports for %s: %s", [o.job_id for o in batch], exc)

@@ -87,6 +87,10 @@ class Celeriac:
                 self._client = Client(self._server, self._api_key)
             return self._client
 
+    def new_client(self) -> Client:
+        """A separate blocking client with the app's server and key (the worker's own)."""
+        return Client(self._server, self._api_key)
+
     def async_client(self) -> AsyncClient:
         """The app's asyncio client for the running event loop."""
         loop = asyncio.get_running_loop()

@@ -1,0 +1,5 @@
+"""``python -m celeriac`` is the ``celeriac`` command."""
+
+from .cli import main
+
+main()

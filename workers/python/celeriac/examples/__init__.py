@@ -1,0 +1,1 @@
+"""Example task modules (``celeriac demo`` runs ``celeriac.examples.demo``)."""
