@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
-from service.brokers.base import Broker
+from service.brokers.base import Broker, BrokerHooks
 from service.brokers.redis import RedisBroker
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
@@ -38,6 +38,7 @@ def build_broker(settings: Settings, db: Database, signals: Signals) -> Broker:
             url=settings.broker_url,
             prefix=settings.redis_prefix,
             reconcile_age_seconds=settings.reconcile_interval_seconds,
+            serve_workers=settings.redis_workers,
         )
     return SqlBroker(db, signals, fallback_seconds=settings.sql_poll_fallback_seconds)
 
@@ -50,8 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(create_engine(settings.database_url))
         signals = Signals()
         broker = build_broker(settings, db, signals)
-        await broker.start()
         runtime = Runtime(settings=settings, db=db, signals=signals, broker=broker)
+        await broker.start(BrokerHooks(now=runtime.clock.now, apply=runtime.apply))
         app.state.runtime = runtime
         runtime.background.append(
             asyncio.create_task(maintenance_loop(runtime), name="celeriac-maintenance")

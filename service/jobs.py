@@ -30,6 +30,8 @@ class Dispatch:
     id: str
     queue: str
     priority: int
+    # The Redis worker protocol's job envelope, when the publisher already has it.
+    envelope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +43,28 @@ def dispatch_of(row: JobRow) -> Dispatch:
     return Dispatch(row.id, row.queue, row.priority)
 
 
-def dispatch_of_values(values: JobValues) -> Dispatch:
-    return Dispatch(values["id"], values["queue"], values["priority"])
+def envelope(values: JobValues) -> str:
+    """The job as a Redis worker receives it: like an HTTP lease without the lease, which
+    the lease function splices in. ``attempt`` is the attempt this run will be."""
+    return json.dumps(
+        {
+            "id": values["id"],
+            "task": values["task"],
+            "args": values["args"],
+            "kwargs": values["kwargs"],
+            "queue": values["queue"],
+            "priority": values["priority"],
+            "attempt": values["attempt"] + 1,
+            "max_retries": values["max_retries"],
+            "timeout": values["timeout"],
+        },
+        separators=(",", ":"),
+    )
+
+
+def dispatch_of_values(values: JobValues, with_envelope: bool = False) -> Dispatch:
+    env = envelope(values) if with_envelope else None
+    return Dispatch(values["id"], values["queue"], values["priority"], env)
 
 
 def request_hash(spec: JobSubmit) -> str:

@@ -103,3 +103,46 @@ def values_of(row: JobRow) -> JobValues:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class ScheduleRow(Base):
+    """A periodic job: a cron expression or a fixed interval, and the job it submits."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
+    cron: Mapped[str | None] = mapped_column(sa.String(255))
+    every_seconds: Mapped[int | None] = mapped_column(sa.Integer)
+    timezone: Mapped[str] = mapped_column(sa.String(64))
+    job: Mapped[Any] = mapped_column(sa.JSON)
+    enabled: Mapped[bool] = mapped_column(sa.Boolean)
+    catch_up: Mapped[str] = mapped_column(sa.String(8))
+    start_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    end_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The earliest tick not yet fired; NULL while disabled or after end_at. Every replica
+    # finds due schedules through this one index.
+    next_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    last_fired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_job_id: Mapped[str | None] = mapped_column(sa.String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ScheduleFireRow(Base):
+    """One fired tick. The primary key (schedule, tick) is the exactly-once guarantee: the
+    row is inserted in the same transaction as the job, so of N replicas racing for one
+    tick exactly one commits, and the others' jobs roll back with their duplicate key."""
+
+    __tablename__ = "schedule_fires"
+
+    schedule_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("schedules.id", ondelete="CASCADE"), primary_key=True
+    )
+    fire_time: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.String(36))
+    manual: Mapped[bool] = mapped_column(sa.Boolean)
+    fired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+SCHEDULE_FIRES_TABLE = cast(sa.Table, ScheduleFireRow.__table__)

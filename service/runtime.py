@@ -123,7 +123,7 @@ class Runtime:
         effects = Effects()
         for row in rows:
             if row["status"] == "queued":
-                effects.dispatch.append(dispatch_of_values(row))
+                effects.dispatch.append(dispatch_of_values(row, self.broker.wants_envelopes))
             else:
                 effects.due_at(row["run_at"])
         await self.apply(effects)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # "sql" (dispatch from the jobs table) or a redis:// URL.
     broker_url: str = "sql"
     redis_prefix: str = "celeriac"
+    # Serve the Redis worker protocol (docs/protocol.md) beside HTTP leases: job envelopes
+    # are written next to the ready sets and worker events are applied to SQL.
+    redis_workers: bool = True
     # "secret:scope+scope,secret2:scope" — see docs/api.md. Empty: auth off.
     api_keys: str = Field(default="", repr=False)
 

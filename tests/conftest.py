@@ -632,6 +632,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test shows the tail of its service's log next to the traceback."""
+    report = yield
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        running = funcargs.get("service")
+        if isinstance(running, Service):
+            report.sections.append((f"service log ({running.url})", running.log(4000)))
+    return report
+
+
 @pytest.fixture(scope="session", params=SELECTED_BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     database, broker = str(request.param).split("-")

@@ -23,14 +23,24 @@ Guarantees every implementation keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from service.db import Database
 from service.jobs import Dispatch
-from service.leases import LeaseTerms
+from service.leases import Effects, LeaseTerms
 from service.models import JobValues
 from service.signals import Signals
+
+
+@dataclass(frozen=True)
+class BrokerHooks:
+    """What a broker may call back into: the database clock, and the after-commit effects
+    of transactions it runs itself (events applied from workers that bypass HTTP)."""
+
+    now: Callable[[], datetime]
+    apply: Callable[[Effects], Awaitable[None]]
 
 
 class Broker(ABC):
@@ -46,8 +56,13 @@ class Broker(ABC):
         self.db = db
         self.signals = signals
 
+    @property
+    def wants_envelopes(self) -> bool:
+        """Whether ``publish`` needs each job's envelope (Redis worker protocol)."""
+        return False
+
     @abstractmethod
-    async def start(self) -> None:
+    async def start(self, hooks: BrokerHooks) -> None:
         """Connect and subscribe. Called once by the app's lifespan."""
 
     @abstractmethod
@@ -74,6 +89,10 @@ class Broker(ABC):
     @abstractmethod
     async def reconcile(self, now: datetime) -> int:
         """Repair the index from SQL; returns how many jobs it (re-)indexed."""
+
+    @abstractmethod
+    async def cancel_requested(self, job_ids: Sequence[str]) -> None:
+        """Tell workers holding these jobs (through the broker) to stop."""
 
     @abstractmethod
     async def ping(self) -> None:

@@ -2,9 +2,11 @@
 
 Keys live under one hash tag, ``{<prefix>}``, so a Redis Cluster keeps them in one slot
 and multi-queue pops stay atomic. Members are job ids; the score orders by priority, then
-age. Redis holds no lease: a popped id is only a candidate, and SQL grants the lease (a
-job popped twice is still leased once). If Redis is unreachable, leases fall back to SQL
-dispatch; if it lost data, ``reconcile`` re-adds what SQL says is queued."""
+age. For HTTP workers Redis holds no lease: a popped id is only a candidate, and SQL grants
+the lease (a job popped twice is still leased once). Workers that speak the Redis protocol
+lease straight from Redis (``redis_protocol``); SQL follows through the event stream. If
+Redis is unreachable, HTTP leases fall back to SQL dispatch; if it lost data, ``reconcile``
+re-adds what SQL says is queued."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
-from service.brokers.base import Broker
+from service.brokers import redis_protocol
+from service.brokers.base import Broker, BrokerHooks
 from service.brokers.sql import dispatch_message
 from service.db import Database
 from service.jobs import Dispatch
@@ -47,6 +50,10 @@ def score(job: Dispatch) -> float:
     return job.priority * 1e13 + (1e13 - millis)
 
 
+def _script(name: str) -> str:
+    return resources.files("service").joinpath(f"lua/{name}").read_text()
+
+
 class RedisBroker(Broker):
     name = "redis"
 
@@ -58,42 +65,60 @@ class RedisBroker(Broker):
         url: str,
         prefix: str,
         reconcile_age_seconds: float,
+        serve_workers: bool,
     ) -> None:
         super().__init__(db, signals)
         self.url = url
         self.tag = "{" + prefix + "}"
-        self.channel = f"{self.tag}:events"
+        self.channel = f"{self.tag}:events:pubsub"
+        self.stream = f"{self.tag}:events"
         self.epoch_key = f"{self.tag}:epoch"
         self.reconcile_age = timedelta(seconds=reconcile_age_seconds)
+        self.serve_workers = serve_workers
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._pop_ready: Any = None
+        self._reindex: Any = None
+
+    @property
+    def wants_envelopes(self) -> bool:
+        return self.serve_workers
 
     def ready_key(self, queue: str) -> str:
         return f"{self.tag}:ready:{queue}"
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.tag}:job:{job_id}"
 
     @property
     def redis(self) -> aioredis.Redis:
         assert self._redis is not None, "broker not started"
         return self._redis
 
-    async def start(self) -> None:
+    async def start(self, hooks: BrokerHooks) -> None:
         self._redis = aioredis.from_url(self.url, decode_responses=True)
         # Long-polls hold a connection each for their whole wait: keep them off the pool
         # that publishes and reconciles.
         self._blocking = aioredis.from_url(
             self.url, decode_responses=True, max_connections=2000, socket_timeout=None
         )
-        script = resources.files("service").joinpath("lua/pop_ready.lua").read_text()
-        self._pop_ready = self._redis.register_script(script)
-        self._listener = asyncio.create_task(self._listen(), name="celeriac-redis-listen")
+        self._pop_ready = self._redis.register_script(_script("pop_ready.lua"))
+        self._reindex = self._redis.register_script(_script("reindex.lua"))
+        self._tasks.append(asyncio.create_task(self._listen(), name="celeriac-redis-listen"))
+        if self.serve_workers:
+            await redis_protocol.load_library(self._redis)
+            ingest = redis_protocol.EventIngest(
+                self.db, self._redis, self._blocking, self.stream, hooks.now, hooks.apply
+            )
+            self._tasks.append(asyncio.create_task(ingest.run(), name="celeriac-redis-ingest"))
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+                await task
         for client in (self._redis, self._blocking):
             if client is not None:
                 await client.aclose()
@@ -109,13 +134,21 @@ class RedisBroker(Broker):
             self.signals.queues_ready({job.queue for job in jobs})
 
     async def _index(self, jobs: Sequence[Dispatch]) -> None:
-        by_queue: dict[str, dict[str, float]] = {}
-        for job in jobs:
-            by_queue.setdefault(job.queue, {})[job.id] = score(job)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for queue, members in by_queue.items():
-                pipe.zadd(self.ready_key(queue), members)
+            if self.serve_workers:
+                envelopes = await self._envelopes(jobs)
+                redis_protocol.publish_commands(pipe, self.tag, jobs, envelopes, score)
+            else:
+                for job in jobs:
+                    pipe.zadd(self.ready_key(job.queue), {job.id: score(job)})
             await pipe.execute()
+
+    async def _envelopes(self, jobs: Sequence[Dispatch]) -> dict[str, str]:
+        known = {job.id: job.envelope for job in jobs if job.envelope is not None}
+        missing = [job.id for job in jobs if job.envelope is None]
+        if missing:
+            known.update(await self.db.read(partial(redis_protocol.load_envelopes, ids=missing)))
+        return known
 
     async def announce(self, finished: Sequence[str], due: datetime | None) -> None:
         messages = [f"f:{','.join(finished[i : i + 500])}" for i in range(0, len(finished), 500)]
@@ -130,6 +163,15 @@ class RedisBroker(Broker):
                 await pipe.execute()
         except RedisError as exc:
             log.warning("announce over Redis failed: %s", exc)
+
+    async def cancel_requested(self, job_ids: Sequence[str]) -> None:
+        if not self.serve_workers or not job_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:  # only a leased job has a token; others have no hash
+                pipe.hset(self.job_key(job_id), "cancel", "1")
+                pipe.expire(self.job_key(job_id), 86400)
+            await pipe.execute()
 
     async def lease(
         self,
@@ -150,11 +192,18 @@ class RedisBroker(Broker):
                     lambda session: claim_from_queues(session, queues, max_jobs, terms())
                 )
             rows = await self.db.run(partial(_claim_by_ids, ids=ids, terms=terms))
+            if rows and self.serve_workers:
+                await self._drop_envelopes([row["id"] for row in rows])
             if rows or loop.time() >= deadline:
                 return rows
 
+    async def _drop_envelopes(self, job_ids: list[str]) -> None:
+        """A job leased over HTTP no longer needs its Redis envelope."""
+        with contextlib.suppress(RedisError):
+            await self.redis.unlink(*(self.job_key(job_id) for job_id in job_ids))
+
     async def _candidates(self, keys: list[str], max_jobs: int, wait: float) -> list[str]:
-        ids: list[str] = await self._pop_ready(keys=keys, args=[max_jobs])
+        ids: list[str] = await self._pop_ready(keys=keys, args=[max_jobs, self.tag])
         if ids or wait <= 0:
             return ids
         assert self._blocking is not None
@@ -172,11 +221,9 @@ class RedisBroker(Broker):
             log.warning("Redis dispatch index was empty or new: rebuilt %d jobs from SQL", count)
             return count
         stale = await self.db.read(
-            lambda session: queued_since(session, now - self.reconcile_age, RECONCILE_LIMIT)
+            partial(queued_since, before=now - self.reconcile_age, limit=RECONCILE_LIMIT)
         )
-        if stale:
-            await self._index(stale)
-        return len(stale)
+        return await self._reindex_jobs(stale)
 
     async def _rebuild(self) -> int:
         after, total = "", 0
@@ -186,9 +233,18 @@ class RedisBroker(Broker):
             )
             if not chunk:
                 return total
-            await self._index(chunk)
-            total += len(chunk)
+            total += await self._reindex_jobs(chunk)
             after = chunk[-1].id
+
+    async def _reindex_jobs(self, jobs: Sequence[Dispatch]) -> int:
+        """Re-add lost entries without ending any lease a Redis worker holds."""
+        if not jobs:
+            return 0
+        envelopes = await self._envelopes(jobs) if self.serve_workers else {}
+        args: list[Any] = [self.tag]
+        for job in jobs:
+            args += [job.id, score(job), job.queue, envelopes.get(job.id, "")]
+        return int(await self._reindex(args=args))
 
     async def ping(self) -> None:
         await self.redis.ping()

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from service.brokers.base import Broker
+from service.brokers.base import Broker, BrokerHooks
 from service.db import Database
 from service.jobs import Dispatch
 from service.leases import LeaseTerms, claim_from_queues
@@ -42,7 +42,7 @@ class SqlBroker(Broker):
     def cross_process(self) -> bool:
         return self._listener is not None
 
-    async def start(self) -> None:
+    async def start(self, hooks: BrokerHooks) -> None:
         if self.db.dialect == "postgresql":
             self._listener = _PgListener(self.db.engine.url, self.signals)
             self._listener.start(asyncio.get_running_loop())
@@ -94,6 +94,9 @@ class SqlBroker(Broker):
 
     async def reconcile(self, now: datetime) -> int:
         return 0  # the table is the index: nothing can be lost
+
+    async def cancel_requested(self, job_ids: Sequence[str]) -> None:
+        return None  # HTTP workers learn it from their heartbeat answer
 
     async def ping(self) -> None:
         await self.db.read(lambda session: session.execute(sa.text("SELECT 1")).scalar())

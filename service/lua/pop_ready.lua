@@ -1,15 +1,22 @@
--- celeriac pop_ready, protocol v1
--- Pop up to ARGV[1] job ids from the ready sets in KEYS, in the order given: the first
--- queue is drained before the next is touched. Within a set, the highest score first
--- (score = priority * 1e13 + (1e13 - enqueue milliseconds): priority, then oldest).
+-- celeriac pop_ready, protocol v1 (used by the service for HTTP leases)
+-- KEYS: the ready sets of the requested queues, in order.  ARGV: max_jobs, hash tag.
+-- Pops up to max_jobs ids, draining the first queue before touching the next, highest
+-- score first (score = priority * 1e13 + (1e13 - enqueue ms): priority, then oldest).
+-- Skips ids that a Redis worker holds a lease on (their job hash has a token).
 local want = tonumber(ARGV[1])
+local tag = ARGV[2]
 local out = {}
 for _, key in ipairs(KEYS) do
-  if want <= 0 then break end
-  local popped = redis.call('ZPOPMAX', key, want)
-  for i = 1, #popped, 2 do
-    out[#out + 1] = popped[i]
+  while want > 0 do
+    local popped = redis.call('ZPOPMAX', key, want)
+    if #popped == 0 then break end
+    for i = 1, #popped, 2 do
+      local id = popped[i]
+      if redis.call('HEXISTS', tag .. ':job:' .. id, 'token') == 0 then
+        out[#out + 1] = id
+        want = want - 1
+      end
+    end
   end
-  want = want - #popped / 2
 end
 return out

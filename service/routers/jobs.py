@@ -190,7 +190,10 @@ async def cancel_job(job_id: str, runtime: RuntimeDep) -> JSONResponse:
             effects.finished.append(row.id)
         return row
 
-    return JSONResponse(job_body(await runtime.transact(work)))
+    row = await runtime.transact(work)
+    if row.cancel_requested:
+        await runtime.broker.cancel_requested([row.id])
+    return JSONResponse(job_body(row))
 
 
 @router.post(

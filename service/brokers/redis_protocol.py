@@ -1,0 +1,202 @@
+"""The service's side of the Redis worker protocol (docs/protocol.md, "Redis protocol").
+
+Workers that speak Redis lease, heartbeat and settle jobs with the functions in
+``service/lua/celeriac.lua``; each call appends an event to ``{tag}:events``. This module
+keeps that working: it writes job envelopes next to the ready sets, and it applies the
+event stream to SQL in batches (one transaction per batch, through the same domain
+functions as the HTTP protocol, so SQL fences a stale report a second time). Events are
+read with a consumer group and acknowledged only after their transaction commits, so a
+crash replays them; applying an event twice is harmless (a second grant finds the job no
+longer queued, a second report finds the lease already settled)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from importlib import resources
+from itertools import groupby
+from operator import itemgetter
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from redis.exceptions import RedisError, ResponseError
+from sqlalchemy.orm import Session
+
+from service.db import Database
+from service.jobs import Dispatch, envelope
+from service.leases import Effects, LeaseTerms, Settle, heartbeat, jobs_c, settle
+from service.models import JOBS_TABLE
+from service.schemas import JobStatus
+
+log = logging.getLogger("celeriac.redis.protocol")
+
+PROTOCOL_VERSION = "1"
+LIBRARY = "celeriac_v1"
+GROUP = "celeriac-service"
+EVENT_BATCH = 2000
+CLAIM_IDLE_MS = 15_000
+ENVELOPE_COLUMNS = ("id", "task", "args", "kwargs", "queue", "priority", "attempt",
+                    "max_retries", "timeout")  # fmt: skip
+
+
+def load_envelopes(session: Session, ids: Sequence[str]) -> dict[str, str]:
+    query = sa.select(*(jobs_c[c] for c in ENVELOPE_COLUMNS)).where(
+        jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued
+    )
+    return {row.id: envelope(dict(row._mapping)) for row in session.execute(query)}
+
+
+async def load_library(client: aioredis.Redis) -> None:
+    code = resources.files("service").joinpath("lua/celeriac.lua").read_text()
+    await client.function_load(code, replace=True)
+
+
+class EventIngest:
+    """Applies ``{tag}:events`` to SQL. Every replica runs one; the consumer group shares
+    the stream between them."""
+
+    def __init__(
+        self,
+        db: Database,
+        redis: aioredis.Redis,
+        blocking: aioredis.Redis,
+        stream: str,
+        clock_now: Any,
+        after_commit: Any,
+    ) -> None:
+        self.db = db
+        self.redis = redis
+        self.blocking = blocking
+        self.stream = stream
+        self.now = clock_now
+        self.after_commit = after_commit
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._ensure_group()
+                await self._drain_abandoned()
+                while True:
+                    answer = await self.blocking.xreadgroup(
+                        GROUP, self.consumer, {self.stream: ">"}, count=EVENT_BATCH, block=5000
+                    )
+                    if answer:
+                        # RESP2: [[stream, [(entry id, fields), ...]]]
+                        await self._apply(cast(list[Any], answer)[0][1])
+                    else:
+                        await self._drain_abandoned()
+            except RedisError as exc:
+                log.warning("Redis event stream unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _drain_abandoned(self) -> None:
+        """Take over events a crashed replica read but never acknowledged."""
+        start = "0-0"
+        while True:
+            answer = await self.redis.xautoclaim(
+                self.stream, GROUP, self.consumer, CLAIM_IDLE_MS, start_id=start, count=500
+            )
+            start, entries = answer[0], answer[1]
+            if entries:
+                await self._apply(entries)
+            if start in ("0-0", b"0-0"):
+                return
+
+    async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        now = self.now()
+        events = [fields for _id, fields in entries if fields]
+        effects = Effects()
+        await self.db.run(lambda session: apply_events(session, events, now, effects))
+        await self.after_commit(effects)
+        ids = [entry_id for entry_id, _fields in entries]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, GROUP, *ids)
+            pipe.xdel(self.stream, *ids)
+            await pipe.execute()
+
+
+def apply_events(
+    session: Session, events: list[dict[str, str]], now: datetime, effects: Effects
+) -> None:
+    """Apply a batch: every lease first, then heartbeats, then reports, each as one
+    batch. Per job this keeps stream order, because a job's lease event always precedes
+    its heartbeats and report, and it can only be leased again after SQL applied that
+    report (or reclaimed the lease, which a later stale report cannot undo)."""
+    leases = [e for e in events if e["k"] == "L"]
+    beats = [e for e in events if e["k"] == "H"]
+    reports = [_report(e["k"], e) for e in events if e["k"] in ("C", "F", "R")]
+    _grant(session, leases, now)
+    _extend(session, beats, now)
+    if reports:
+        settle(session, reports, now, effects)
+
+
+def _grant(session: Session, events: list[dict[str, str]], now: datetime) -> None:
+    """Mirror Redis leases into SQL. A job that SQL no longer has queued (cancelled,
+    expired) is not granted: its worker's report will be refused as stale."""
+    for (token, worker, lease_ms), run in groupby(events, key=itemgetter("t", "w", "ms")):
+        ids = [e["id"] for e in run]
+        session.execute(
+            sa.update(JOBS_TABLE)
+            .where(jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued)
+            .values(
+                status=JobStatus.running,
+                attempt=jobs_c.attempt + 1,
+                lease_token=token,
+                lease_worker=worker,
+                lease_expires_at=now + timedelta(milliseconds=int(lease_ms)),
+                started_at=now,
+            )
+        )
+
+
+def _extend(session: Session, events: list[dict[str, str]], now: datetime) -> None:
+    for lease_ms, run in groupby(sorted(events, key=itemgetter("ms")), key=itemgetter("ms")):
+        terms = LeaseTerms("", "", now, int(lease_ms) / 1000, 0.0)
+        items = [(e["id"], e["t"], json.loads(e["p"]) if e.get("p") else None) for e in run]
+        heartbeat(session, items, terms)
+
+
+def _report(kind: str, event: dict[str, str]) -> Settle:
+    if kind == "C":
+        return Settle(event["id"], event["t"], "succeeded", result=json.loads(event["r"]))
+    if kind == "R":
+        return Settle(event["id"], event["t"], "released")
+    retry_in = event.get("in") or None
+    return Settle(
+        event["id"],
+        event["t"],
+        "failed",
+        error=json.loads(event["e"]),
+        retry=event.get("retry", "1") != "0",
+        retry_in=None if retry_in is None else float(retry_in),
+    )
+
+
+def publish_commands(
+    pipe: Any, tag: str, jobs: Sequence[Dispatch], envelopes: dict[str, str], score: Any
+) -> None:
+    """Queue the commands that make jobs leasable: envelope (clearing any old lease, which
+    SQL has ended) and ready-set entry."""
+    for job in jobs:
+        env = envelopes.get(job.id)
+        if env is None:
+            continue  # no longer queued in SQL: nothing to offer
+        key = f"{tag}:job:{job.id}"
+        pipe.hdel(key, "token", "worker", "deadline", "cancel")
+        pipe.hset(key, "env", env)
+        pipe.zadd(f"{tag}:ready:{job.queue}", {job.id: score(job)})

@@ -1,0 +1,16 @@
+-- celeriac reindex, protocol v1 (used by the service's reconciler)
+-- ARGV: tag, then one group of four per job: id, score, queue, envelope ('' for none).
+-- Re-adds queued jobs that the index lost, without touching a job a Redis worker holds a
+-- lease on (a token in its hash): reconciling must never end a live lease.
+local tag = ARGV[1]
+local added = 0
+for i = 2, #ARGV, 4 do
+  local id, score, queue, env = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local job = tag .. ':job:' .. id
+  if redis.call('HEXISTS', job, 'token') == 0 then
+    if env ~= '' then redis.call('HSETNX', job, 'env', env) end
+    redis.call('ZADD', tag .. ':ready:' .. queue, score, id)
+    added = added + 1
+  end
+end
+return added
