@@ -21,10 +21,13 @@ from service.brokers.redis import RedisBroker
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
 from service.maintenance import maintenance_loop
-from service.routers import jobs, leases, ops
+from service.results import ResultCleaner
+from service.routers import jobs, leases, ops, results, schedules, webhooks
 from service.runtime import Runtime
+from service.scheduler import start_scheduler
 from service.settings import Settings
 from service.signals import Signals
+from service.webhook_delivery import Deliverer, http_client
 
 API_VERSION = "1.0.0"
 log = logging.getLogger("celeriac.service")
@@ -57,6 +60,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.background.append(
             asyncio.create_task(maintenance_loop(runtime), name="celeriac-maintenance")
         )
+        runtime.background.append(await start_scheduler(runtime))
+        # Issue 5: webhook deliveries and result expiry; both check their settings here,
+        # so a malformed secret or result store fails start-up, not the first delivery.
+        webhook_client = http_client(settings)
+        runtime.background += [
+            asyncio.create_task(Deliverer(runtime, webhook_client).run(), name="celeriac-webhooks"),
+            asyncio.create_task(ResultCleaner(runtime).run(), name="celeriac-results"),
+        ]
         log.info("celeriac ready: database=%s broker=%s", db.dialect, broker.name)
         try:
             yield
@@ -64,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in runtime.background:
                 task.cancel()
             await asyncio.gather(*runtime.background, return_exceptions=True)
+            await webhook_client.aclose()
             await broker.close()
             db.engine.dispose()
 
@@ -76,8 +88,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(leases.router)
     app.include_router(ops.router)
+    app.include_router(schedules.router)
+    app.include_router(webhooks.router)
+    app.include_router(results.router)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes * 16)
+    # Issue 5: a completion may carry a result up to CELERIAC_RESULT_MAX_BYTES.
+    body_limit = max(settings.max_payload_bytes * 16, settings.result_max_bytes + 64 * 1024)
+    app.add_middleware(BodyLimit, limit=body_limit)
     return app
 
 

@@ -71,6 +71,22 @@ class JobNotRetryable(ProblemError):
     status, slug, title = 409, "job-not-retryable", "Only failed, cancelled or expired jobs retry"
 
 
+class JobNotFinished(ProblemError):
+    status, slug, title = 409, "job-not-finished", "The job has not finished"
+
+
+class NoWebhook(ProblemError):
+    status, slug, title = 409, "no-webhook", "The job has no webhook"
+
+
+class NoResult(ProblemError):
+    status, slug, title = 409, "no-result", "The job has no result"
+
+
+class ResultExpired(ProblemError):
+    status, slug, title = 410, "result-expired", "The result expired and was deleted"
+
+
 class PayloadTooLarge(ProblemError):
     status, slug, title = 413, "payload-too-large", "Payload too large"
 
@@ -89,3 +105,11 @@ class IdempotencyMismatch(ProblemError):
 
 class ServiceUnavailable(ProblemError):
     status, slug, title = 503, "unavailable", "A backing service is unavailable"
+
+
+class ScheduleNotFound(ProblemError):
+    status, slug, title = 404, "schedule-not-found", "No such schedule"
+
+
+class ScheduleExists(ProblemError):
+    status, slug, title = 409, "schedule-exists", "A schedule with this name exists"

@@ -7,9 +7,10 @@ import base64
 import binascii
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -17,7 +18,11 @@ from sqlalchemy.orm import Session
 from service import errors
 from service.ids import is_job_id, uuid7
 from service.models import JOBS_TABLE, JobRow, JobValues
-from service.schemas import FINISHED, JobStatus, JobSubmit
+from service.schemas import FINISHED, JobStatus, JobSubmit, WebhookSpec
+from service.webhooks import record_finished
+
+if TYPE_CHECKING:
+    from service.leases import Effects
 
 PENDING = (JobStatus.scheduled, JobStatus.queued, JobStatus.retrying)
 RETRYABLE = (JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
@@ -37,6 +42,9 @@ class Dispatch:
 @dataclass(frozen=True, slots=True)
 class Defaults:
     max_retries: int
+    # Issue 5: the queues' default webhooks, and the result TTL in seconds (None: forever).
+    webhooks: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    result_ttl: float | None = None
 
 
 def dispatch_of(row: JobRow) -> Dispatch:
@@ -84,6 +92,8 @@ def new_job(spec: JobSubmit, now: datetime, defaults: Defaults) -> JobValues:
     else:
         run_at = now
     backoff = spec.retry_backoff
+    webhook = defaults.webhooks.get(spec.queue) if spec.webhook is None else spec.webhook
+    result_ttl = defaults.result_ttl if spec.result_ttl is None else spec.result_ttl
     return dict(
         id=uuid7(),
         task=spec.task,
@@ -112,6 +122,11 @@ def new_job(spec: JobSubmit, now: datetime, defaults: Defaults) -> JobValues:
         request_hash=None,
         started_at=None,
         finished_at=None,
+        webhook=webhook.model_dump() if isinstance(webhook, WebhookSpec) else webhook,
+        result_ttl=result_ttl or None,  # 0 keeps the result forever
+        result_ref=None,
+        result_expires_at=None,
+        result_expired=False,
     )
 
 
@@ -183,7 +198,9 @@ def list_jobs(
     return rows[:limit], next_cursor
 
 
-def cancel_job(session: Session, job_id: str, now: datetime) -> JobRow:
+def cancel_job(
+    session: Session, job_id: str, now: datetime, effects: Effects | None = None
+) -> JobRow:
     row = get_job(session, job_id, for_update=True)
     if row.status in FINISHED:
         raise errors.JobFinished(f"job {job_id} is already {row.status}; nothing to cancel")
@@ -192,6 +209,9 @@ def cancel_job(session: Session, job_id: str, now: datetime) -> JobRow:
     else:
         row.status = JobStatus.cancelled
         row.finished_at = now
+        # Issue 5: the webhook outbox row commits with the cancellation.
+        record_finished(session, [{"id": row.id, "status": row.status, "webhook": row.webhook}],
+                        now, effects)  # fmt: skip
     session.flush()
     return row
 

@@ -18,9 +18,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service.bulk import update_each
 from service.jobs import PENDING, Dispatch
 from service.models import JOBS_TABLE, JobValues
 from service.schemas import JobStatus
+from service.webhooks import record_finished
 
 BATCH_LIMIT = 1000
 jobs_c = JOBS_TABLE.c
@@ -29,12 +31,15 @@ jobs_c = JOBS_TABLE.c
 CLAIM_COLUMNS = ("id", "task", "args", "kwargs", "queue", "priority", "attempt", "max_retries",
                  "timeout")  # fmt: skip
 # What deciding a lease's fate needs: never the (possibly large) arguments or result.
+# (Issue 5: webhook and result_ttl decide the outbox row and the result's expiry.)
 STATE_COLUMNS = ("id", "status", "queue", "priority", "attempt", "max_retries", "timeout",
                  "run_at", "lease_token", "lease_worker", "cancel_requested", "backoff_base",
-                 "backoff_max", "backoff_jitter")  # fmt: skip
+                 "backoff_max", "backoff_jitter", "started_at",
+                 "webhook", "result_ttl")  # fmt: skip
 # What settling a lease may change: one shape for every row, so one executemany.
 SETTLE_COLUMNS = ("status", "result", "error", "attempt", "run_at", "finished_at",
-                  "lease_token", "lease_expires_at")  # fmt: skip
+                  "lease_token", "lease_expires_at", "lease_worker", "started_at",
+                  "result_ref", "result_expires_at")  # fmt: skip
 
 
 def new_token() -> str:
@@ -50,18 +55,8 @@ def _rows(session: Session, query: sa.Select[Any]) -> list[JobValues]:
 
 
 def _update_each(session: Session, columns: Sequence[str], changes: list[JobValues]) -> None:
-    """One executemany: UPDATE jobs SET <columns> WHERE id = ? for every change."""
-    if not changes:
-        return
-    statement = (
-        sa.update(JOBS_TABLE)
-        .where(jobs_c.id == sa.bindparam("match_id"))
-        .values({name: sa.bindparam(f"new_{name}", type_=jobs_c[name].type) for name in columns})
-    )
-    session.execute(
-        statement,
-        [{"match_id": c["id"], **{f"new_{name}": c[name] for name in columns}} for c in changes],
-    )
+    """UPDATE jobs SET <columns> WHERE id = ? for every change, as one statement."""
+    update_each(session, columns, changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +154,31 @@ class LeaseCheck:
     problem: str | None = None
 
 
-def _lock_and_check(session: Session, pairs: Iterable[tuple[str, str]]) -> list[LeaseCheck]:
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A lease granted outside SQL (a Redis worker's) that SQL has not recorded yet."""
+
+    token: str
+    worker: str
+    now: datetime
+
+
+def _lock_and_check(
+    session: Session,
+    pairs: Iterable[tuple[str, str]],
+    grants: dict[str, Grant] | None = None,
+) -> list[LeaseCheck]:
     checks = [LeaseCheck(job_id, token) for job_id, token in pairs]
     ids = list({c.id for c in checks})
     query = _select(STATE_COLUMNS).where(jobs_c.id.in_(ids)).with_for_update()
     rows = {row["id"]: row for row in _rows(session, query)}
+    for state in rows.values():
+        grant = (grants or {}).get(state["id"])
+        if grant is not None and state["status"] == JobStatus.queued:
+            # Granted and settled in one batch: record both with one write.
+            state.update(status=JobStatus.running, lease_token=grant.token,
+                         lease_worker=grant.worker, started_at=grant.now,
+                         attempt=state["attempt"] + 1)  # fmt: skip
     for check in checks:
         row = rows.get(check.id)
         if row is None:
@@ -222,6 +237,8 @@ class Settle:
     error: dict[str, Any] | None = None
     retry: bool = True
     retry_in: float | None = None
+    # Issue 5: the result's key in the result store (``result`` is then None).
+    result_ref: str | None = None
 
 
 @dataclass(slots=True)
@@ -238,6 +255,7 @@ class Effects:
     dispatch: list[Dispatch] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     earliest_due: datetime | None = None
+    deliveries: int = 0  # issue 5: webhook outbox rows written: wake the delivery loop
 
     def due_at(self, when: datetime) -> None:
         if self.earliest_due is None or when < self.earliest_due:
@@ -245,13 +263,17 @@ class Effects:
 
 
 def settle(
-    session: Session, reports: Sequence[Settle], now: datetime, effects: Effects
+    session: Session,
+    reports: Sequence[Settle],
+    now: datetime,
+    effects: Effects,
+    grants: dict[str, Grant] | None = None,
 ) -> list[SettleOutcome]:
     """Apply worker reports in one pass: lock the rows, check each token, and write all
-    new states with one executemany."""
+    new states with one executemany. ``grants``: leases to record on the way."""
     outcomes: list[SettleOutcome] = []
     changes: list[JobValues] = []
-    checks = _lock_and_check(session, ((r.id, r.token) for r in reports))
+    checks = _lock_and_check(session, ((r.id, r.token) for r in reports), grants)
     settled: set[str] = set()
     for report, check in zip(reports, checks, strict=True):
         if check.row is None or check.id in settled:  # a lease settles once per batch too
@@ -262,6 +284,9 @@ def settle(
         changes.append(change)
         outcomes.append(SettleOutcome(check.id, None, change["status"]))
     _update_each(session, SETTLE_COLUMNS, changes)
+    # Issue 5: webhook outbox rows commit with the final states; no query when no job in
+    # the batch has a webhook (``change["webhook"]`` comes from STATE_COLUMNS).
+    record_finished(session, changes, now, effects)
     return outcomes
 
 
@@ -277,9 +302,19 @@ def _settled(row: JobValues, report: Settle, now: datetime, effects: Effects) ->
         "finished_at": None,
         "lease_token": None,
         "lease_expires_at": None,
+        "lease_worker": row["lease_worker"],
+        "started_at": row["started_at"],
+        # Issue 5: not written (not in SETTLE_COLUMNS); read by record_finished.
+        "webhook": row["webhook"],
+        "result_ref": None,
+        "result_expires_at": None,
     }
     if report.outcome == "succeeded":
         change.update(status=JobStatus.succeeded, result=report.result, error=None)
+        # Issue 5: a large result lives in the result store; it is kept result_ttl seconds.
+        change["result_ref"] = report.result_ref
+        if row["result_ttl"] is not None:
+            change["result_expires_at"] = now + timedelta(seconds=row["result_ttl"])
     elif report.outcome == "released":
         # It never ran: not an attempt.
         change.update(status=JobStatus.queued, attempt=max(row["attempt"] - 1, 0), error=None)
@@ -339,6 +374,7 @@ def reclaim_expired_leases(session: Session, now: datetime, effects: Effects) ->
     )
     changes = [_reclaimed(row, now, effects) for row in rows]
     _update_each(session, SETTLE_COLUMNS, changes)
+    record_finished(session, changes, now, effects)  # issue 5: webhook outbox
     return len(rows)
 
 
@@ -357,16 +393,14 @@ def _reclaimed(row: JobValues, now: datetime, effects: Effects) -> JobValues:
 
 
 def expire_pending(session: Session, now: datetime, effects: Effects) -> int:
-    ids = [
-        row["id"]
-        for row in _rows(
-            session,
-            _select(("id",))
-            .where(jobs_c.status.in_(PENDING), jobs_c.expires_at <= now)
-            .limit(BATCH_LIMIT)
-            .with_for_update(skip_locked=True),
-        )
-    ]
+    rows = _rows(
+        session,
+        _select(("id", "webhook"))  # issue 5: webhook, for the outbox
+        .where(jobs_c.status.in_(PENDING), jobs_c.expires_at <= now)
+        .limit(BATCH_LIMIT)
+        .with_for_update(skip_locked=True),
+    )
+    ids = [row["id"] for row in rows]
     if ids:
         session.execute(
             sa.update(JOBS_TABLE)
@@ -374,6 +408,9 @@ def expire_pending(session: Session, now: datetime, effects: Effects) -> int:
             .values(status=JobStatus.expired, finished_at=now)
         )
         effects.finished.extend(ids)
+        # Issue 5: webhook outbox rows commit with the expiry.
+        record_finished(session, [row | {"status": JobStatus.expired} for row in rows], now,
+                        effects)  # fmt: skip
     return len(ids)
 
 

@@ -41,6 +41,11 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+def _only(predicate: str) -> dict[str, Any]:
+    """A partial-index predicate for the dialects that have them."""
+    return {"postgresql_where": sa.text(predicate), "sqlite_where": sa.text(predicate)}
+
+
 class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -75,20 +80,33 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Results and webhooks (docs/results.md, docs/webhooks.md). ``webhook`` is SQL NULL,
+    # not JSON null, when absent (none_as_null), so "has a webhook" is a plain IS NOT NULL.
+    webhook: Mapped[Any | None] = mapped_column(sa.JSON(none_as_null=True))
+    result_ttl: Mapped[float | None] = mapped_column(sa.Float)  # NULL: kept forever
+    result_ref: Mapped[str | None] = mapped_column(sa.String(255))  # key in the result store
+    # Set when the job succeeds; cleared (and result_expired set) once the cleanup ran.
+    result_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    result_expired: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
 
     __table_args__ = (
+        # Where the database supports it (PostgreSQL, SQLite), the indexes that serve one
+        # state are partial: a job changing state then skips them, which keeps the hot
+        # status updates cheap. MariaDB gets the same indexes whole.
         # Dispatch: the next ready jobs of one queue, highest priority first, then oldest.
-        sa.Index(None, "queue", "status", "priority", "id"),
-        # Due scheduled/retrying jobs and jobs past their expiry.
-        sa.Index(None, "status", "run_at"),
+        sa.Index(None, "queue", "status", "priority", "id", **_only("status = 'queued'")),
+        # Due scheduled/retrying jobs.
+        sa.Index(None, "status", "run_at", **_only("status IN ('scheduled', 'retrying')")),
         # Pending jobs past their expiry.
-        sa.Index(None, "status", "expires_at"),
+        sa.Index(None, "status", "expires_at", **_only("expires_at IS NOT NULL")),
         # Leases whose deadline passed.
-        sa.Index(None, "status", "lease_expires_at"),
+        sa.Index(None, "status", "lease_expires_at", **_only("status = 'running'")),
         # Listing, newest first, by each filter.
         sa.Index(None, "status", "id"),
         sa.Index(None, "task", "id"),
         sa.Index(None, "queue", "id"),
+        # Results due for deletion (only rows still holding one have a value).
+        sa.Index(None, "result_expires_at"),
     )
 
 
@@ -146,3 +164,50 @@ class ScheduleFireRow(Base):
 
 
 SCHEDULE_FIRES_TABLE = cast(sa.Table, ScheduleFireRow.__table__)
+
+
+class WebhookDeliveryRow(Base):
+    """The webhook outbox: one row per event to deliver, written in the transaction that
+    finished the job, so a crash can delay a callback but never lose it."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)  # the webhook-id
+    job_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[str] = mapped_column(sa.String(32))
+    url: Mapped[str] = mapped_column(sa.String(2000))
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending delivered failed gone
+    attempts: Mapped[int] = mapped_column(sa.Integer)
+    # While pending: when the next attempt is due, or until when an attempt in flight
+    # holds its claim (a replica that dies mid-attempt lets it fall due again).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # Claiming due deliveries, and the delivery loop's next wake-up.
+        sa.Index(None, "status", "next_attempt_at"),
+    )
+
+
+class WebhookAttemptRow(Base):
+    """One HTTP attempt of a delivery: what the receiver answered, and how fast."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    latency_ms: Mapped[int] = mapped_column(sa.Integer)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+
+
+DELIVERIES_TABLE = cast(sa.Table, WebhookDeliveryRow.__table__)
+ATTEMPTS_TABLE = cast(sa.Table, WebhookAttemptRow.__table__)

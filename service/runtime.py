@@ -98,7 +98,15 @@ class Runtime:
     background: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.defaults = Defaults(max_retries=self.settings.default_max_retries)
+        self.defaults = Defaults(
+            max_retries=self.settings.default_max_retries,
+            # Issue 5: per-queue webhooks and the result TTL (0 = forever).
+            webhooks={
+                queue: spec.model_dump()
+                for queue, spec in self.settings.webhook_queue_defaults.items()
+            },
+            result_ttl=self.settings.result_expires_seconds or None,
+        )
         self.submits = SubmitBatcher(self)
 
     async def transact(self, work: Callable[[Session, Effects], T]) -> T:
@@ -116,6 +124,8 @@ class Runtime:
             self.signals.jobs_finished(effects.finished)
         if effects.earliest_due is not None:
             self.signals.due_at(effects.earliest_due)
+        if effects.deliveries:  # issue 5: webhook outbox rows committed
+            self.signals.webhooks.set()
         if effects.finished or effects.earliest_due is not None:
             await self.broker.announce(effects.finished, effects.earliest_due)
 

@@ -6,8 +6,16 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -43,6 +51,32 @@ class RetryBackoff(Strict):
     jitter: bool = Field(True, description="randomise each backoff in [0.5, 1] x its value")
 
 
+WebhookEvent = Literal["succeeded", "failed", "cancelled", "expired"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "cancelled", "expired")
+
+
+class WebhookSpec(Strict):
+    """Where to POST a signed callback when the job reaches one of ``events``
+    (docs/webhooks.md)."""
+
+    url: Annotated[str, StringConstraints(min_length=8, max_length=2000)] = Field(
+        description="http:// or https:// URL; private addresses are refused unless allowed"
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS),
+        min_length=1,
+        description="final statuses that trigger a callback (default: all of them)",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the webhook url must be an absolute http:// or https:// URL")
+        return value
+
+
 class JobSubmit(Strict):
     """One job to submit. Options (everything but task/args/kwargs) never reach the task."""
 
@@ -58,6 +92,16 @@ class JobSubmit(Strict):
     retry_backoff: RetryBackoff | None = None
     timeout: float | None = Field(
         None, gt=0, le=86400, description="seconds a lease lasts before it must be extended"
+    )
+    webhook: WebhookSpec | None = Field(
+        None, description="signed callback on completion (default: the queue's, if any)"
+    )
+    result_ttl: float | None = Field(
+        None,
+        ge=0,
+        le=366 * 86400,
+        description="seconds the result is kept after success (default "
+        "CELERIAC_RESULT_EXPIRES_SECONDS); 0 keeps it forever",
     )
 
 
@@ -89,6 +133,15 @@ class Job(BaseModel):
     progress: Any = None
     cancel_requested: bool
     worker: str | None = None
+    webhook: WebhookSpec | None = None
+    result_ttl: float | None = Field(None, description="seconds; null keeps the result forever")
+    result_expires_at: datetime | None = Field(None, description="when the result is deleted")
+    result_expired: bool = Field(False, description="the result was deleted; the status stays")
+    result_stored: bool = Field(
+        False,
+        description="the result is in the result store: GET /jobs/{id} and "
+        "GET /jobs/{id}/result include it, other responses show null",
+    )
 
 
 class JobBatchSubmit(Strict):
@@ -223,6 +276,31 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
+class DeliveryAttempt(BaseModel):
+    at: datetime
+    status_code: int | None = Field(description="null: no HTTP answer (see error)")
+    latency_ms: int
+    error: str | None
+
+
+class Delivery(BaseModel):
+    id: str = Field(description="the webhook-id header: the same on every retry")
+    job_id: str
+    event: str = Field(description="job.succeeded, job.failed, job.cancelled or job.expired")
+    url: str
+    status: Literal["pending", "delivered", "failed", "gone"]
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    attempts: list[DeliveryAttempt]
+
+
+class DeliveryList(BaseModel):
+    deliveries: list[Delivery]
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details, served as application/problem+json."""
 
@@ -231,3 +309,89 @@ class Problem(BaseModel):
     status: int
     detail: str
     errors: list[dict[str, Any]] | None = None
+
+
+# --- schedules (periodic jobs) -----------------------------------------------------------
+
+CronText = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+ZoneName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+EVERY_MAX = 366 * 86400
+
+
+class CatchUp(StrEnum):
+    """What a schedule does with ticks missed by more than the misfire grace period."""
+
+    skip = "skip"
+    once = "once"
+    all = "all"
+
+
+class JobTemplate(Strict):
+    """The job a schedule submits at each tick: JobSubmit without delay/run_at (a tick is
+    the run time), and with an expiry relative to the submission instead of an instant."""
+
+    task: Name
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    queue: Name = "default"
+    priority: int = Field(0, ge=0, le=9, description="0-9, higher runs first within a queue")
+    max_retries: int | None = Field(None, ge=0, le=1000)
+    retry_backoff: RetryBackoff | None = None
+    timeout: float | None = Field(
+        None, gt=0, le=86400, description="seconds a lease lasts before it must be extended"
+    )
+    expires_after: float | None = Field(
+        None, gt=0, le=366 * 86400, description="a job not started this many seconds after "
+        "its tick fired expires (so a backlog of ticks does not pile up)",
+    )  # fmt: skip
+
+
+class ScheduleCreate(Strict):
+    """A periodic job: exactly one of ``cron`` and ``every``."""
+
+    name: Name
+    cron: CronText | None = Field(
+        None, description="5 fields (minute hour day-of-month month day-of-week), names like "
+        "MON-FRI and JAN, or @hourly/@daily/@weekly/@monthly/@yearly",
+    )  # fmt: skip
+    every: int | None = Field(None, ge=1, le=EVERY_MAX, description="seconds between ticks")
+    timezone: ZoneName = Field("UTC", description="IANA zone the cron fields are read in")
+    job: JobTemplate
+    enabled: bool = True
+    catch_up: CatchUp = CatchUp.skip
+    start_at: AwareDatetime | None = Field(None, description="no tick before this")
+    end_at: AwareDatetime | None = Field(None, description="no tick after this")
+
+
+class ScheduleUpdate(Strict):
+    """Only the fields given change. Setting ``cron`` clears ``every`` and vice versa."""
+
+    cron: CronText | None = None
+    every: int | None = Field(None, ge=1, le=EVERY_MAX)
+    timezone: ZoneName | None = None
+    job: JobTemplate | None = None
+    enabled: bool | None = None
+    catch_up: CatchUp | None = None
+    start_at: AwareDatetime | None = None
+    end_at: AwareDatetime | None = None
+
+
+class Schedule(BaseModel):
+    name: str
+    cron: str | None
+    every: int | None
+    timezone: str
+    job: JobTemplate
+    enabled: bool
+    catch_up: CatchUp
+    start_at: datetime | None
+    end_at: datetime | None
+    next_fire_at: datetime | None = Field(description="null while disabled or after end_at")
+    last_fired_at: datetime | None
+    last_job_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ScheduleList(BaseModel):
+    schedules: list[Schedule]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from service.models import JobRow, JobValues, values_of
+from service.models import JobRow, JobValues, utcnow, values_of
 
 
 def iso(value: datetime | None) -> str | None:
@@ -43,7 +43,25 @@ def values_body(row: JobValues) -> dict[str, Any]:
         "progress": row["progress"],
         "cancel_requested": row["cancel_requested"],
         "worker": row["lease_worker"],
+        **result_fields(row),
     }
+
+
+def result_fields(row: JobValues) -> dict[str, Any]:
+    """Issue 5: the webhook and the result's lifecycle. A result past its expiry reads as
+    expired at once, whether or not the cleanup loop has deleted it yet."""
+    expires_at = row["result_expires_at"]
+    expired = row["result_expired"] or (expires_at is not None and expires_at <= utcnow())
+    fields: dict[str, Any] = {
+        "webhook": row["webhook"],
+        "result_ttl": row["result_ttl"],
+        "result_expires_at": iso(expires_at),
+        "result_expired": expired,
+        "result_stored": row["result_ref"] is not None and not expired,
+    }
+    if expired:
+        fields["result"] = None
+    return fields
 
 
 def leased_body(row: JobValues) -> dict[str, Any]:

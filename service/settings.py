@@ -8,6 +8,8 @@ from functools import cached_property
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.schemas import WebhookSpec
+
 SCOPES = frozenset({"submit", "read", "work", "admin"})
 
 
@@ -66,7 +68,39 @@ class Settings(BaseSettings):
     # fallback wake-up for SQL dispatch on a database without notifications (MariaDB).
     reconcile_interval_seconds: float = 5.0
     sql_poll_fallback_seconds: float = 1.0
+    # Schedules: a tick later than this is 'missed' and handled by the schedule's catch_up
+    # policy; the file (YAML or TOML) is applied at start-up, upserting by name.
+    schedule_misfire_grace_seconds: float = Field(default=60.0, ge=1)
+    schedules_file: str | None = None
     log_level: str = "info"
+
+    # --- webhooks (docs/webhooks.md) ---
+    # "whsec_<base64>"; several, space-separated, while rotating: each signs every delivery.
+    webhook_secret: str = Field(default="", repr=False)
+    # JSON object {queue: {"url": ..., "events": [...]}} for jobs submitted without a webhook.
+    webhook_queue_defaults: dict[str, WebhookSpec] = Field(default_factory=dict)
+    # Comma-separated host names, addresses or CIDR ranges that may be private (SSRF rules).
+    webhook_allowed_hosts: str = ""
+    webhook_concurrency: int = Field(16, ge=1, le=1024)
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # Retries: exponential from base, capped at max, jittered; given up after the window.
+    webhook_retry_base_seconds: float = Field(5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0)
+    webhook_retry_window_seconds: float = Field(3 * 86400.0, ge=0)
+    # The delivery loop sleeps until the next due attempt or a local wake-up; this caps the
+    # sleep so deliveries recorded by a replica that died are picked up by the others.
+    webhook_idle_check_seconds: float = Field(60.0, gt=0)
+
+    # --- results (docs/results.md) ---
+    # file:///path for results over result_inline_max_bytes; "none" disables (results over
+    # max_payload_bytes are then refused). Unset: a "results" folder beside the SQLite file.
+    result_store: str = ""
+    result_inline_max_bytes: int = Field(64 * 1024, ge=0)
+    result_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    # Seconds a result is kept after its job succeeded (per job: result_ttl); 0 = forever.
+    result_expires_seconds: float = Field(86400.0, ge=0)
+    result_cleanup_batch: int = Field(100, ge=1, le=1000)
+    result_cleanup_interval_seconds: float = Field(60.0, gt=0)
 
     @field_validator("database_url")
     @classmethod

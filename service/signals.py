@@ -15,6 +15,10 @@ class Signals:
         self._finished: dict[str, set[asyncio.Event]] = {}
         self.maintenance = asyncio.Event()
         self.earliest_due: datetime | None = None
+        # Set when a schedule is created or changed here: the scheduler re-plans its sleep.
+        self.schedules = asyncio.Event()
+        # Set after a commit that wrote webhook deliveries: the delivery loop wakes.
+        self.webhooks = asyncio.Event()
 
     # A waiter registers *before* it checks the database, so a wake-up that lands between
     # its check and its wait is never lost.

@@ -225,7 +225,9 @@ class Backend:
 
 
 @contextlib.contextmanager
-def make_backend(database: str, broker: str, workdir: Path, *, redis_db: int = 0) -> Iterator[Backend]:
+def make_backend(
+    database: str, broker: str, workdir: Path, *, redis_db: int = 0
+) -> Iterator[Backend]:
     """A fresh database migrated to head (the only way test databases are built) and,
     for the Redis broker, a unique key prefix whose keys are deleted afterwards."""
     from service.migrate import upgrade
@@ -411,7 +413,9 @@ class Spawner:
         self._stack.callback(service.stop)
         return service
 
-    def process(self, command: Sequence[str], name: str, env: Mapping[str, str] | None = None) -> Process:
+    def process(
+        self, command: Sequence[str], name: str, env: Mapping[str, str] | None = None
+    ) -> Process:
         process = spawn(command, child_env(env or {}), self.workdir, name)
         self._stack.callback(process.stop)
         return process
@@ -435,7 +439,9 @@ def expect(response: httpx.Response, status: int) -> Any:
     return response.json() if response.content else None
 
 
-def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict[str, Any]:
+def assert_problem(
+    response: httpx.Response, status: int, slug: str | None = None
+) -> dict[str, Any]:
     """An RFC 9457 problem: the status, application/problem+json, type/title/status/detail."""
     assert response.status_code == status, (
         f"{response.request.method} {response.request.url.path} -> "
@@ -529,7 +535,9 @@ class Api:
             body["lease_seconds"] = lease_seconds
         return list(expect(self.http.post("/leases", json=body), 200)["jobs"])
 
-    def lease_one(self, queue: str | Sequence[str], wait: float = 5.0, **kwargs: Any) -> dict[str, Any]:
+    def lease_one(
+        self, queue: str | Sequence[str], wait: float = 5.0, **kwargs: Any
+    ) -> dict[str, Any]:
         jobs = self.lease(queue, 1, wait, **kwargs)
         assert len(jobs) == 1, f"expected a job from {queue} within {wait}s, got {jobs}"
         return jobs[0]
@@ -595,7 +603,9 @@ class Api:
             if holds:
                 return value
             if time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}; last: {value!r}"
+                )
             if time.monotonic() - started < 0.05:  # the read did not wait: don't spin
                 time.sleep(0.05)
 
@@ -645,7 +655,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session", params=SELECTED_BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
     database, broker = str(request.param).split("-")
     workdir = tmp_path_factory.mktemp(str(request.param))
     with make_backend(database, broker, workdir) as made:

@@ -18,14 +18,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-_INDEXES = [
-    ("ix_jobs_queue_status_priority_id", ["queue", "status", "priority", "id"]),
-    ("ix_jobs_status_run_at", ["status", "run_at"]),
-    ("ix_jobs_status_expires_at", ["status", "expires_at"]),
-    ("ix_jobs_status_lease_expires_at", ["status", "lease_expires_at"]),
-    ("ix_jobs_status_id", ["status", "id"]),
-    ("ix_jobs_task_id", ["task", "id"]),
-    ("ix_jobs_queue_id", ["queue", "id"]),
+# name, columns, partial-index predicate (PostgreSQL and SQLite; MariaDB indexes whole).
+_INDEXES: list[tuple[str, list[str], str | None]] = [
+    ("ix_jobs_queue_status_priority_id", ["queue", "status", "priority", "id"], "status = 'queued'"),
+    ("ix_jobs_status_run_at", ["status", "run_at"], "status IN ('scheduled', 'retrying')"),
+    ("ix_jobs_status_expires_at", ["status", "expires_at"], "expires_at IS NOT NULL"),
+    ("ix_jobs_status_lease_expires_at", ["status", "lease_expires_at"], "status = 'running'"),
+    ("ix_jobs_status_id", ["status", "id"], None),
+    ("ix_jobs_task_id", ["task", "id"], None),
+    ("ix_jobs_queue_id", ["queue", "id"], None),
 ]
 
 
@@ -67,12 +68,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
         sa.UniqueConstraint("idempotency_key", name=op.f("uq_jobs_idempotency_key")),
     )
-    for name, columns in _INDEXES:
-        op.create_index(op.f(name), "jobs", columns)
+    for name, columns, predicate in _INDEXES:
+        where = {} if predicate is None else {"postgresql_where": sa.text(predicate),
+                                              "sqlite_where": sa.text(predicate)}  # fmt: skip
+        op.create_index(op.f(name), "jobs", columns, **where)
 
 
 def downgrade() -> None:
-    for name, _columns in reversed(_INDEXES):
+    for name, _columns, _predicate in reversed(_INDEXES):
         op.drop_index(op.f(name), table_name="jobs")
 
     op.drop_table("jobs")

@@ -36,6 +36,7 @@ log = logging.getLogger("celeriac.broker.redis")
 
 REBUILD_CHUNK = 5000
 RECONCILE_LIMIT = 5000
+TOMBSTONE_SECONDS = 30
 
 
 def _claim_by_ids(
@@ -80,6 +81,7 @@ class RedisBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._pop_ready: Any = None
         self._reindex: Any = None
+        self._missing: Any = None
 
     @property
     def wants_envelopes(self) -> bool:
@@ -105,6 +107,7 @@ class RedisBroker(Broker):
         )
         self._pop_ready = self._redis.register_script(_script("pop_ready.lua"))
         self._reindex = self._redis.register_script(_script("reindex.lua"))
+        self._missing = self._redis.register_script(_script("missing.lua"))
         self._tasks.append(asyncio.create_task(self._listen(), name="celeriac-redis-listen"))
         if self.serve_workers:
             await redis_protocol.load_library(self._redis)
@@ -198,9 +201,16 @@ class RedisBroker(Broker):
                 return rows
 
     async def _drop_envelopes(self, job_ids: list[str]) -> None:
-        """A job leased over HTTP no longer needs its Redis envelope."""
+        """A job leased over HTTP no longer needs its envelope; a short-lived tombstone
+        keeps a reconcile pass that read SQL a moment earlier from offering it again."""
         with contextlib.suppress(RedisError):
-            await self.redis.unlink(*(self.job_key(job_id) for job_id in job_ids))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    key = self.job_key(job_id)
+                    pipe.delete(key)
+                    pipe.hset(key, "done", "1")
+                    pipe.expire(key, TOMBSTONE_SECONDS)
+                await pipe.execute()
 
     async def _candidates(self, keys: list[str], max_jobs: int, wait: float) -> list[str]:
         ids: list[str] = await self._pop_ready(keys=keys, args=[max_jobs, self.tag])
@@ -240,8 +250,15 @@ class RedisBroker(Broker):
         """Re-add lost entries without ending any lease a Redis worker holds."""
         if not jobs:
             return 0
-        envelopes = await self._envelopes(jobs) if self.serve_workers else {}
         args: list[Any] = [self.tag]
+        for job in jobs:
+            args += [job.id, job.queue]
+        lost = set(await self._missing(args=args))
+        jobs = [job for job in jobs if job.id in lost]
+        if not jobs:
+            return 0
+        envelopes = await self._envelopes(jobs) if self.serve_workers else {}
+        args = [self.tag]
         for job in jobs:
             args += [job.id, score(job), job.queue, envelopes.get(job.id, "")]
         return int(await self._reindex(args=args))

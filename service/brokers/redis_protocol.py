@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.jobs import Dispatch, envelope
-from service.leases import Effects, LeaseTerms, Settle, heartbeat, jobs_c, settle
+from service.leases import Effects, Grant, LeaseTerms, Settle, heartbeat, jobs_c, settle
 from service.models import JOBS_TABLE
 from service.schemas import JobStatus
 
@@ -77,6 +77,10 @@ class EventIngest:
         self.now = clock_now
         self.after_commit = after_commit
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self.tag = stream.rsplit(":", 1)[0]
+        self.forget = redis.register_script(
+            resources.files("service").joinpath("lua/forget.lua").read_text()
+        )
 
     async def run(self) -> None:
         while True:
@@ -121,6 +125,9 @@ class EventIngest:
         events = [fields for _id, fields in entries if fields]
         effects = Effects()
         await self.db.run(lambda session: apply_events(session, events, now, effects))
+        reported = [f"{self.tag}:job:{e['id']}" for e in events if e["k"] in ("C", "F", "R")]
+        if reported:  # SQL has the reports now: the tombstones may go
+            await self.forget(keys=reported)
         await self.after_commit(effects)
         ids = [entry_id for entry_id, _fields in entries]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -139,10 +146,13 @@ def apply_events(
     leases = [e for e in events if e["k"] == "L"]
     beats = [e for e in events if e["k"] == "H"]
     reports = [_report(e["k"], e) for e in events if e["k"] in ("C", "F", "R")]
-    _grant(session, leases, now)
+    # A job leased and settled within this batch is written once, by settle().
+    settled = {(r.id, r.token) for r in reports}
+    grants = {e["id"]: Grant(e["t"], e["w"], now) for e in leases if (e["id"], e["t"]) in settled}
+    _grant(session, [e for e in leases if e["id"] not in grants], now)
     _extend(session, beats, now)
     if reports:
-        settle(session, reports, now, effects)
+        settle(session, reports, now, effects, grants)
 
 
 def _grant(session: Session, events: list[dict[str, str]], now: datetime) -> None:
@@ -191,12 +201,15 @@ def publish_commands(
     pipe: Any, tag: str, jobs: Sequence[Dispatch], envelopes: dict[str, str], score: Any
 ) -> None:
     """Queue the commands that make jobs leasable: envelope (clearing any old lease, which
-    SQL has ended) and ready-set entry."""
+    SQL has ended), ready-set entry, and one wake-up token per queue for idle workers."""
+    for queue in {job.queue for job in jobs}:
+        pipe.lpush(f"{tag}:wake:{queue}", "1")
+        pipe.ltrim(f"{tag}:wake:{queue}", 0, 63)
     for job in jobs:
         env = envelopes.get(job.id)
         if env is None:
             continue  # no longer queued in SQL: nothing to offer
         key = f"{tag}:job:{job.id}"
-        pipe.hdel(key, "token", "worker", "deadline", "cancel")
+        pipe.hdel(key, "token", "worker", "deadline", "cancel", "done")
         pipe.hset(key, "env", env)
         pipe.zadd(f"{tag}:ready:{job.queue}", {job.id: score(job)})

@@ -6,9 +6,11 @@
 -- Keys (T is the hash tag, "{celeriac}" by default, so a cluster keeps them in one slot):
 --   T:ready:<queue>  ZSET  job ids ready to lease, score = priority*1e13 + (1e13 - enqueue ms)
 --   T:job:<id>       HASH  env (the job envelope, JSON), and while leased: token, worker,
---                          deadline (ms), cancel ("1" once cancellation was requested)
+--                          deadline (ms), cancel ("1" once cancellation was requested);
+--                          after a report, until the service has applied it: done = "1"
 --   T:events         STREAM what workers did, consumed by the service into SQL
 --   T:lease-seq      STRING counter for lease tokens
+--   T:wake:<queue>   LIST   wake-up tokens: an idle worker BLPOPs these instead of polling
 -- SQL remains the record: these functions only hand out and fence leases; the service
 -- applies every event to SQL, where a stale report is rejected a second time.
 
@@ -31,6 +33,15 @@ local function tag_of(key)
   return string.match(key, '^({[^}]*})')
 end
 
+-- Wake one more idle worker while a queue still has jobs: the chain continues until the
+-- ready set is empty or no worker is waiting. The list is trimmed so tokens nobody takes
+-- cannot pile up.
+local function wake(tag, ready_key)
+  local queue = string.sub(ready_key, #tag + 8)
+  redis.call('LPUSH', tag .. ':wake:' .. queue, '1')
+  redis.call('LTRIM', tag .. ':wake:' .. queue, 0, 63)
+end
+
 -- KEYS: T:events, T:ready:<q1>, T:ready:<q2>, ...   (queues in priority order)
 -- ARGV: version, worker, max_jobs, lease_ms
 -- Returns: array of JSON objects, the envelope plus "lease": {"token", "deadline_ms"}
@@ -49,7 +60,7 @@ local function lease(keys, args)
         local id = popped[j]
         local job = tag .. ':job:' .. id
         local env = redis.call('HGET', job, 'env')
-        -- No envelope: the job was leased over HTTP or settled; a token: leased already.
+        -- No envelope: leased over HTTP, or reported; a token: leased already.
         if env and redis.call('HEXISTS', job, 'token') == 0 then
           redis.call('HSET', job, 'token', token, 'worker', worker, 'deadline', deadline)
           redis.call('XADD', keys[1], '*', 'k', 'L', 'id', id, 't', token, 'w', worker,
@@ -63,7 +74,18 @@ local function lease(keys, args)
       end
     end
   end
+  for i = 2, #keys do
+    if redis.call('ZCARD', keys[i]) > 0 then wake(tag, keys[i]) end
+  end
   return out
+end
+
+-- A reported job keeps a tombstone until the service has applied the report to SQL, so
+-- that the service's reconciler, which trusts SQL, does not offer the job again meanwhile.
+local function tombstone(job)
+  redis.call('DEL', job)
+  redis.call('HSET', job, 'done', '1')
+  redis.call('EXPIRE', job, 3600)
 end
 
 local function leased_job(job, token)
@@ -89,7 +111,7 @@ end
 -- KEYS: T:events, T:job:<id>    ARGV: version, id, token, result JSON
 local function complete(keys, args)
   local bad = check_version(args[1]) or leased_job(keys[2], args[3]); if bad then return bad end
-  redis.call('UNLINK', keys[2])
+  tombstone(keys[2])
   redis.call('XADD', keys[1], '*', 'k', 'C', 'id', args[2], 't', args[3], 'r', args[4])
   return 'OK'
 end
@@ -98,7 +120,7 @@ end
 -- ARGV: version, id, token, error JSON {type, message, traceback?}, retry (1/0), retry_in s or ''
 local function fail(keys, args)
   local bad = check_version(args[1]) or leased_job(keys[2], args[3]); if bad then return bad end
-  redis.call('UNLINK', keys[2])
+  tombstone(keys[2])
   redis.call('XADD', keys[1], '*', 'k', 'F', 'id', args[2], 't', args[3], 'e', args[4],
     'retry', args[5], 'in', args[6])
   return 'OK'
@@ -108,7 +130,7 @@ end
 -- Gives back a job the worker has not started; it is not counted as an attempt.
 local function release(keys, args)
   local bad = check_version(args[1]) or leased_job(keys[2], args[3]); if bad then return bad end
-  redis.call('UNLINK', keys[2])
+  tombstone(keys[2])
   redis.call('XADD', keys[1], '*', 'k', 'R', 'id', args[2], 't', args[3])
   return 'OK'
 end

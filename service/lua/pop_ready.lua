@@ -2,7 +2,8 @@
 -- KEYS: the ready sets of the requested queues, in order.  ARGV: max_jobs, hash tag.
 -- Pops up to max_jobs ids, draining the first queue before touching the next, highest
 -- score first (score = priority * 1e13 + (1e13 - enqueue ms): priority, then oldest).
--- Skips ids that a Redis worker holds a lease on (their job hash has a token).
+-- Skips ids that a Redis worker holds a lease on (their job hash has a token) or has
+-- reported on (a "done" tombstone until the service applies the report).
 local want = tonumber(ARGV[1])
 local tag = ARGV[2]
 local out = {}
@@ -12,7 +13,8 @@ for _, key in ipairs(KEYS) do
     if #popped == 0 then break end
     for i = 1, #popped, 2 do
       local id = popped[i]
-      if redis.call('HEXISTS', tag .. ':job:' .. id, 'token') == 0 then
+      local job = tag .. ':job:' .. id
+      if redis.call('HEXISTS', job, 'token') == 0 and redis.call('HEXISTS', job, 'done') == 0 then
         out[#out + 1] = id
         want = want - 1
       end

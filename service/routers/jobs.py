@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import errors, jobs
+from service import errors, jobs, results
 from service.leases import Effects
 from service.models import JobRow, JobValues, values_of
 from service.routers.deps import check_payload_size, get_runtime, require
@@ -131,7 +131,8 @@ async def get_job(
     row = await _wait_for_finish(
         runtime, job_id, min(wait, runtime.settings.max_result_wait_seconds)
     )
-    return JSONResponse(job_body(row))
+    # Issue 5: a result kept in the result store is read back into the body.
+    return JSONResponse(await results.inline_stored(runtime, row, job_body(row)))
 
 
 async def _wait_for_finish(runtime: Runtime, job_id: str, wait: float) -> JobRow:
@@ -185,7 +186,7 @@ async def list_jobs(
 )
 async def cancel_job(job_id: str, runtime: RuntimeDep) -> JSONResponse:
     def work(session: Session, effects: Effects) -> JobRow:
-        row = jobs.cancel_job(session, job_id, runtime.clock.now())
+        row = jobs.cancel_job(session, job_id, runtime.clock.now(), effects)
         if row.status == JobStatus.cancelled:
             effects.finished.append(row.id)
         return row

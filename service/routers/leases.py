@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from service import errors
+from service import errors, results
 from service.jobs import get_job
 from service.leases import Effects, LeaseTerms, Settle, SettleOutcome, heartbeat, new_token, settle
 from service.models import JobRow
-from service.routers.deps import check_payload_size, get_runtime, require
+from service.routers.deps import content_length, get_runtime, require
 from service.routers.jobs import PROBLEMS
 from service.runtime import Runtime
 from service.schemas import (
@@ -153,8 +153,15 @@ def _raise_problem(job_id: str, problem: str | None) -> None:
 async def complete(
     job_id: str, body: Complete, request: Request, runtime: RuntimeDep
 ) -> JSONResponse:
-    check_payload_size(request, "the result", body.result)
-    return await _settle_one(runtime, Settle(job_id, body.token, "succeeded", result=body.result))
+    # Issue 5: a large result goes to the result store first (413 without a store, as
+    # before); a report that does not settle deletes its file again.
+    report = Settle(job_id, body.token, "succeeded", result=body.result)
+    [report], stored = await results.place(runtime, content_length(request), [report])
+    try:
+        return await _settle_one(runtime, report)
+    except BaseException:
+        await results.discard(runtime, stored)
+        raise
 
 
 @router.post(
@@ -199,8 +206,16 @@ async def report_many(body: ReportBatch, request: Request, runtime: RuntimeDep) 
         reports.append(
             Settle(item.id, item.token, item.outcome, item.result, error, item.retry, item.retry_in)
         )
-    check_payload_size(request, "the results", *(r.result for r in reports))
-    outcomes = await _settle(runtime, reports)
+    reports, stored = await results.place(runtime, content_length(request), reports)  # issue 5
+    try:
+        outcomes = await _settle(runtime, reports)
+    except BaseException:
+        await results.discard(runtime, stored)
+        raise
+    unsettled = zip(reports, outcomes, strict=True)
+    await results.discard(
+        runtime, [r.result_ref for r, o in unsettled if o.problem and r.result_ref]
+    )
     return JSONResponse(
         {
             "reports": [

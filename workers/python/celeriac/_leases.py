@@ -25,26 +25,25 @@ MAX_LEASE = 3600.0
 RETRY_AFTER_ERROR = 1.0
 
 
-def seconds_left(expires_at: str) -> float:
+def next_beat_for(expires_at: str) -> float:
+    """When (monotonic) to extend a lease that ends at ``expires_at``: at a third of
+    what is left, so two beats may fail before it is lost."""
     remaining = (datetime.fromisoformat(expires_at) - datetime.now(UTC)).total_seconds()
-    return min(MAX_LEASE, max(MIN_LEASE, remaining))
+    return time.monotonic() + min(MAX_LEASE, max(MIN_LEASE, remaining)) / 3
 
 
 class ActiveLease:
     """One job's lease. ``settle()`` hands out the right to report it exactly once:
     either its outcome or, on a cold shutdown, its release."""
 
-    def __init__(self, job_id: str, token: str, context: JobContext, expires_at: str) -> None:
+    __slots__ = ("_settled", "context", "job_id", "next_beat", "token")
+
+    def __init__(self, job_id: str, token: str, context: JobContext, next_beat: float) -> None:
         self.job_id = job_id
         self.token = token
         self.context = context
-        self.next_beat = 0.0
-        self.extended(expires_at)
+        self.next_beat = next_beat
         self._settled = threading.Lock()
-
-    def extended(self, expires_at: str) -> None:
-        # Beat at a third of the lease: two beats may fail before the lease is lost.
-        self.next_beat = time.monotonic() + seconds_left(expires_at) / 3
 
     def settle(self) -> bool:
         return self._settled.acquire(blocking=False)
@@ -132,7 +131,7 @@ class Heartbeater:
             if not item["ok"]:
                 lost.append(lease.job_id)
             elif item.get("expires_at"):
-                lease.extended(item["expires_at"])
+                lease.next_beat = next_beat_for(item["expires_at"])
             if item.get("cancel_requested") or not item["ok"]:
                 lease.context.request_cancel()
         if lost:

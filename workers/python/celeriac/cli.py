@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 from typing import Annotated
 
 import typer
 
 from ._cli_jobs import jobs
+from .cli_schedules import schedules
 
 cli = typer.Typer(
     name="celeriac",
@@ -23,6 +23,7 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
 )
 cli.add_typer(jobs, name="jobs")
+cli.add_typer(schedules, name="schedules")
 
 LOG_FORMAT = "[%(asctime)s %(levelname)s/%(threadName)s] %(name)s: %(message)s"
 
@@ -164,12 +165,7 @@ def worker(
         celeriac_app, queues=queue_names or ["default"], concurrency=concurrency,
         lease_seconds=lease_seconds, hostname=hostname, poll_wait=poll_wait,
     )  # fmt: skip
-    status = the_worker.run()
-    if the_worker.abandoned_threads:
-        # Tasks still running in pool threads would hold up a normal exit forever.
-        logging.shutdown()
-        os._exit(status)
-    raise typer.Exit(status)
+    raise typer.Exit(the_worker.run())
 
 
 @cli.command()

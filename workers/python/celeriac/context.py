@@ -13,6 +13,9 @@ from typing import Any, NoReturn, cast
 
 from .errors import Cancelled, Retry
 
+# Guards the lazy creation of cancel events (rare: only tasks that wait on a cancel).
+_event_lock = threading.Lock()
+
 
 class JobContext:
     """The job being run. Created by the worker; tasks reach it as ``current_job``."""
@@ -25,7 +28,10 @@ class JobContext:
         self.worker = worker
         # Read by the heartbeat thread; a new dict is assigned whole, never mutated.
         self.progress: dict[str, Any] | None = None
-        self._cancel = threading.Event()
+        self._cancelled = False
+        # Made only for a task that sleeps on it: an Event per job is a measurable share
+        # of a no-op job's cost.
+        self._cancel_event: threading.Event | None = None
         self._on_cancel: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
@@ -41,15 +47,20 @@ class JobContext:
     def cancel_requested(self) -> bool:
         """True once someone asked to cancel this job, or the worker lost its lease
         (the service handed the job elsewhere): either way, stop as soon as convenient."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     def raise_if_cancelled(self) -> None:
-        if self._cancel.is_set():
+        if self._cancelled:
             raise Cancelled(f"job {self.job_id} was cancelled")
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on a cancel; True if cancelled."""
-        return self._cancel.wait(timeout)
+        with _event_lock:
+            if self._cancel_event is None:
+                self._cancel_event = threading.Event()
+                if self._cancelled:
+                    self._cancel_event.set()
+        return self._cancel_event.wait(timeout)
 
     def retry(self, exc: BaseException | None = None, delay: float | None = None) -> NoReturn:
         """Give up on this attempt and ask for another (``delay`` s from now if given)."""
@@ -57,14 +68,17 @@ class JobContext:
 
     def request_cancel(self) -> None:
         """Worker side: flag the cancel, and interrupt an async task right away."""
-        self._cancel.set()
+        with _event_lock:
+            self._cancelled = True
+            if self._cancel_event is not None:
+                self._cancel_event.set()
         if self._on_cancel is not None:
             self._on_cancel()
 
     def on_cancel(self, callback: Callable[[], object]) -> None:
         """Worker side: how to interrupt this job (cancel its asyncio task)."""
         self._on_cancel = callback
-        if self._cancel.is_set():
+        if self._cancelled:
             callback()
 
 

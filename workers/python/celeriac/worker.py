@@ -16,12 +16,12 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
 from ._execution import AsyncLoop, LeasedJob, released, run_job
-from ._leases import ActiveLease, Heartbeater, LeaseBook
+from ._leases import ActiveLease, Heartbeater, LeaseBook, next_beat_for
+from ._pool import ThreadPool
 from ._reporting import Outbox, Outcome, Reporter
 from .app import Celeriac
 from .context import JobContext
@@ -83,15 +83,14 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.hostname = hostname or f"{os.getpid()}@{socket.gethostname()}"
         self.poll_wait = poll_wait
-        # Set by a cold shutdown: pool threads may still be running user code, so the
-        # process should leave with os._exit rather than wait for them at exit.
-        self.abandoned_threads = False
         self._client = app.new_client()
         self._slots = Slots(self.concurrency)
         self._book = LeaseBook()
         self._outbox = Outbox()
         self._loop = AsyncLoop()
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="celeriac-job")
+        self._pool: ThreadPool[tuple[LeasedJob, ActiveLease]] = ThreadPool(
+            self.concurrency, self._run_job, "celeriac-job"
+        )
         self._heartbeater = Heartbeater(self._client, self._book, lease_seconds)
         self._reporter = Reporter(self._client, self._outbox, self._book, self._slots.wake)
         self._stopping = threading.Event()
@@ -108,7 +107,9 @@ class Worker:
             self.hostname, self._client.server, ",".join(self.queues), self.concurrency,
             ", ".join(sorted(self.app.tasks)) or "(none)",
         )  # fmt: skip
-        # Daemon threads: after a cold shutdown some may still be blocked in I/O.
+        # Daemon threads: after a cold shutdown some may still be blocked in I/O or in a
+        # task, and must not keep the process alive.
+        self._pool.start()
         _start(self._lease_loop, "celeriac-leaser")
         _start(self._heartbeater.run, "celeriac-heartbeat")
         _start(self._reporter.run, "celeriac-reporter")
@@ -177,20 +178,23 @@ class Worker:
         return jobs
 
     def _start_jobs(self, jobs: list[LeasedJob]) -> None:
+        # Jobs leased together mostly share an expiry: parse each distinct one once.
+        beats: dict[str, float] = {}
         for job in jobs:
+            token, expires_at = job["lease"]["token"], job["lease"]["expires_at"]
+            if expires_at not in beats:
+                beats[expires_at] = next_beat_for(expires_at)
             context = JobContext(
                 job["id"], job["task"], job["attempt"], job["queue"], self.hostname
             )
-            lease = ActiveLease(
-                job["id"], job["lease"]["token"], context, job["lease"]["expires_at"]
-            )
+            lease = ActiveLease(job["id"], token, context, beats[expires_at])
             self._book.add(lease)
             if self._stopping.is_set():
                 # Leased while the poll was out: hand it straight back, it never started.
                 self._release(lease)
                 continue
             self._slots.take()
-            self._pool.submit(self._run_job, job, lease)
+            self._pool.submit((job, lease))
 
     def _release(self, lease: ActiveLease) -> None:
         if lease.settle():
@@ -205,7 +209,8 @@ class Worker:
 
     # -- running ---------------------------------------------------------------------
 
-    def _run_job(self, job: LeasedJob, lease: ActiveLease) -> None:
+    def _run_job(self, item: tuple[LeasedJob, ActiveLease]) -> None:
+        job, lease = item
         try:
             report = run_job(self.app.tasks.get(job["task"]), job, lease.context, self._loop)
             if lease.settle():  # not already released by a cold shutdown
@@ -242,14 +247,13 @@ class Worker:
         if not self._reporter.done.wait(COLD_REPORT_SECONDS):
             self._reporter.give_up.set()
         logger.warning("cold shutdown: released %d unfinished jobs", len(unfinished))
-        self.abandoned_threads = self._slots.busy > 0
         self._close()
         return 1
 
     def _close(self) -> None:
         self._heartbeater.stop()
         self._loop.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.stop()
         self._client.close()
 
 

@@ -1,0 +1,85 @@
+"""Write many rows' different new values in one statement.
+
+The generic path is an executemany of ``UPDATE jobs SET … WHERE id = ?``. On PostgreSQL a
+single ``UPDATE … FROM unnest(<one array per column>)`` does the same work in one round
+trip and one plan, several times faster for the batches the worker protocol settles."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.models import JOBS_TABLE, UTCDateTime
+
+jobs_c = JOBS_TABLE.c
+
+
+def update_each(session: Session, columns: Sequence[str], changes: list[dict[str, Any]]) -> None:
+    """UPDATE jobs SET <columns> = change[column] WHERE id = change["id"], for each change."""
+    if not changes:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        _update_unnest(session, columns, changes)
+    else:
+        _update_executemany(session, columns, changes)
+
+
+def _update_executemany(
+    session: Session, columns: Sequence[str], changes: list[dict[str, Any]]
+) -> None:
+    statement = (
+        sa.update(JOBS_TABLE)
+        .where(jobs_c.id == sa.bindparam("match_id"))
+        .values({name: sa.bindparam(f"new_{name}", type_=jobs_c[name].type) for name in columns})
+    )
+    session.execute(
+        statement,
+        [{"match_id": c["id"], **{f"new_{name}": c[name] for name in columns}} for c in changes],
+    )
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _pg_array_type(column: sa.Column[Any]) -> tuple[str, str, Callable[[Any], Any]]:
+    """(array type of the parameter, cast back in SET, value conversion)."""
+    kind = column.type
+    if isinstance(kind, UTCDateTime):
+        return "timestamp[]", "", _naive_utc
+    if isinstance(kind, sa.JSON):
+        return "text[]", "::json", _json_text
+    if isinstance(kind, sa.Boolean):
+        return "boolean[]", "", bool
+    if isinstance(kind, sa.Integer):
+        return "bigint[]", "", lambda v: v
+    if isinstance(kind, sa.Float):
+        return "float8[]", "", lambda v: v
+    return "text[]", "", lambda v: v
+
+
+def _update_unnest(session: Session, columns: Sequence[str], changes: list[dict[str, Any]]) -> None:
+    arrays: dict[str, list[Any]] = {"p_id": [c["id"] for c in changes]}
+    unnests = ["CAST(:p_id AS text[])"]
+    sets = []
+    for name in columns:
+        array_type, cast_back, convert = _pg_array_type(jobs_c[name])
+        arrays[f"p_{name}"] = [convert(c[name]) for c in changes]
+        unnests.append(f"CAST(:p_{name} AS {array_type})")
+        sets.append(f"{name} = v.{name}{cast_back}")
+    # Column names come from the table definition, never from input.
+    statement = sa.text(
+        f"UPDATE jobs SET {', '.join(sets)} "  # noqa: S608
+        f"FROM unnest({', '.join(unnests)}) AS v(id, {', '.join(columns)}) "
+        "WHERE jobs.id = v.id"
+    )
+    session.execute(statement, arrays)
