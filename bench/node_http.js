@@ -3,23 +3,26 @@
 //
 //   node bench/node_http.js --server http://127.0.0.1:8000 --jobs 20000 --concurrency 1000
 //
-// Prints one JSON line. Uses only the worker library (workers/node, no dependencies)
-// and dynamic import(), so it runs as CommonJS or as an ES module.
-
-const { parseArgs } = require("node:util");
-const path = require("node:path");
-const { pathToFileURL } = require("node:url");
+// Prints one JSON line. Uses only the worker library (workers/node, no dependencies),
+// loaded with dynamic import(): no static imports, so it runs as CommonJS or ES module.
 
 async function main() {
+  const { parseArgs } = await import("node:util");
+  const path = await import("node:path");
+  const { pathToFileURL } = await import("node:url");
   const { values } = parseArgs({
     options: {
-      server: { type: "string", default: process.env.CELERIAC_SERVER_URL || "http://127.0.0.1:8000" },
+      server: {
+        type: "string",
+        default: process.env.CELERIAC_SERVER_URL || "http://127.0.0.1:8000",
+      },
       jobs: { type: "string", default: "20000" },
       concurrency: { type: "string", default: "1000" },
       queue: { type: "string", default: `bench_${process.pid}_${Date.now()}` },
     },
   });
-  const library = pathToFileURL(path.join(__dirname, "..", "workers", "node", "celeriac.js"));
+  const here = path.dirname(path.resolve(process.argv[1]));
+  const library = pathToFileURL(path.join(here, "..", "workers", "node", "celeriac.js"));
   const { Client, Worker } = await import(library.href);
   const total = Number(values.jobs);
   const client = new Client({ server: values.server });

@@ -66,9 +66,7 @@ def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(
-            f"unknown time zone {name!r}; use an IANA name like Asia/Seoul"
-        ) from None
+        raise ValueError(f"unknown time zone {name!r}; use an IANA name like Asia/Seoul") from None
 
 
 @dataclass(frozen=True, slots=True)

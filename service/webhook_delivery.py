@@ -257,9 +257,7 @@ class Deliverer:
         # claim, or longer): wake it now.
         # (Mid-pass, sleeping_until is None: the wake-up makes the loop look again.)
         retry_at = outcome.next_attempt_at
-        if retry_at is not None and (
-            self.sleeping_until is None or retry_at < self.sleeping_until
-        ):
+        if retry_at is not None and (self.sleeping_until is None or retry_at < self.sleeping_until):
             self.wake.set()
         if outcome.status in (webhooks.FAILED, webhooks.GONE):
             log.warning(

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -325,6 +325,29 @@ def test_batch_report_mixed_outcomes(api: Api, queue: str) -> None:
     assert api.get(e["id"])["result"] == "early"  # the stale report changed nothing
     # The released job is offered again.
     assert api.lease_one(queue)["id"] == c["id"]
+    # A job waiting to retry can be cancelled; it never runs again.
+    assert expect(api.cancel(d["id"]), 200)["status"] == "cancelled"
+    assert_problem(api.retry(a["id"]), 409, "job-not-retryable")
+
+
+def test_concurrent_leases_never_share_a_job(api: Api, service: Service, queue: str) -> None:
+    ids = {job["id"] for job in api.submit_batch([{"queue": queue} for _ in range(120)])}
+
+    def worker(name: str) -> list[str]:
+        got: list[str] = []
+        with Api(service.url) as client:
+            while True:
+                leased = client.lease(queue, max_jobs=7, wait=0.3, worker=name)
+                if not leased:
+                    return got
+                got += [job["id"] for job in leased]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(worker, [f"w{i}" for i in range(4)]))
+    leased = [job_id for got in results for job_id in got]
+    assert len(leased) == len(set(leased)), "a job was leased to two workers at once"
+    assert set(leased) == ids
+    assert api.queue_counts(queue) == {"running": 120}
 
 
 # --- retries ----------------------------------------------------------------------------
@@ -389,7 +412,9 @@ def test_expired_lease_without_retries_left_fails(api: Api, queue: str) -> None:
 def test_delay_and_run_at_jobs_are_not_leased_early(api: Api, queue: str) -> None:
     started = time.monotonic()
     delayed = api.submit(queue=queue, delay=1.2)
-    at = api.submit(queue=queue, run_at=rfc3339(now() + timedelta(seconds=1.2)))
+    # An offset other than UTC's must mean the same instant.
+    india = timezone(timedelta(hours=5, minutes=30))
+    at = api.submit(queue=queue, run_at=rfc3339((now() + timedelta(seconds=1.2)).astimezone(india)))
     for job in (delayed, at):
         assert job["status"] == "scheduled"
         assert (ts(job["run_at"]) - ts(job["created_at"])).total_seconds() >= 1.1

@@ -22,7 +22,7 @@ from conftest import REPO, Api, Process, Service, Spawner, child_env, unavailabl
 
 NODE = shutil.which("node")
 NODE_DIR = REPO / "workers" / "node"
-LIBRARY = (NODE_DIR / "celeriac.js").as_uri()
+SCRIPTS = REPO / "tests" / "node"  # small ES modules driving the library
 BENCH = REPO / "bench" / "node_http.js"
 
 
@@ -78,9 +78,9 @@ def curl_submit(url: str, **job: Any) -> dict[str, Any]:
 
 
 def run_node(script: str, env: Mapping[str, str], cwd: Path, timeout: float = 60) -> Any:
-    """Run an ES module snippet that prints one JSON line; return it parsed."""
+    """Run tests/node/<script>, which prints one JSON line; return it parsed."""
     done = subprocess.run(
-        [NODE or "node", "--input-type=module", "-e", script],
+        [NODE or "node", str(SCRIPTS / script)],
         env=child_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert done.returncode == 0, f"node exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
@@ -170,36 +170,12 @@ def test_a_job_whose_worker_is_killed_runs_again_after_its_lease(
     assert done["worker"].startswith(f"node-{second.pid}@")
 
 
-STALE_TOKEN_SCRIPT = """
-import { HttpTransport } from "%(library)s";
-const transport = new HttpTransport();
-const queue = process.env.TEST_QUEUE;
-const lease = (seconds) => transport.lease({ worker: "stale-test", queues: [queue], maxJobs: 1, wait: 5, leaseSeconds: seconds });
-const [first] = await lease(0.5);
-// No heartbeat: the lease expires, the service requeues the job, we lease it again.
-let second;
-while (!second) [second] = await lease(30);
-const stale = { id: first.id, token: first.lease.token };
-const out = { sameJob: first.id === second.id, tokensDiffer: first.lease.token !== second.lease.token };
-try {
-  await transport.api.request("POST", `/jobs/${first.id}/complete`, { body: { token: stale.token, result: "stale" } });
-  out.complete = "accepted";
-} catch (err) {
-  out.complete = { status: err.status, type: err.problem.type };
-}
-out.heartbeat = await transport.heartbeat([stale]);
-out.report = await transport.report([JSON.stringify({ ...stale, outcome: "succeeded", result: "stale" })]);
-out.current = await transport.report([JSON.stringify({ id: second.id, token: second.lease.token, outcome: "succeeded", result: "current" })]);
-console.log(JSON.stringify(out));
-"""
-
-
 def test_a_stale_token_is_refused_and_changes_nothing(
     node_service: Service, http: Api, queue: str, tmp_path: Path
 ) -> None:
     job = http.submit(task="node.stale", queue=queue, max_retries=3)
     env = {"CELERIAC_SERVER_URL": node_service.url, "TEST_QUEUE": queue}
-    out = run_node(STALE_TOKEN_SCRIPT % {"library": LIBRARY}, env, tmp_path)
+    out = run_node("stale_token.mjs", env, tmp_path)
     assert out["sameJob"] and out["tokensDiffer"], out
     assert out["complete"] == {"status": 409, "type": "urn:celeriac:problem:stale-lease"}
     assert out["heartbeat"][0]["ok"] is False
@@ -208,22 +184,6 @@ def test_a_stale_token_is_refused_and_changes_nothing(
     assert (out["current"][0]["ok"], out["current"][0]["status"]) == (True, "succeeded")
     done = http.get(job["id"])
     assert (done["status"], done["result"], done["attempt"]) == ("succeeded", "current", 2)
-
-
-# The handler blocks the event loop (no heartbeats) until the test has taken the job over.
-LOST_LEASE_SCRIPT = """
-import { existsSync } from "node:fs";
-import { Worker } from "%(library)s";
-const worker = new Worker({ queues: [process.env.TEST_QUEUE], concurrency: 1, leaseSeconds: 1, pollWait: 1, logLevel: "error" });
-worker.register("node.block", () => {
-  while (!existsSync(process.env.TEST_RELEASE_FILE)) {}
-  return "from node";
-});
-const answers = [];
-worker.on("report", (answer) => { answers.push(answer); worker.stop(); });
-const code = await worker.run({ signals: false });
-console.log(JSON.stringify({ code, answers, stats: worker.stats }));
-"""
 
 
 def test_the_node_worker_drops_a_job_whose_lease_was_lost(
@@ -235,9 +195,8 @@ def test_the_node_worker_drops_a_job_whose_lease_was_lost(
         "TEST_QUEUE": queue,
         "TEST_RELEASE_FILE": str(release),
     }
-    script = LOST_LEASE_SCRIPT % {"library": LIBRARY}
     node = subprocess.Popen(
-        [NODE or "node", "--input-type=module", "-e", script],
+        [NODE or "node", str(SCRIPTS / "lost_lease.mjs")],
         env=child_env(env), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -349,18 +308,6 @@ def test_a_mixed_fleet_shares_one_queue(
     assert http.queue_counts(queue) == {"succeeded": count}
 
 
-TOO_LARGE_SCRIPT = """
-import { Worker } from "%(library)s";
-const worker = new Worker({ queues: [process.env.TEST_QUEUE], concurrency: 4, pollWait: 1, logLevel: "error" });
-worker.register("node.big", () => "x".repeat(10000));
-worker.register("node.small", () => "ok");
-const answers = [];
-worker.on("report", (answer) => { answers.push(answer); if (answers.length === 2) worker.stop(); });
-await worker.run({ signals: false });
-console.log(JSON.stringify({ answers, stats: worker.stats }));
-"""
-
-
 def test_a_result_the_service_refuses_fails_its_job_alone(
     spawner: Spawner, queue: str, tmp_path: Path
 ) -> None:
@@ -370,7 +317,7 @@ def test_a_result_the_service_refuses_fails_its_job_alone(
     big = client.submit(task="node.big", queue=queue)
     small = client.submit(task="node.small", queue=queue)
     env = {"CELERIAC_SERVER_URL": service.url, "TEST_QUEUE": queue}
-    out = run_node(TOO_LARGE_SCRIPT % {"library": LIBRARY}, env, tmp_path)
+    out = run_node("too_large.mjs", env, tmp_path)
     assert out["stats"]["succeeded"] == 1 and out["stats"]["failed"] == 1, out
     assert client.get(small["id"])["result"] == "ok"
     refused = client.get(big["id"])

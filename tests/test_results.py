@@ -61,7 +61,10 @@ def large(rows: int = 2000) -> dict[str, Any]:
         ("db+sqlite:///results.db", "sqlite:///results.db"),
         ("db+sqlite:////var/lib/celeriac/results.db", "sqlite:////var/lib/celeriac/results.db"),
         ("db+mysql://scott:tiger@localhost/foo", "mysql+pymysql://scott:tiger@localhost/foo"),
-        ("db+postgresql://scott:tiger@localhost/db", "postgresql+psycopg://scott:tiger@localhost/db"),
+        (
+            "db+postgresql://scott:tiger@localhost/db",
+            "postgresql+psycopg://scott:tiger@localhost/db",
+        ),
         ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
     ],
 )
@@ -189,7 +192,9 @@ def test_result_over_the_store_limit_is_refused(api: Api, queue: str, store: Pat
     api.submit(queue=queue)
     leased = api.lease_one(queue)
     response = api.complete(leased, {"blob": "x" * (RESULT_MAX + 10)})
-    assert "CELERIAC_RESULT_MAX_BYTES" in assert_problem(response, 413, "payload-too-large")["detail"]
+    assert (
+        "CELERIAC_RESULT_MAX_BYTES" in assert_problem(response, 413, "payload-too-large")["detail"]
+    )
     assert files_of(store, leased["id"]) == []
     assert api.get(leased["id"])["status"] == "running"  # nothing changed
 
@@ -203,7 +208,7 @@ def test_result_endpoint_without_a_result(api: Api, queue: str) -> None:
     assert_problem(api.http.get("/jobs/0190c3a5-0000-7000-8000-000000000000/result"), 404)
 
 
-# --- expiry -----------------------------------------------------------------------------------------
+# --- expiry ---------------------------------------------------------------------------------
 
 
 def test_expired_results_are_deleted_in_batches(

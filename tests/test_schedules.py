@@ -28,6 +28,7 @@ from service.db import Database, create_engine
 from service.jobs import Defaults
 from service.migrate import upgrade
 from service.models import JobRow, ScheduleFireRow
+from service.scheduler import ScheduleFileError, load_schedules_file
 from service.schemas import CatchUp, ScheduleCreate
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -532,13 +533,41 @@ def by_name(api: Api) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in expect(api.http.get("/schedules"), 200)["schedules"]}
 
 
+def test_yaml_and_toml_files_say_the_same(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(YAML_FILE)
+    (tmp_path / "s.toml").write_text(TOML_FILE)
+    top_level_list = "\n".join(line[2:] for line in YAML_FILE.splitlines()[1:])
+    (tmp_path / "list.yml").write_text(top_level_list)
+    from_yaml = load_schedules_file(tmp_path / "s.yaml")
+    assert [spec.name for spec in from_yaml] == ["file-report", "file-sweep"]
+    assert load_schedules_file(tmp_path / "s.toml") == from_yaml
+    assert load_schedules_file(tmp_path / "list.yml") == from_yaml  # a top-level list
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("twice.yaml", "- {name: a, every: 5, job: {task: t}}\n" * 2, "more than once"),
+        ("zone.yaml", "- {name: a, every: 5, timezone: Nowhere/Land, job: {task: t}}", "zone"),
+        ("extra.toml", '[[schedules]]\nname = "a"\nevery = 5\nflavour = 1\n', "flavour"),
+        ("broken.toml", "[[schedules]\n", "not valid TOML"),
+        ("schedules.json", "[]", "must end in"),
+    ],
+)
+def test_invalid_schedules_files_are_refused(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ScheduleFileError, match=message):
+        load_schedules_file(tmp_path / name)
+
+
 def test_schedules_file_is_applied_idempotently_on_restart(
     spawner: Spawner, tmp_path: Path
 ) -> None:
     backend = spawner.backend("sqlite", "sql")
-    yaml_path, toml_path = tmp_path / "schedules.yaml", tmp_path / "schedules.toml"
+    yaml_path = tmp_path / "schedules.yaml"
     yaml_path.write_text(YAML_FILE)
-    toml_path.write_text(TOML_FILE)
 
     first_run = spawner.service(backend, {"CELERIAC_SCHEDULES_FILE": str(yaml_path)})
     with Api(first_run.url) as api:
@@ -549,12 +578,11 @@ def test_schedules_file_is_applied_idempotently_on_restart(
         applied = by_name(api)
     first_run.stop()
 
-    # The same schedules again, from YAML and then from TOML: nothing is written.
-    for path in (yaml_path, toml_path):
-        rerun = spawner.service(backend, {"CELERIAC_SCHEDULES_FILE": str(path)})
-        with Api(rerun.url) as api:
-            assert by_name(api) == applied
-        rerun.stop()
+    # The same file again: nothing is written, nothing moves.
+    rerun = spawner.service(backend, {"CELERIAC_SCHEDULES_FILE": str(yaml_path)})
+    with Api(rerun.url) as api:
+        assert by_name(api) == applied
+    rerun.stop()
 
     # A changed job template updates the row but keeps the ticks and the last fire.
     yaml_path.write_text(YAML_FILE.replace("format: pdf", "format: html"))

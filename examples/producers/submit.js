@@ -11,10 +11,15 @@ const headers = { "content-type": "application/json" };
 if (process.env.CELERIAC_API_KEY) headers.authorization = `Bearer ${process.env.CELERIAC_API_KEY}`;
 
 async function call(method, path, body) {
-  const response = await fetch(server + path, { method, headers, body: body && JSON.stringify(body) });
+  const response = await fetch(server + path, {
+    method,
+    headers,
+    body: body && JSON.stringify(body),
+  });
   const answer = await response.json();
   // Errors are application/problem+json: {type, title, status, detail}.
-  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${answer.title}: ${answer.detail}`);
+  if (!response.ok)
+    throw new Error(`${method} ${path}: ${response.status} ${answer.title}: ${answer.detail}`);
   return answer;
 }
 
@@ -24,7 +29,9 @@ async function main() {
   console.error(`submitted ${job.id} (${job.status})`);
   // One long-poll: answered the moment the job finishes (or after 60 s with its state).
   const done = await call("GET", `/jobs/${job.id}?wait=60`);
-  console.log(JSON.stringify({ id: done.id, status: done.status, result: done.result, error: done.error }));
+  console.log(
+    JSON.stringify({ id: done.id, status: done.status, result: done.result, error: done.error }),
+  );
   process.exitCode = done.status === "succeeded" ? 0 : 1;
 }
 

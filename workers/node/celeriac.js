@@ -219,10 +219,13 @@ export class Worker extends EventEmitter {
   /** Work until stopped; resolves with the exit status: 0 after a warm shutdown, 1 after
    * a cold one or when the service refuses this worker. With `signals` (the default) the
    * first SIGTERM/SIGINT is warm (stop leasing, finish running jobs, report them), the
-   * second cold (release unfinished jobs and leave). */
+   * second cold (release unfinished jobs and leave), a third abandons an open long-poll. */
   async run({ signals = true } = {}) {
     const onSignal = (name) => {
-      if (this.#stopping) {
+      if (this.#cold) {
+        this.log.warn(`${name} again: not waiting for the open long-poll`);
+        this.#pollAbort.abort(new Cancelled("shutting down"));
+      } else if (this.#stopping) {
         this.log.warn(`${name} again: cold shutdown, releasing unfinished jobs`);
         this.stop({ cold: true });
       } else {
@@ -252,12 +255,14 @@ export class Worker extends EventEmitter {
   }
 
   /** Stop leasing. Warm: running jobs finish and are reported. Cold: they are released
-   * (not counted as an attempt) and their ctx.signal aborts. */
+   * at once (not counted as an attempt) and their ctx.signal aborts. Either way an open
+   * long-poll is let finish, and what it brings is released: a lease request abandoned
+   * mid-poll could still be granted jobs, which would then wait out their lease. */
   stop({ cold = false } = {}) {
     this.#stopping = true;
     if (cold && !this.#cold) {
       this.#cold = true;
-      this.#pollAbort.abort(new Cancelled("cold shutdown"));
+      this.#releaseRunning();
     }
     this.#notify();
   }
@@ -290,7 +295,7 @@ export class Worker extends EventEmitter {
         });
         backoff = RETRY_MS;
       } catch (err) {
-        if (this.#cold) return;
+        if (this.#pollAbort.signal.aborted) return;
         if (err.retryable === false) {
           // 401/403/422: wrong key, scope or settings. Retrying cannot help.
           this.log.error(`the service refuses this worker: ${err.message}`);
@@ -313,7 +318,7 @@ export class Worker extends EventEmitter {
     this.#held.set(job.id, held);
     if (this.#stopping) {
       // Leased by a poll that was in flight when the shutdown began: give it back.
-      this.#queueReport(held, "released", JSON.stringify({ id: held.id, token: held.token, outcome: "released" }));
+      this.#queueReport(held, "released", reportJson(held, { outcome: "released" }));
       return;
     }
     this.#executing++;
@@ -328,42 +333,41 @@ export class Worker extends EventEmitter {
           }),
         );
     run.then(
-      (result) => this.#finished(held, this.#success(held, result)),
-      (err) => this.#finished(held, this.#failure(held, err)),
+      (result) => this.#finished(held, () => this.#success(held, result)),
+      (err) => this.#finished(held, () => this.#failure(held, err)),
     );
   }
 
+  /** [outcome, the report as JSON]: serialised once, here, so a result that is not JSON
+   * fails its own job rather than the batch it would be sent in. */
   #success(held, result) {
     try {
-      const json = JSON.stringify({ id: held.id, token: held.token, outcome: "succeeded", result: result ?? null });
-      return ["succeeded", json];
+      return ["succeeded", reportJson(held, { outcome: "succeeded", result: result ?? null })];
     } catch (err) {
-      const error = { type: "ResultNotSerializable", message: `the result is not JSON: ${err.message}` };
-      return ["failed", JSON.stringify({ id: held.id, token: held.token, outcome: "failed", error, retry: false })];
+      const error = { type: "ResultNotSerializable", message: `not JSON: ${err.message}` };
+      return ["failed", reportJson(held, { outcome: "failed", error, retry: false })];
     }
   }
 
   #failure(held, err) {
-    const report = { id: held.id, token: held.token, outcome: "failed" };
-    if (held.cancelReason !== undefined && !(held.lost || held.released)) {
-      report.error = { type: "Cancelled", message: held.cancelReason.message };
-      report.retry = false;
-    } else {
-      report.error = errorInfo(err);
-      report.retry = err?.retry !== false;
-      if (typeof err?.retryIn === "number") report.retry_in = Math.max(0, err.retryIn);
-      this.log.warn(
-        `${held.job.task}[${held.id}] attempt ${held.job.attempt} failed: ` +
-          `${report.error.type}: ${report.error.message}`,
-      );
+    if (held.cancelReason !== undefined) {
+      const error = { type: "Cancelled", message: held.cancelReason.message };
+      return ["failed", reportJson(held, { outcome: "failed", error, retry: false })];
     }
-    return ["failed", JSON.stringify(report)];
+    const report = { outcome: "failed", error: errorInfo(err), retry: err?.retry !== false };
+    if (typeof err?.retryIn === "number") report.retry_in = Math.max(0, err.retryIn);
+    this.log.warn(
+      `${held.job.task}[${held.id}] attempt ${held.job.attempt} failed: ` +
+        `${report.error.type}: ${report.error.message}`,
+    );
+    return ["failed", reportJson(held, report)];
   }
 
-  #finished(held, [outcome, json]) {
+  #finished(held, makeReport) {
     this.#executing--;
     this.#notify();
     if (held.lost || held.released) return; // nothing to say: the service moved on
+    const [outcome, json] = makeReport();
     this.#queueReport(held, outcome, json);
   }
 
@@ -398,7 +402,9 @@ export class Worker extends EventEmitter {
             continue;
           }
           this.#outbox.unshift(...batch);
-          this.log.warn(`report of ${batch.length} jobs failed, retrying in ${backoff / 1000}s: ${err.message}`);
+          this.log.warn(
+            `report of ${batch.length} jobs failed, retrying in ${backoff / 1000}s: ${err.message}`,
+          );
           await sleep(backoff);
           backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
           continue;
@@ -492,7 +498,10 @@ export class Worker extends EventEmitter {
         const chunk = all.slice(start, start + MAX_BATCH);
         let answers;
         try {
-          answers = await this.transport.heartbeat(chunk.map((held) => held.ref()), this.leaseSeconds);
+          answers = await this.transport.heartbeat(
+            chunk.map((held) => held.ref()),
+            this.leaseSeconds,
+          );
         } catch (err) {
           for (const held of chunk) if (held.progress !== undefined) held.progressDirty = true;
           this.log.warn(`heartbeat of ${chunk.length} leases failed: ${err.message}`);
@@ -527,16 +536,28 @@ export class Worker extends EventEmitter {
 
   // --- shutdown ------------------------------------------------------------------------
 
-  /** Cold shutdown: give every unfinished job back, and wait a little for the reports. */
-  async #releaseAll() {
+  /** Cold shutdown: give every unfinished job back. */
+  #releaseRunning() {
     for (const held of this.#held.values()) {
       if (held.state !== "running") continue;
       held.released = true;
       held.cancel(new Cancelled("the worker is shutting down"));
-      this.#queueReport(held, "released", JSON.stringify({ id: held.id, token: held.token, outcome: "released" }));
+      this.#queueReport(
+        held,
+        "released",
+        JSON.stringify({ id: held.id, token: held.token, outcome: "released" }),
+      );
     }
+  }
+
+  /** ... and wait a little for the reports. */
+  async #releaseAll() {
+    this.#releaseRunning();
     const deadline = Date.now() + COLD_REPORT_MS;
-    while ((this.#outbox.length || this.#flushing || this.#flushScheduled) && Date.now() < deadline) {
+    while (
+      (this.#outbox.length || this.#flushing || this.#flushScheduled) &&
+      Date.now() < deadline
+    ) {
       await Promise.race([this.#nextChange(), sleep(100)]);
     }
   }

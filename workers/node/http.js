@@ -35,7 +35,10 @@ export class HttpApi {
     // One controller per request, not AbortSignal.any(): a long-lived `signal` would
     // collect a listener per call.
     const controller = new AbortController();
-    const timer = setTimeout(() => controller.abort(new Error(`timed out after ${timeoutMs} ms`)), timeoutMs);
+    const timer = setTimeout(
+      () => controller.abort(new Error(`timed out after ${timeoutMs} ms`)),
+      timeoutMs,
+    );
     const onAbort = () => controller.abort(signal.reason);
     if (signal?.aborted) onAbort();
     signal?.addEventListener("abort", onAbort);
@@ -63,16 +66,18 @@ export class HttpApi {
     } catch {
       problem = { title: response.statusText, detail: text.slice(0, 500) };
     }
-    const message = `${method} ${path} -> ${response.status} ${problem.title ?? ""}: ${problem.detail ?? ""}`;
+    const { title = "", detail = "" } = problem;
+    const message = `${method} ${path} -> ${response.status} ${title}: ${detail}`;
     throw new CeleriacError(message, { status: response.status, problem });
   }
 }
 
 /** The worker protocol over HTTP. A transport has four methods, and a Redis transport
- * (a second module, later) implements the same ones:
+ * (a second module, later) implements the same ones. Answers come in the order asked.
  *   lease({worker, queues, maxJobs, wait, leaseSeconds, signal}) -> [LeasedJob]
- *   heartbeat(refs [{id, token, progress?}], leaseSeconds) -> [{id, ok, expires_at, cancel_requested, detail}]
- *   report(reports [JSON-encoded Report strings]) -> [{id, ok, status, detail}]   (same order)
+ *   heartbeat(refs: [{id, token, progress?}], leaseSeconds)
+ *     -> [{id, ok, expires_at, cancel_requested, detail}]
+ *   report(reports: [a Report, JSON-encoded]) -> [{id, ok, status, detail}]
  *   close()
  */
 export class HttpTransport {

@@ -50,7 +50,9 @@ if (count > 1) {
   console.error(`submitted ${job.id} (${job.status})`);
   if (!values["no-wait"]) {
     const done = await client.waitFor(job.id, Number(values.timeout));
-    console.log(JSON.stringify({ id: done.id, status: done.status, result: done.result, error: done.error }));
+    console.log(
+      JSON.stringify({ id: done.id, status: done.status, result: done.result, error: done.error }),
+    );
     process.exitCode = done.status === "succeeded" ? 0 : 1;
   }
 }

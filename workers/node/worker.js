@@ -58,7 +58,8 @@ worker.register("demo.sleep", async ([seconds = 1]) => {
 
 // Fails until its `succeedOnAttempt`-th attempt; the service retries it with backoff.
 worker.register("demo.flaky", ([succeedOnAttempt = 3], kwargs, ctx) => {
-  if (ctx.attempt < succeedOnAttempt) throw new Error(`attempt ${ctx.attempt}: upstream not ready yet`);
+  if (ctx.attempt < succeedOnAttempt)
+    throw new Error(`attempt ${ctx.attempt}: upstream not ready yet`);
   return `succeeded on attempt ${ctx.attempt}`;
 });
 
@@ -69,7 +70,11 @@ worker.register("demo.fail", ([message = "failing on purpose"]) => {
 
 worker.register("demo.noop", () => null);
 
-worker.register("demo.whoami", (args, kwargs, ctx) => ({ worker: ctx.worker, attempt: ctx.attempt, runtime: "node" }));
+worker.register("demo.whoami", (args, kwargs, ctx) => ({
+  worker: ctx.worker,
+  attempt: ctx.attempt,
+  runtime: "node",
+}));
 
 export { Cancelled }; // for tasks modules that copy this file as a template
 

@@ -30,6 +30,12 @@ WORKER_THREADS = 4
 WORKER = ["worker", "-A", "celeriac.examples.demo:app", "-c", str(WORKER_THREADS)]
 WORKER += ["--poll-wait", "1", "--loglevel", "warning"]
 
+TRY_IT = """
+to try it yourself, in three terminals:
+  celeriac serve
+  celeriac worker -A celeriac.examples.demo:app
+  celeriac jobs submit math.add --args '[2, 3]' --wait 10"""
+
 
 class _Process:
     """A child ``celeriac`` command with its output in a log file; stopped on exit."""
@@ -104,7 +110,7 @@ def _submit() -> list[JobHandle[Any]]:
         add.delay(2, 3),
         add.delay(40, 2),
         shout.delay("hello"),
-        add.delay(0.1, 0.2),
+        add.delay(1.5, 2.25),
         flaky.delay(succeed_on_attempt=3),
         add.apply_async((1, 1), delay=3),
     ]
@@ -205,7 +211,8 @@ def _conclude(log: _Log, finished: bool, worker_status: int, processes: list[_Pr
     elapsed = time.monotonic() - log.started
     if finished and not failed and worker_status == 0:
         print(f"\nall {len(log.seen)} jobs succeeded in {elapsed:.1f}s", flush=True)
-        print("the worker finished its work and stopped on SIGTERM; bye", flush=True)
+        print("the worker finished its work and stopped on SIGTERM", flush=True)
+        print(TRY_IT, flush=True)
         return 0
     print(f"\n{len(failed)} jobs did not succeed; worker exit status {worker_status}; logs:")
     for process in processes:

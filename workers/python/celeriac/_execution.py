@@ -147,12 +147,20 @@ def run_job(task: AnyTask | None, job: LeasedJob, context: JobContext, loop: Asy
     # Anything the task raises, SystemExit included, is the job's failure, not the worker's.
     except BaseException as exc:
         retry = task.options.retries(exc)
-        _log_failure(job, exc, "will retry if attempts remain" if retry else "no retry")
+        _log_failure(job, exc, _retry_outlook(job, retry))
         return _failure(job, _exception_info(exc), retry=retry)
     finally:
         set_current_job(None)
     logger.debug("%s[%s] succeeded", job["task"], job["id"])
     return _success(job, result)
+
+
+def _retry_outlook(job: LeasedJob, retry: bool) -> str:
+    if not retry:
+        return "not retried: not in autoretry_for"
+    if job["attempt"] > job["max_retries"]:
+        return "no retries left"
+    return "will be retried"
 
 
 def _log_failure(job: LeasedJob, exc: BaseException, consequence: str) -> None:

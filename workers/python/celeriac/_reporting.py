@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ._execution import error_info, failure
 from ._leases import LeaseBook
 from .client import Client
-from .errors import CeleriacError, ServerUnreachable
+from .errors import CeleriacError, ServerUnreachable, is_transient
 
 logger = logging.getLogger("celeriac.worker")
 
@@ -97,10 +97,8 @@ class Reporter:
             try:
                 self._send(batch)
                 return
-            except ServerUnreachable as exc:
-                logger.warning("reporting %d outcomes failed, will retry: %s", len(batch), exc)
-            except CeleriacError as exc:
-                if exc.status < 500:
+            except (ServerUnreachable, CeleriacError) as exc:
+                if isinstance(exc, CeleriacError) and not is_transient(exc):
                     self._rejected(batch, exc)
                     return
                 logger.warning("reporting %d outcomes failed, will retry: %s", len(batch), exc)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Self, TypedDict, Unpack
+from urllib.parse import quote
 
 import httpx
 
@@ -69,6 +70,12 @@ def job_spec(
         if value is not None:
             body[key] = value.isoformat() if isinstance(value, datetime) else value
     return body
+
+
+def _job_path(job_id: str, action: str = "") -> str:
+    # Quoted: an id typed by a user must not be able to name another path.
+    path = f"/jobs/{quote(job_id, safe='')}"
+    return f"{path}/{action}" if action else path
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -190,7 +197,7 @@ class Client:
         """The job; with ``wait`` the service holds the answer until it finishes or
         ``wait`` seconds pass."""
         params = {"wait": wait} if wait else None
-        job: Job = self.request("GET", f"/jobs/{job_id}", params=params, wait=wait or 0.0)
+        job: Job = self.request("GET", _job_path(job_id), params=params, wait=wait or 0.0)
         return job
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -202,11 +209,11 @@ class Client:
                 return job
 
     def cancel(self, job_id: str) -> Job:
-        job: Job = self.request("POST", f"/jobs/{job_id}/cancel")
+        job: Job = self.request("POST", _job_path(job_id, "cancel"))
         return job
 
     def retry(self, job_id: str) -> Job:
-        job: Job = self.request("POST", f"/jobs/{job_id}/retry")
+        job: Job = self.request("POST", _job_path(job_id, "retry"))
         return job
 
     def queues(self) -> list[dict[str, Any]]:
@@ -296,7 +303,7 @@ class AsyncClient:
 
     async def get(self, job_id: str, wait: float | None = None) -> Job:
         params = {"wait": wait} if wait else None
-        job: Job = await self.request("GET", f"/jobs/{job_id}", params=params, wait=wait or 0.0)
+        job: Job = await self.request("GET", _job_path(job_id), params=params, wait=wait or 0.0)
         return job
 
     # A timeout parameter rather than asyncio.timeout(): it plans the server-side long-polls,
@@ -309,11 +316,11 @@ class AsyncClient:
                 return job
 
     async def cancel(self, job_id: str) -> Job:
-        job: Job = await self.request("POST", f"/jobs/{job_id}/cancel")
+        job: Job = await self.request("POST", _job_path(job_id, "cancel"))
         return job
 
     async def retry(self, job_id: str) -> Job:
-        job: Job = await self.request("POST", f"/jobs/{job_id}/retry")
+        job: Job = await self.request("POST", _job_path(job_id, "retry"))
         return job
 
     async def queues(self) -> list[dict[str, Any]]:

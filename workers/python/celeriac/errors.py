@@ -63,3 +63,9 @@ class Retry(Exception):
 
 class Cancelled(Exception):
     """Raised by ``current_job.raise_if_cancelled()`` once a cancel was requested."""
+
+
+def is_transient(exc: CeleriacError | ServerUnreachable) -> bool:
+    """Worth trying again: no answer, overload, or a server error. Not: a bad key, a
+    bad request."""
+    return isinstance(exc, ServerUnreachable) or exc.status >= 500 or exc.status == 429

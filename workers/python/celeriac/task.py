@@ -56,10 +56,8 @@ class TaskOptions:
         return options
 
     def retries(self, exc: BaseException) -> bool:
-        """Whether an attempt that raised ``exc`` should be retried (the service still
-        caps it at ``max_retries``)."""
-        if self.max_retries == 0:
-            return False
+        """Whether an attempt that raised ``exc`` may be retried; the service decides
+        whether it is, by the job's ``max_retries``."""
         return not self.autoretry_for or isinstance(exc, self.autoretry_for)
 
 

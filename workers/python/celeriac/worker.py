@@ -25,11 +25,12 @@ from ._pool import ThreadPool
 from ._reporting import Outbox, Outcome, Reporter
 from .app import Celeriac
 from .context import JobContext
-from .errors import CeleriacError, ServerUnreachable
+from .errors import CeleriacError, ServerUnreachable, is_transient
 
 logger = logging.getLogger("celeriac.worker")
 
 MAX_BACKOFF = 10.0
+MAX_LEASE_JOBS = 1000  # the API's limit on one POST /leases
 # A cold shutdown waits this long for the release reports before leaving anyway.
 COLD_REPORT_SECONDS = 5.0
 
@@ -67,6 +68,10 @@ class Slots:
 
 
 class Worker:
+    """Runs the jobs of ``app``'s tasks from ``queues`` (in priority order), at most
+    ``concurrency`` at a time. ``poll_wait`` is how long one lease request may wait for
+    work; a warm shutdown waits for the request in flight, so it also bounds that."""
+
     def __init__(
         self,
         app: Celeriac,
@@ -150,7 +155,7 @@ class Worker:
                 try:
                     jobs = self._lease(free)
                 except (ServerUnreachable, CeleriacError) as exc:
-                    if not _transient(exc):
+                    if not is_transient(exc):
                         self._fail(exc)
                         break
                     backoff = min(MAX_BACKOFF, backoff * 2 or 0.5)
@@ -167,7 +172,7 @@ class Worker:
         body: dict[str, Any] = {
             "worker": self.hostname,
             "queues": self.queues,
-            "max_jobs": max_jobs,
+            "max_jobs": min(max_jobs, MAX_LEASE_JOBS),
             "wait": self.poll_wait,
         }
         if self.lease_seconds:
@@ -255,11 +260,6 @@ class Worker:
         self._loop.stop()
         self._pool.stop()
         self._client.close()
-
-
-def _transient(exc: ServerUnreachable | CeleriacError) -> bool:
-    """Worth retrying: no answer, overload, or a server error. Not: bad key, bad request."""
-    return isinstance(exc, ServerUnreachable) or exc.status >= 500 or exc.status == 429
 
 
 def _start(target: Callable[[], None], name: str) -> threading.Thread:
