@@ -2,6 +2,8 @@
 // running service, then time one worker leasing, running and reporting all of them.
 //
 //   node bench/node_http.js --server http://127.0.0.1:8000 --jobs 20000 --concurrency 1000
+//   node bench/node_http.js --raw ...    # the same drain with bare lease/report calls, one
+//                                        # batch at a time: the service's own ceiling
 //
 // Prints one JSON line. Uses only the worker library (workers/node, no dependencies),
 // loaded with dynamic import(): no static imports, so it runs as CommonJS or ES module.
@@ -19,12 +21,14 @@ async function main() {
       jobs: { type: "string", default: "20000" },
       concurrency: { type: "string", default: "1000" },
       queue: { type: "string", default: `bench_${process.pid}_${Date.now()}` },
+      raw: { type: "boolean", default: false },
     },
   });
   const here = path.dirname(path.resolve(process.argv[1]));
   const library = pathToFileURL(path.join(here, "..", "workers", "node", "celeriac.js"));
-  const { Client, Worker } = await import(library.href);
+  const { Client, HttpTransport, Worker } = await import(library.href);
   const total = Number(values.jobs);
+  const concurrency = Number(values.concurrency);
   const client = new Client({ server: values.server });
 
   const submitStart = performance.now();
@@ -34,35 +38,60 @@ async function main() {
   }
   const submitSeconds = (performance.now() - submitStart) / 1000;
 
+  const start = performance.now();
+  const cpuStart = process.cpuUsage();
+  const outcome = values.raw
+    ? await drainRaw(new HttpTransport({ server: values.server }), values.queue, total, concurrency)
+    : await drainWithWorker(Worker, values.server, values.queue, total, concurrency);
+  const seconds = (performance.now() - start) / 1000;
+  const cpu = process.cpuUsage(cpuStart);
+  console.log(
+    JSON.stringify({
+      scenario: values.raw ? "raw_http_drain" : "node_http_drain",
+      jobs: total,
+      concurrency,
+      submit_jobs_per_s: Math.round(total / submitSeconds),
+      drain_seconds: Number(seconds.toFixed(3)),
+      drain_jobs_per_s: Math.round(total / seconds),
+      node_cpu_seconds: Number(((cpu.user + cpu.system) / 1e6).toFixed(2)),
+      ...outcome,
+    }),
+  );
+}
+
+async function drainWithWorker(Worker, server, queue, total, concurrency) {
   const worker = new Worker({
-    server: values.server,
-    queues: [values.queue],
-    concurrency: Number(values.concurrency),
+    server,
+    queues: [queue],
+    concurrency,
     pollWait: 1,
     logLevel: "warn",
   });
   worker.register("bench.noop", () => null);
   let done = 0;
   let refused = 0;
-  const start = performance.now();
   worker.on("report", (answer) => {
     if (!answer.ok) refused++;
     if (++done === total) worker.stop();
   });
   await worker.run({ signals: false });
-  const seconds = (performance.now() - start) / 1000;
-  console.log(
-    JSON.stringify({
-      scenario: "node_http_drain",
-      jobs: total,
-      concurrency: Number(values.concurrency),
-      submit_jobs_per_s: Math.round(total / submitSeconds),
-      drain_seconds: Number(seconds.toFixed(3)),
-      drain_jobs_per_s: Math.round(total / seconds),
-      refused,
-      stats: worker.stats,
-    }),
-  );
+  return { refused, stats: worker.stats };
+}
+
+async function drainRaw(transport, queue, total, batch) {
+  let done = 0;
+  let refused = 0;
+  while (done < total) {
+    const maxJobs = Math.min(batch, 1000);
+    const jobs = await transport.lease({ worker: "bench-raw", queues: [queue], maxJobs, wait: 1 });
+    if (jobs.length === 0) break;
+    const reports = jobs.map((job) =>
+      JSON.stringify({ id: job.id, token: job.lease.token, outcome: "succeeded", result: null }),
+    );
+    for (const answer of await transport.report(reports)) if (!answer.ok) refused++;
+    done += jobs.length;
+  }
+  return { refused, stats: { succeeded: done - refused } };
 }
 
 main().catch((err) => {

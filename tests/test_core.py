@@ -350,6 +350,53 @@ def test_concurrent_leases_never_share_a_job(api: Api, service: Service, queue: 
     assert api.queue_counts(queue) == {"running": 120}
 
 
+def test_leasing_while_expired_leases_are_reclaimed(api: Api, service: Service, queue: str) -> None:
+    """Grants and the maintenance loop's reclaim run at the same moment, on rows of the
+    same table: neither may fail the other (a deadlock must not become a 500)."""
+    expiring, busy = f"{queue}_expiring", f"{queue}_busy"
+    stale = api.submit_batch([{"queue": expiring, "max_retries": 5} for _ in range(300)])
+    held = api.lease(expiring, max_jobs=300, wait=5, lease_seconds=1)
+    assert len(held) == 300
+    ids = {job["id"] for job in api.submit_batch([{"queue": busy} for _ in range(300)])}
+
+    def worker(name: str) -> tuple[list[str], list[str]]:
+        got: list[str] = []
+        errors: list[str] = []
+        deadline = time.monotonic() + 20
+        with Api(service.url) as client:
+            while len(got) < 60 and time.monotonic() < deadline:
+                body = {
+                    "worker": name,
+                    "queues": [busy],
+                    "max_jobs": 2,
+                    "wait": 1,
+                    "lease_seconds": 60,
+                }
+                response = client.http.post("/leases", json=body)
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+                    continue
+                got += [job["id"] for job in response.json()["jobs"]]
+                time.sleep(0.02)  # spread the grants across the reclaim
+        return got, errors
+
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(worker, [f"w{i}" for i in range(5)]))
+    failures = [error for _, errors in results for error in errors]
+    assert failures == [], failures
+    leased = [job_id for got, _ in results for job_id in got]
+    assert len(leased) == len(set(leased)) == 300
+    assert set(leased) == ids
+    # Every expired lease was reclaimed: the jobs are queued again (attempt counted).
+    reclaimed = api.wait_for(
+        lambda: api.queue_counts(expiring) == {"queued": 300},
+        timeout=15,
+        what="the expired leases to be reclaimed",
+    )
+    assert reclaimed
+    assert api.get(stale[0]["id"])["attempt"] == 1
+
+
 # --- retries ----------------------------------------------------------------------------
 
 

@@ -224,7 +224,7 @@ def test_delay_arguments_are_type_checked(tmp_path: Path) -> None:
     env = {**os.environ, "MYPYPATH": str(REPO / "workers" / "python")}
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "typed.py",
-         "--cache-dir", str(REPO / ".mypy_cache")],
+         "--cache-dir", str(REPO / ".mypy_cache" / "python-worker-typing")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     # Older mypy versions spell builtins out ("builtins.int"), newer ones do not.
@@ -328,6 +328,7 @@ def test_sigterm_finishes_the_running_job_and_leases_no_more(
         running = tasks.sleep.delay(1.5)
         eventually(lambda: running.status == "running", what="the job to start")
         proc.signal(signal.SIGTERM)
+        eventually(lambda: "warm shutdown" in proc.log(), what="the signal to be handled")
         later = tasks.sleep.delay(0.1)
         assert proc.wait(timeout=20) == 0, proc.log()
     finally:

@@ -321,7 +321,6 @@ def test_hanging_receiver_delays_neither_jobs_nor_other_receivers(
             [got] = receiver.wait(path, 1, timeout=5)
             callbacks.append(got.at - started)
             assert verify(got)["data"]["id"] == job["id"]
-        assert len(receiver.at(hang)) == 2, "the hanging deliveries are still in flight"
         assert max(latencies) < 0.5, f"completions took {latencies}"
         assert max(callbacks) < 1.0, f"callbacks took {callbacks}"
     finally:

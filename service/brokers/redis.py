@@ -2,7 +2,7 @@
 
 Keys live under one hash tag, ``{<prefix>}``, so a Redis Cluster keeps them in one slot
 and multi-queue pops stay atomic. Members are job ids; the score orders by priority, then
-age. For HTTP workers Redis holds no lease: a popped id is only a candidate, and SQL grants
+age (lowest score first). For HTTP workers Redis holds no lease: a popped id is only a candidate, and SQL grants
 the lease (a job popped twice is still leased once). Workers that speak the Redis protocol
 lease straight from Redis (``redis_protocol``); SQL follows through the event stream. If
 Redis is unreachable, HTTP leases fall back to SQL dispatch; if it lost data, ``reconcile``
@@ -46,9 +46,11 @@ def _claim_by_ids(
 
 
 def score(job: Dispatch) -> float:
-    """Priority first, then the enqueue time embedded in the UUIDv7 id (oldest first)."""
+    """Lowest first: priority (9 before 0), then the enqueue millisecond embedded in the
+    UUIDv7 id. Equal scores pop in member order, and UUIDv7 ids sort by time, so jobs from
+    the same millisecond still come out oldest first."""
     millis = int(job.id[:8] + job.id[9:13], 16)
-    return job.priority * 1e13 + (1e13 - millis)
+    return (9 - job.priority) * 1e13 + millis
 
 
 def _script(name: str) -> str:
@@ -217,7 +219,7 @@ class RedisBroker(Broker):
         if ids or wait <= 0:
             return ids
         assert self._blocking is not None
-        popped = await self._blocking.bzmpop(wait, len(keys), keys, max=True, count=max_jobs)
+        popped = await self._blocking.bzmpop(wait, len(keys), keys, min=True, count=max_jobs)
         if not popped:
             return []
         # BZMPOP answers [key, [[member, score], ...]].

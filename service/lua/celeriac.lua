@@ -4,7 +4,7 @@
 -- so no order of calls can corrupt state. See docs/protocol.md, "Redis protocol".
 --
 -- Keys (T is the hash tag, "{celeriac}" by default, so a cluster keeps them in one slot):
---   T:ready:<queue>  ZSET  job ids ready to lease, score = priority*1e13 + (1e13 - enqueue ms)
+--   T:ready:<queue>  ZSET  job ids ready to lease, score = (9 - priority)*1e13 + enqueue ms, lowest first
 --   T:job:<id>       HASH  env (the job envelope, JSON), and while leased: token, worker,
 --                          deadline (ms), cancel ("1" once cancellation was requested);
 --                          after a report, until the service has applied it: done = "1"
@@ -54,7 +54,7 @@ local function lease(keys, args)
   local out = {}
   for i = 2, #keys do
     while want > 0 do
-      local popped = redis.call('ZPOPMAX', keys[i], want)
+      local popped = redis.call('ZPOPMIN', keys[i], want)
       if #popped == 0 then break end
       for j = 1, #popped, 2 do
         local id = popped[j]

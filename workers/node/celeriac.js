@@ -157,6 +157,9 @@ function errorInfo(err) {
   return info;
 }
 
+/** One Report of POST /leases/report, JSON-encoded. */
+const reportJson = (held, fields) => JSON.stringify({ id: held.id, token: held.token, ...fields });
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
@@ -428,9 +431,9 @@ export class Worker extends EventEmitter {
     return this.#outbox.splice(0, count);
   }
 
-  /** The service refused a whole batch (e.g. 413: the results are too large together, or
-   * one is too large alone). Send each report alone; one it still refuses becomes a
-   * failure of its job saying why, so the job does not wait for its lease to expire. */
+  /** The service refused a whole batch (e.g. 413: a result too large). Send each report
+   * alone; one it still refuses becomes a failure of its job saying why, so the job does
+   * not wait for its lease to expire. */
   async #reportOneByOne(batch) {
     for (let i = 0; i < batch.length; i++) {
       const item = batch[i];
@@ -447,9 +450,8 @@ export class Worker extends EventEmitter {
           this.#drop(item.held);
           continue;
         }
-        const { id, token } = item.held;
         const error = { type: "ReportRejected", message: err.message.slice(0, MAX_ERROR_MESSAGE) };
-        item.json = JSON.stringify({ id, token, outcome: "failed", error, retry: false });
+        item.json = reportJson(item.held, { outcome: "failed", error, retry: false });
         item.outcome = "failed";
         item.rejected = true;
         i--; // send the replacement
@@ -542,11 +544,7 @@ export class Worker extends EventEmitter {
       if (held.state !== "running") continue;
       held.released = true;
       held.cancel(new Cancelled("the worker is shutting down"));
-      this.#queueReport(
-        held,
-        "released",
-        JSON.stringify({ id: held.id, token: held.token, outcome: "released" }),
-      );
+      this.#queueReport(held, "released", reportJson(held, { outcome: "released" }));
     }
   }
 

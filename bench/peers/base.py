@@ -1,0 +1,262 @@
+"""What every system in the side-by-side bench provides, and the scenarios written once
+over it.
+
+A system (celeriac, Celery, Dramatiq, Huey, RQ) implements a few hooks — how to queue jobs
+fast, how to start a worker of a given kind, how many results are stored, one submit-and-
+wait round trip — and the base class runs the scenarios the same way for all of them:
+
+- ``submit(n)``: the system's own timed submit path (``submit_timed``);
+- ``drain(n)``: ``n`` no-op jobs queued first (untimed), then one worker started; time from
+  its start until ``done_count()`` (results *stored*) reaches ``n``;
+- ``latency(n)``: an idle worker ready, ``n`` sequential round trips;
+- ``fanout(n)``: ``n`` recording jobs, ``FANOUT_WORKERS`` worker processes, then every
+  execution counted per job argument (duplicates must be 0).
+
+Every sample runs in its own process (``run.py --sample``), so a system's module-level
+configuration is read once from the environment set by its variant.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import redis
+
+from harness import (
+    BENCH_DIR,
+    EXEC_KEY,
+    QUEUE_DB,
+    REDIS_HOST,
+    REDIS_PORT,
+    Sampler,
+    flush_redis,
+    memory_now,
+    pct,
+    spawn,
+    stop,
+    wait_until,
+)
+
+Metrics = dict[str, Any]
+FANOUT_WORKERS = 4
+MB = 1024 * 1024
+# A drain slower than this many jobs/s counts as hung (the whole sample also has a timeout).
+SLOWEST_DRAIN_PER_S = 20.0
+WARMUP_ROUND_TRIPS = 5
+
+
+class BenchFailure(RuntimeError):
+    """A sample that did not complete (a timeout, a lost job): recorded, not fatal."""
+
+
+def bin_path(name: str) -> str:
+    """A console script of the interpreter running the bench (the bench venv's)."""
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+class System:
+    """One system under test in one configuration (``variant``)."""
+
+    name: ClassVar[str]
+    # scenario -> the variants measured for it; the first one of each is the system's
+    # headline configuration (the one celeriac's ratios are computed against).
+    variants: ClassVar[dict[str, list[str]]]
+    # processes that belong to the system besides its workers (celeriac: the service)
+    stop_signals: ClassVar[int] = 1
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.env: dict[str, str] = {"PYTHONPATH": str(BENCH_DIR)}
+        self.redis = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=QUEUE_DB)
+
+    # -- lifecycle (override and call super) -------------------------------------------
+
+    def setup(self) -> None:
+        """Fresh state: empty bench Redis databases (subclasses add a fresh database, a
+        purged RabbitMQ queue, a service)."""
+        flush_redis()
+
+    def teardown(self) -> None:
+        self.stop_worker()
+        self.redis.close()
+
+    def start_worker(self, mode: str, count: int = 1) -> list[subprocess.Popen[bytes]]:
+        started = []
+        for index in range(count):
+            cmd = self.worker_command(mode, index)
+            proc = spawn(cmd, f"{self.name}-{mode}-{index}-{os.getpid()}", self.env)
+            started.append(proc)
+        self.workers.extend(started)
+        return started
+
+    def stop_worker(self) -> None:
+        for proc in self.workers:
+            stop(proc, signals=self.stop_signals)
+        self.workers.clear()
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def worker_command(self, mode: str, index: int) -> list[str]:
+        """The command line of worker ``index`` for ``mode`` ("drain", "latency",
+        "fanout"); the variant says which pool/broker."""
+        raise NotImplementedError
+
+    def enqueue(self, n: int, task: str) -> None:
+        """Queue ``n`` jobs of ``task`` ("noop" or "record", argument 0…n-1) the fastest
+        way the system offers; untimed."""
+        raise NotImplementedError
+
+    def submit_timed(self, n: int) -> Metrics:
+        raise NotImplementedError
+
+    def round_trip(self, i: int) -> None:
+        """Submit ``noop(i)`` and wait for its result (at most 10 s)."""
+        raise NotImplementedError
+
+    def done_count(self) -> int:
+        """How many results are stored now."""
+        raise NotImplementedError
+
+    def service_pids(self) -> list[int]:
+        return []
+
+    # -- scenarios ---------------------------------------------------------------------
+
+    def submit(self, n: int) -> Metrics:
+        return self.submit_timed(n)
+
+    def drain(self, n: int) -> Metrics:
+        self.enqueue(n, "noop")
+        return self._run_workers(n, "drain", 1)
+
+    def fanout(self, n: int) -> Metrics:
+        self.redis.delete(EXEC_KEY)
+        self.enqueue(n, "record")
+        metrics = self._run_workers(n, "fanout", FANOUT_WORKERS)
+        self.stop_worker()
+        runs = Counter(int(x) for x in self.redis.lrange(EXEC_KEY, 0, -1))
+        metrics["executions"] = sum(runs.values())
+        metrics["duplicates"] = sum(c - 1 for c in runs.values() if c > 1)
+        metrics["missing"] = n - len(runs)
+        return metrics
+
+    def latency(self, n: int) -> Metrics:
+        workers = self.start_worker("latency")
+        for i in range(WARMUP_ROUND_TRIPS):  # the worker is up and connections are open
+            self._first_round_trip(i) if i == 0 else self.round_trip(i)
+        time.sleep(1.0)
+        rest_rss, rest_pss = memory_now([p.pid for p in workers])
+        service_rss, service_pss = memory_now(self.service_pids())
+        samples = []
+        for i in range(n):
+            started = time.perf_counter()
+            self.round_trip(i)
+            samples.append(time.perf_counter() - started)
+        return {
+            "round_trips": n,
+            "p50_ms": pct(samples, 0.5) * 1000,
+            "p90_ms": pct(samples, 0.9) * 1000,
+            "p99_ms": pct(samples, 0.99) * 1000,
+            "max_ms": max(samples) * 1000,
+            "worker_rss_rest_mb": rest_rss / MB,
+            "worker_pss_rest_mb": rest_pss / MB,
+            "service_rss_rest_mb": service_rss / MB if self.service_pids() else None,
+            "service_pss_rest_mb": service_pss / MB if self.service_pids() else None,
+        }
+
+    def _first_round_trip(self, i: int) -> None:
+        # The worker may still be starting: retry the first round trip for up to 60 s.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.round_trip(i)
+                return
+            except Exception:
+                if time.monotonic() > deadline or not self._workers_alive():
+                    raise
+                time.sleep(0.2)
+
+    def _workers_alive(self) -> bool:
+        return all(p.poll() is None for p in self.workers)
+
+    def _run_workers(self, n: int, mode: str, count: int) -> Metrics:
+        sampler = Sampler()
+        sampler.track("service", self.service_pids())
+        sampler.start()
+        started = time.perf_counter()
+        workers = self.start_worker(mode, count)
+        sampler.track("worker", [p.pid for p in workers])
+        first_at: float | None = None
+        first_done = 0
+        cpu_first = {"worker": 0.0, "service": 0.0}
+        limit = max(60.0, n / SLOWEST_DRAIN_PER_S)
+        deadline = started + limit
+        done = 0
+        try:
+            while time.perf_counter() < deadline:
+                done = self.done_count()
+                now = time.perf_counter()
+                if done and first_at is None:
+                    sampler.sample()
+                    first_at, first_done = now, done
+                    cpu_first = {g: sampler.cpu(g) for g in cpu_first}
+                if done >= n:
+                    break
+                if not any(p.poll() is None for p in workers) and mode != "drain":
+                    raise BenchFailure(f"all workers exited with {done}/{n} done")
+                time.sleep(0.02)
+            finished = time.perf_counter()
+            sampler.sample()
+        finally:
+            sampler.close()
+        if done < n:
+            raise BenchFailure(f"timed out after {limit:.0f}s with {done}/{n} results stored")
+        elapsed = finished - started
+        assert first_at is not None
+        steady = n - first_done
+        cpu = {g: sampler.cpu(g) - cpu_first[g] for g in cpu_first}
+        per_10k = 10_000 / steady if steady else 0.0
+        metrics: Metrics = {
+            "jobs": n,
+            "workers": count,
+            "elapsed_s": elapsed,
+            "jobs_per_s": n / elapsed,
+            "first_result_s": first_at - started,
+            "steady_jobs_per_s": steady / (finished - first_at) if finished > first_at else None,
+            "worker_cpu_s_per_10k": cpu["worker"] * per_10k,
+            "worker_rss_peak_mb": sampler.groups["worker"].peak_rss / MB,
+            "worker_pss_peak_mb": sampler.groups["worker"].peak_pss / MB,
+        }
+        if self.service_pids():
+            metrics["service_cpu_s_per_10k"] = cpu["service"] * per_10k
+            metrics["service_rss_peak_mb"] = sampler.groups["service"].peak_rss / MB
+            metrics["service_pss_peak_mb"] = sampler.groups["service"].peak_pss / MB
+        return metrics
+
+
+def timed_loop(n: int, call: Any, *, per_call: bool = True) -> Metrics:
+    """Run ``call(i)`` for i in 0…n-1 in this thread; jobs/s and per-call percentiles."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        call(i)
+        if per_call:
+            latencies.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - started
+    metrics: Metrics = {"jobs": n, "elapsed_s": elapsed, "jobs_per_s": n / elapsed}
+    if latencies:
+        metrics["p50_ms"] = pct(latencies, 0.5) * 1000
+        metrics["p99_ms"] = pct(latencies, 0.99) * 1000
+    return metrics
+
+
+def chunks(n: int, size: int) -> Sequence[range]:
+    return [range(start, min(n, start + size)) for start in range(0, n, size)]
