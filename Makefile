@@ -38,8 +38,11 @@ openapi: install
 test: install $(NODE_STAMP) lint check-openapi
 	$(BIN)/pytest -q
 
-bench: install
-	$(BIN)/python bench/run.py
+bench:  # side by side with Celery, Dramatiq, Huey, RQ: peers only in .bench-venv (docs/benchmarks.md)
+	test -x .bench-venv/bin/python || $(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/pip install --quiet --upgrade pip
+	.bench-venv/bin/pip install --quiet -e . -r bench/requirements.txt
+	.bench-venv/bin/python bench/run.py $(BENCH_ARGS)
 
 serve: install
 	$(BIN)/celeriac serve

@@ -12,19 +12,19 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import fresh_database, free_port, wait_ready  # noqa: E402
+from harness import free_port, fresh_database, wait_ready
 
 
 @contextmanager
@@ -38,8 +38,18 @@ def service(database: str, broker: str, extra_env: dict[str, str] | None = None)
         **(extra_env or {}),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "service.app:create_app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -88,8 +98,11 @@ def submit_batches(base: str, total: int, size: int, queue: str) -> dict[str, An
             r = client.post("/jobs/batch", json={"jobs": jobs})
             assert r.status_code == 202, r.text
         elapsed = time.perf_counter() - started
-    return {"scenario": f"POST /jobs/batch of {size}", "jobs": total,
-            "jobs_per_s": round(total / elapsed)}
+    return {
+        "scenario": f"POST /jobs/batch of {size}",
+        "jobs": total,
+        "jobs_per_s": round(total / elapsed),
+    }
 
 
 def drain_raw(base: str, total: int, queue: str, batch: int) -> dict[str, Any]:
@@ -98,18 +111,29 @@ def drain_raw(base: str, total: int, queue: str, batch: int) -> dict[str, Any]:
     with httpx.Client(base_url=base, timeout=60) as client:
         started = time.perf_counter()
         while done < total:
-            leased = client.post("/leases", json={"worker": "bench", "queues": [queue],
-                                                  "max_jobs": batch, "wait": 5}).json()["jobs"]
+            leased = client.post(
+                "/leases", json={"worker": "bench", "queues": [queue], "max_jobs": batch, "wait": 5}
+            ).json()["jobs"]
             if not leased:
                 break
-            reports = [{"id": j["id"], "token": j["lease"]["token"], "outcome": "succeeded",
-                        "result": j["args"][0]} for j in leased]
+            reports = [
+                {
+                    "id": j["id"],
+                    "token": j["lease"]["token"],
+                    "outcome": "succeeded",
+                    "result": j["args"][0],
+                }
+                for j in leased
+            ]
             r = client.post("/leases/report", json={"reports": reports})
             assert r.status_code == 200, r.text
             done += len(leased)
         elapsed = time.perf_counter() - started
-    return {"scenario": f"drain over HTTP, lease/report batches of {batch}", "jobs": done,
-            "jobs_per_s": round(done / elapsed)}
+    return {
+        "scenario": f"drain over HTTP, lease/report batches of {batch}",
+        "jobs": done,
+        "jobs_per_s": round(done / elapsed),
+    }
 
 
 async def latency(base: str, rounds: int, queue: str) -> dict[str, Any]:
@@ -117,19 +141,27 @@ async def latency(base: str, rounds: int, queue: str) -> dict[str, Any]:
     samples: list[float] = []
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         for i in range(rounds):
-            lease = asyncio.create_task(client.post("/leases", json={
-                "worker": "bench", "queues": [queue], "max_jobs": 1, "wait": 10}))
+            lease = asyncio.create_task(
+                client.post(
+                    "/leases",
+                    json={"worker": "bench", "queues": [queue], "max_jobs": 1, "wait": 10},
+                )
+            )
             await asyncio.sleep(0.01)  # let the long-poll reach the service
             started = time.perf_counter()
             await client.post("/jobs", json={"task": "noop", "args": [i], "queue": queue})
             leased = (await lease).json()["jobs"]
             samples.append(time.perf_counter() - started)
             job = leased[0]
-            await client.post(f"/jobs/{job['id']}/complete",
-                              json={"token": job["lease"]["token"], "result": None})
-    return {"scenario": "submit -> leased by an idle long-polling worker", "rounds": rounds,
-            "p50_ms": round(pct(samples, 0.5) * 1000, 2),
-            "p99_ms": round(pct(samples, 0.99) * 1000, 2)}
+            await client.post(
+                f"/jobs/{job['id']}/complete", json={"token": job["lease"]["token"], "result": None}
+            )
+    return {
+        "scenario": "submit -> leased by an idle long-polling worker",
+        "rounds": rounds,
+        "p50_ms": round(pct(samples, 0.5) * 1000, 2),
+        "p99_ms": round(pct(samples, 0.99) * 1000, 2),
+    }
 
 
 def main() -> None:

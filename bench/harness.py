@@ -1,5 +1,8 @@
 """Shared bench plumbing: fresh databases, free ports, readiness waits, the Redis databases
-the side-by-side bench owns, starting and stopping processes, and /proc sampling."""
+the side-by-side bench owns, starting and stopping processes, and /proc sampling.
+
+Only the standard library at import: worker processes of every system import this through
+their task modules, and their resident memory is measured."""
 
 from __future__ import annotations
 
@@ -11,12 +14,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
-import sqlalchemy as sa
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -61,6 +61,8 @@ def free_port() -> int:
 
 
 def wait_ready(base: str, timeout: float = 30.0) -> None:
+    import httpx
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -91,6 +93,8 @@ def pct(values: Sequence[float], q: float) -> float:
 def fresh_database(url: str, migrate: bool = True) -> Iterator[str]:
     """A new database beside the one named (SQLite: a new file), migrated to celeriac's
     schema unless ``migrate`` is false; dropped afterwards."""
+    import sqlalchemy as sa
+
     from service.migrate import upgrade
 
     if url.startswith("sqlite"):
@@ -118,15 +122,20 @@ def fresh_database(url: str, migrate: bool = True) -> Iterator[str]:
 # -- processes -------------------------------------------------------------------------
 
 
-def spawn(cmd: Sequence[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: Sequence[str], name: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a process of the bench, its output in LOG_DIR/<name>.log."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = (LOG_DIR / f"{name}.log").open("ab")
     try:
         return subprocess.Popen(
-            list(cmd), env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            list(cmd),
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
             cwd=BENCH_DIR,
-        )  # fmt: skip
+        )
     finally:
         log.close()
 
@@ -175,19 +184,13 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 5.0, signals: int = 1) ->
         except ProcessLookupError:
             return
         time.sleep(0.2)
-    try:
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
     for pid in [*family, *tree(proc.pid)]:
-        try:
+        with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    try:
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def rss_bytes(pid: int) -> int:
@@ -285,3 +288,17 @@ def memory_now(roots: Sequence[int]) -> tuple[int, int]:
     """(RSS, PSS) in bytes of the trees under ``roots`` right now."""
     pids = [pid for root in roots for pid in tree(root)]
     return sum(rss_bytes(p) for p in pids), sum(pss_bytes(p) for p in pids)
+
+
+_exec_client: object | None = None
+
+
+def record_execution(arg: int) -> None:
+    """What a fan-out task does: append its argument to EXEC_KEY (one client per process,
+    created on first use, so it is never shared across a fork)."""
+    global _exec_client
+    if _exec_client is None:
+        import redis
+
+        _exec_client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=QUEUE_DB)
+    _exec_client.rpush(EXEC_KEY, arg)  # type: ignore[attr-defined]

@@ -16,13 +16,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
+from service.brokers.amqp import AmqpBroker, Layout
 from service.brokers.base import Broker, BrokerHooks
 from service.brokers.redis import RedisBroker
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
 from service.maintenance import maintenance_loop
 from service.results import ResultCleaner
-from service.routers import jobs, leases, ops, results, schedules, webhooks
+from service.routers import jobs, leases, ops, results, schedules, webhooks, workers
 from service.runtime import Runtime
 from service.scheduler import start_scheduler
 from service.settings import Settings
@@ -42,6 +43,15 @@ def build_broker(settings: Settings, db: Database, signals: Signals) -> Broker:
             prefix=settings.redis_prefix,
             reconcile_age_seconds=settings.reconcile_interval_seconds,
             serve_workers=settings.redis_workers,
+        )
+    if settings.broker_kind == "amqp":  # issue 9
+        return AmqpBroker(
+            db,
+            signals,
+            url=settings.broker_url,
+            layout=Layout(settings.amqp_prefix, settings.amqp_quorum),
+            reconcile_age_seconds=settings.reconcile_interval_seconds,
+            fallback_seconds=settings.sql_poll_fallback_seconds,
         )
     return SqlBroker(db, signals, fallback_seconds=settings.sql_poll_fallback_seconds)
 
@@ -91,11 +101,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(schedules.router)
     app.include_router(webhooks.router)
     app.include_router(results.router)
+    app.include_router(workers.router)
     install_error_handlers(app)
-    # Issue 5: a completion may carry a result up to CELERIAC_RESULT_MAX_BYTES.
-    body_limit = max(settings.max_payload_bytes * 16, settings.result_max_bytes + 64 * 1024)
-    app.add_middleware(BodyLimit, limit=body_limit)
+    app.add_middleware(BodyLimit, limit=request_body_limit(settings))
     return app
+
+
+def request_body_limit(settings: Settings) -> int:
+    """The largest body any route accepts: a full batch of jobs at the per-job limit (up
+    to CELERIAC_MAX_REQUEST_BYTES), and never less than one job or one result needs."""
+    envelope_room = 64 * 1024
+    batch = min(settings.max_payload_bytes * settings.max_batch_jobs, settings.max_request_bytes)
+    single = max(settings.max_payload_bytes, settings.result_max_bytes) + envelope_room
+    return max(batch, single)
 
 
 def problem_response(error: errors.ProblemError) -> JSONResponse:
@@ -139,7 +157,8 @@ def _describe(error: Any) -> dict[str, Any]:
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes before reading them whole."""
+    """Refuse request bodies over ``limit`` bytes before they are read whole. A declared
+    length is checked up front; a chunked body is read up to the limit, then replayed."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -150,24 +169,46 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                await self._refuse(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        body = await self._read_chunked(receive)
+        if body is None:
             await self._refuse(scope, receive, send)
             return
-        received = 0
+        await self.app(scope, _replay(body, receive), send)
 
-        async def counting_receive() -> Message:
-            nonlocal received
+    async def _read_chunked(self, receive: Receive) -> bytes | None:
+        parts: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise errors.PayloadTooLarge(self._detail())
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-    def _detail(self) -> str:
-        return f"the request body exceeds {self.limit} bytes"
+            if message["type"] != "http.request":
+                return b"".join(parts)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(errors.PayloadTooLarge(self._detail()))
-        await response(scope, receive, send)
+        error = errors.PayloadTooLarge(f"the request body exceeds {self.limit} bytes")
+        await problem_response(error)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()  # disconnects and the like, after the body
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

@@ -4,6 +4,8 @@ failing to upgrade it later)."""
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,8 +18,15 @@ from sqlalchemy.orm import Session, sessionmaker
 def create_engine(url: str, *, pool_size: int = 20) -> sa.Engine:
     if url.startswith("sqlite"):
         return _create_sqlite_engine(url)
+    options: dict[str, Any] = {}
+    if url.startswith(("mysql", "mariadb")):
+        # InnoDB's default REPEATABLE READ takes gap locks on every index an UPDATE touches,
+        # and concurrent claims and reclaims then deadlock; queue tables want READ
+        # COMMITTED (PostgreSQL's default), where SKIP LOCKED does what it says.
+        options["isolation_level"] = "READ COMMITTED"
     return sa.create_engine(
         url,
+        **options,
         pool_size=pool_size,
         max_overflow=pool_size,
         # No pre-ping: it costs a round trip per transaction. A dropped connection fails
@@ -57,6 +66,20 @@ def create_session_factory(engine: sa.Engine) -> sessionmaker[Session]:
 
 
 T = TypeVar("T")
+TRANSIENT_RETRIES = 4
+_TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
+_TRANSIENT_MYSQL_CODES = {1205, 1213}  # lock wait timeout, deadlock found
+
+
+def is_transient(exc: sa.exc.DBAPIError) -> bool:
+    """Whether the database rolled the transaction back on its own and a retry is safe."""
+    original = exc.orig
+    if getattr(original, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    args = getattr(original, "args", ())
+    if args and args[0] in _TRANSIENT_MYSQL_CODES:
+        return True
+    return "database is locked" in str(original)
 
 
 class Database:
@@ -69,8 +92,18 @@ class Database:
         self.dialect = engine.dialect.name
 
     def run_sync(self, work: Callable[[Session], T]) -> T:
-        with self.sessions.begin() as session:
-            return work(session)
+        """One transaction; retried from scratch when the database aborted it to break a
+        deadlock or a lock wait (InnoDB and PostgreSQL may pick any transaction as the
+        victim, including one whose statements were all correct)."""
+        for attempt in range(TRANSIENT_RETRIES):
+            try:
+                with self.sessions.begin() as session:
+                    return work(session)
+            except sa.exc.DBAPIError as exc:
+                if attempt == TRANSIENT_RETRIES - 1 or not is_transient(exc):
+                    raise
+                time.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def run(self, work: Callable[[Session], T]) -> T:
         return await anyio.to_thread.run_sync(self.run_sync, work)

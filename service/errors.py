@@ -113,3 +113,7 @@ class ScheduleNotFound(ProblemError):
 
 class ScheduleExists(ProblemError):
     status, slug, title = 409, "schedule-exists", "A schedule with this name exists"
+
+
+class WorkerNotFound(ProblemError):
+    status, slug, title = 404, "worker-not-found", "No such worker (it may have been purged)"

@@ -211,3 +211,34 @@ class WebhookAttemptRow(Base):
 
 DELIVERIES_TABLE = cast(sa.Table, WebhookDeliveryRow.__table__)
 ATTEMPTS_TABLE = cast(sa.Table, WebhookAttemptRow.__table__)
+
+
+class WorkerRow(Base):
+    """A registered worker process (docs/api.md, Workers). ``expires_at`` is when it counts
+    as lost if no heartbeat arrives first: two heartbeat intervals after the last one."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))  # the name it leases jobs under
+    hostname: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int] = mapped_column(sa.Integer)
+    queues: Mapped[Any] = mapped_column(sa.JSON)
+    concurrency: Mapped[int] = mapped_column(sa.Integer)
+    pool: Mapped[str] = mapped_column(sa.String(32))
+    version: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16))  # online | lost
+    command: Mapped[str | None] = mapped_column(sa.String(16))  # quiet | shutdown
+    running: Mapped[Any] = mapped_column(sa.JSON)  # job ids, as of the last heartbeat
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lost_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # The maintenance loop's two questions: who is overdue, and when is the next one due.
+        sa.Index(None, "status", "expires_at"),
+    )
+
+
+WORKERS_TABLE = cast(sa.Table, WorkerRow.__table__)

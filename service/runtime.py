@@ -112,8 +112,12 @@ class Runtime:
     async def transact(self, work: Callable[[Session, Effects], T]) -> T:
         """Run ``work`` in one transaction, then its effects: nothing reaches the broker or
         a waiter before the commit that makes it true."""
-        effects = Effects()
-        result = await self.db.run(lambda session: work(session, effects))
+
+        def attempt(session: Session) -> tuple[T, Effects]:
+            effects = Effects()  # fresh for each try: a retried transaction starts over
+            return work(session, effects), effects
+
+        result, effects = await self.db.run(attempt)
         await self.apply(effects)
         return result
 

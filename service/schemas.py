@@ -165,6 +165,17 @@ class LeaseRequest(Strict):
     lease_seconds: float | None = Field(None, gt=0)
 
 
+class LeaseClaim(Strict):
+    """Issue 9: lease these jobs if they are still queued (a direct AMQP worker claims
+    the id a RabbitMQ message carried)."""
+
+    worker: WorkerName
+    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=1000
+    )
+    lease_seconds: float | None = Field(None, gt=0)
+
+
 class Lease(BaseModel):
     token: str
     expires_at: datetime
@@ -395,3 +406,64 @@ class Schedule(BaseModel):
 
 class ScheduleList(BaseModel):
     schedules: list[Schedule]
+
+
+# --- the worker registry -----------------------------------------------------------------
+
+ShortText = Annotated[str, StringConstraints(max_length=64)]
+WorkerCommandName = Literal["quiet", "shutdown"]
+
+
+class WorkerRegister(Strict):
+    """What a worker process says about itself when it starts."""
+
+    name: WorkerName = Field(description="the name it leases jobs under (`worker` of /leases)")
+    hostname: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    pid: int = Field(ge=0)
+    queues: list[Name] = Field(min_length=1, max_length=64)
+    concurrency: int = Field(ge=1, le=100_000)
+    pool: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = Field(
+        description="threads, processes, async, solo, or a name of the worker's own"
+    )
+    version: ShortText = ""
+
+
+class WorkerRegistered(BaseModel):
+    id: str
+    heartbeat_interval: float = Field(
+        description="seconds between heartbeats; after two silent intervals the worker is "
+        "lost and the jobs it holds are reclaimed"
+    )
+
+
+class WorkerHeartbeat(Strict):
+    running: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=100_000, description="ids of the jobs it holds"
+    )
+
+
+class WorkerHeartbeatResponse(BaseModel):
+    command: WorkerCommandName | None = Field(
+        description="quiet: stop leasing; shutdown: finish running jobs and exit"
+    )
+
+
+class Worker(BaseModel):
+    id: str
+    name: str
+    hostname: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    pool: str
+    version: str
+    status: Literal["online", "lost"]
+    command: WorkerCommandName | None
+    running: list[str]
+    registered_at: datetime
+    last_heartbeat_at: datetime
+    lost_at: datetime | None
+
+
+class WorkerList(BaseModel):
+    workers: list[Worker]

@@ -46,17 +46,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELERIAC_", env_file=".env", extra="ignore")
 
     database_url: str = "sqlite:///celeriac.db"
-    # "sql" (dispatch from the jobs table) or a redis:// URL.
+    # "sql" (dispatch from the jobs table), a redis:// or an amqp:// URL.
     broker_url: str = "sql"
     redis_prefix: str = "celeriac"
     # Serve the Redis worker protocol (docs/protocol.md) beside HTTP leases: job envelopes
     # are written next to the ready sets and worker events are applied to SQL.
     redis_workers: bool = True
+    # Issue 9: with an amqp:// broker, queues are "<amqp_prefix>.<queue>"; classic queues
+    # with priorities unless quorum queues are asked for (see docs/protocol.md, AMQP).
+    amqp_prefix: str = "celeriac"
+    amqp_quorum: bool = False
     # "secret:scope+scope,secret2:scope" — see docs/api.md. Empty: auth off.
     api_keys: str = Field(default="", repr=False)
 
     max_payload_bytes: int = 1024 * 1024
     max_batch_jobs: int = 1000
+    # Cap on any request body (a full batch at the per-job limit would be 1 GiB).
+    max_request_bytes: int = 64 * 1024 * 1024
     max_lease_jobs: int = 1000
     default_lease_seconds: float = 30.0
     max_lease_seconds: float = 3600.0
@@ -68,6 +74,11 @@ class Settings(BaseSettings):
     # fallback wake-up for SQL dispatch on a database without notifications (MariaDB).
     reconcile_interval_seconds: float = 5.0
     sql_poll_fallback_seconds: float = 1.0
+    # Worker registry (docs/api.md, Workers): the heartbeat interval handed to workers; one
+    # silent for two intervals is lost and its leases are reclaimed at once. Lost workers
+    # stay listed by GET /workers this long.
+    worker_heartbeat_seconds: float = Field(10.0, gt=0, le=3600)
+    worker_lost_retention_seconds: float = Field(3600.0, ge=0)
     # Schedules: a tick later than this is 'missed' and handled by the schedule's catch_up
     # policy; the file (YAML or TOML) is applied at start-up, upserting by name.
     schedule_misfire_grace_seconds: float = Field(default=60.0, ge=1)
@@ -131,6 +142,8 @@ class Settings(BaseSettings):
             return "sql"
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return "redis"
+        if self.broker_url.startswith(("amqp://", "amqps://")):
+            return "amqp"
         raise ValueError(
             f"CELERIAC_BROKER_URL: unsupported broker {self.broker_url.split(':')[0]!r}"
         )

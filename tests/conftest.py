@@ -1,7 +1,8 @@
 """Shared fixtures: the backend matrix, real service processes, and a small HTTP helper.
 
-The matrix is {sqlite, postgres, mariadb} x {sql, redis} broker, ids like ``sqlite-sql``
-or ``postgres-redis``; restrict it with ``CELERIAC_TEST_BACKENDS=sqlite-sql,postgres-redis``.
+The matrix is {sqlite, postgres, mariadb} x {sql, redis} broker, plus ``postgres-amqp``
+(RabbitMQ; ``sqlite-amqp`` on request), ids like ``sqlite-sql`` or ``postgres-redis``;
+restrict it with ``CELERIAC_TEST_BACKENDS=sqlite-sql,postgres-redis``.
 Every backend gets a fresh database built only by migrating, a Redis key prefix of its
 own, and ONE real ``celeriac serve`` process for the whole session: tests isolate
 themselves with unique queue names (the ``queue`` fixture). PostgreSQL, MariaDB and Redis
@@ -20,7 +21,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +38,14 @@ PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 MARIADB_ADMIN = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 MARIADB_URL = "mariadb+pymysql://root@127.0.0.1:3306/{name}"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672  # issue 9: RabbitMQ, guest/guest
 
 DATABASES = ("sqlite", "postgres", "mariadb")
 BROKERS = ("sql", "redis")
 ALL_BACKENDS = tuple(f"{database}-{broker}" for database in DATABASES for broker in BROKERS)
+# Issue 9: RabbitMQ with PostgreSQL only by default, to keep the suite's length in check.
+DEFAULT_BACKENDS = (*ALL_BACKENDS, "postgres-amqp")
+ALL_BACKENDS = (*DEFAULT_BACKENDS, "sqlite-amqp")
 
 FINISHED = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
@@ -58,7 +62,7 @@ READY_TIMEOUT = 30.0
 def selected_backends() -> tuple[str, ...]:
     raw = os.environ.get("CELERIAC_TEST_BACKENDS", "").strip()
     if not raw:
-        return ALL_BACKENDS
+        return DEFAULT_BACKENDS
     wanted = [name.strip() for name in raw.split(",") if name.strip()]
     unknown = sorted(set(wanted) - set(ALL_BACKENDS))
     if unknown:
@@ -105,16 +109,25 @@ def _probe_redis() -> None:
         client.close()
 
 
+def _probe_rabbitmq() -> None:
+    """An AMQP 0-9-1 protocol header must be answered with a Connection.Start frame."""
+    with socket.create_connection((AMQP_HOST, AMQP_PORT), timeout=3) as sock:
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        if not sock.recv(1).startswith(b"\x01"):
+            raise ConnectionError("not an AMQP 0-9-1 broker")
+
+
 _PROBES: dict[str, Callable[[], None]] = {
     "postgres": _probe_postgres,
     "mariadb": _probe_mariadb,
     "redis": _probe_redis,
+    "rabbitmq": _probe_rabbitmq,
 }
 _availability: dict[str, str | None] = {}
 
 
 def require_available(what: str) -> None:
-    """Skip (or, in CI, fail) unless ``what`` (postgres, mariadb, redis) answers."""
+    """Skip (or, in CI, fail) unless ``what`` (postgres, mariadb, redis, rabbitmq) answers."""
     if what not in _PROBES:
         return
     if what not in _availability:
@@ -196,15 +209,53 @@ def delete_redis_prefix(prefix: str, db: int = 0) -> int:
         client.close()
 
 
+def rabbitmqctl(*args: str, timeout: float = 60.0) -> str | None:
+    """Run ``rabbitmqctl`` (as root, on this machine's node); None if it cannot be run."""
+    import shutil
+
+    if shutil.which("rabbitmqctl") is None or os.geteuid() != 0:
+        return None
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def amqp_vhost() -> Iterator[str]:
+    """A RabbitMQ virtual host of our own, deleted with everything in it afterwards; the
+    default vhost ``/`` when rabbitmqctl cannot be run (then a unique queue prefix keeps
+    backends apart, and their queues stay behind)."""
+    require_available("rabbitmq")
+    name = unique_name("celeriac_t_")
+    if rabbitmqctl("add_vhost", name) is None:
+        yield "/"
+        return
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+def amqp_url(vhost: str) -> str:
+    from urllib.parse import quote
+
+    return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{quote(vhost, safe='')}"
+
+
 @dataclass(frozen=True)
 class Backend:
     """One database x broker combination, with its own fresh database and Redis prefix."""
 
     database: str  # sqlite | postgres | mariadb
-    broker: str  # sql | redis
+    broker: str  # sql | redis | amqp
     database_url: str
     redis_prefix: str
     redis_db: int = 0
+    amqp_vhost: str = "/"
 
     @property
     def name(self) -> str:
@@ -214,6 +265,8 @@ class Backend:
     def broker_url(self) -> str:
         if self.broker == "sql":
             return "sql"
+        if self.broker == "amqp":
+            return amqp_url(self.amqp_vhost)
         return f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.redis_db}"
 
     def env(self) -> dict[str, str]:
@@ -221,6 +274,7 @@ class Backend:
             "CELERIAC_DATABASE_URL": self.database_url,
             "CELERIAC_BROKER_URL": self.broker_url,
             "CELERIAC_REDIS_PREFIX": self.redis_prefix,
+            "CELERIAC_AMQP_PREFIX": self.redis_prefix,  # unique even in a shared vhost
         }
 
 
@@ -229,18 +283,17 @@ def make_backend(
     database: str, broker: str, workdir: Path, *, redis_db: int = 0
 ) -> Iterator[Backend]:
     """A fresh database migrated to head (the only way test databases are built) and,
-    for the Redis broker, a unique key prefix whose keys are deleted afterwards."""
+    for the Redis broker, a unique key prefix whose keys are deleted afterwards; for
+    RabbitMQ, a vhost of its own."""
     from service.migrate import upgrade
 
     if broker == "redis":
         require_available("redis")
     prefix = unique_name("celeriac_t_")
-    with fresh_database(database, workdir) as url:
-        with warnings.catch_warnings():
-            # alembic.ini lacks ``path_separator``; test_contracts.py reports that once.
-            warnings.filterwarnings("ignore", "No path_separator found", DeprecationWarning)
-            upgrade(url)
-        backend = Backend(database, broker, url, prefix, redis_db)
+    with contextlib.ExitStack() as stack, fresh_database(database, workdir) as url:
+        vhost = stack.enter_context(amqp_vhost()) if broker == "amqp" else "/"
+        upgrade(url)
+        backend = Backend(database, broker, url, prefix, redis_db, vhost)
         try:
             yield backend
         finally:
@@ -616,13 +669,19 @@ class Api:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "brokers(*names): run a backend-matrix test only on these brokers (sql, redis)",
+        "brokers(*names): run a backend-matrix test only on these brokers (sql, redis, amqp)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "first_backend_only: run a backend-matrix test only on the first selected backend "
+        "(that its brokers marker allows)",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect matrix tests whose backend's broker is not one their ``brokers`` marker
-    names, and mark every matrix test ``backends``."""
+    names (and ``first_backend_only`` tests on all but the first backend allowed), and
+    mark every matrix test ``backends``."""
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
@@ -633,10 +692,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         item.add_marker(pytest.mark.backends)
         marker = item.get_closest_marker("brokers")
-        if marker is not None and name.split("-")[1] not in marker.args:
-            dropped.append(item)
-        else:
-            keep.append(item)
+        allowed = [
+            backend
+            for backend in SELECTED_BACKENDS
+            if marker is None or backend.split("-")[1] in marker.args
+        ]
+        if item.get_closest_marker("first_backend_only") is not None:
+            allowed = allowed[:1]
+        (keep if name in allowed else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import mysql
+
+from alembic import op
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -20,7 +21,11 @@ depends_on: str | Sequence[str] | None = None
 
 # name, columns, partial-index predicate (PostgreSQL and SQLite; MariaDB indexes whole).
 _INDEXES: list[tuple[str, list[str], str | None]] = [
-    ("ix_jobs_queue_status_priority_id", ["queue", "status", "priority", "id"], "status = 'queued'"),
+    (
+        "ix_jobs_queue_status_priority_id",
+        ["queue", "status", "priority", "id"],
+        "status = 'queued'",
+    ),
     ("ix_jobs_status_run_at", ["status", "run_at"], "status IN ('scheduled', 'retrying')"),
     ("ix_jobs_status_expires_at", ["status", "expires_at"], "expires_at IS NOT NULL"),
     ("ix_jobs_status_lease_expires_at", ["status", "lease_expires_at"], "status = 'running'"),

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import mysql
+
+from alembic import op
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -32,9 +33,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("result_ref", sa.String(length=255), nullable=True))
         batch.add_column(sa.Column("result_expires_at", _timestamp(), nullable=True))
         batch.add_column(
-            sa.Column(
-                "result_expired", sa.Boolean(), server_default=sa.false(), nullable=False
-            )
+            sa.Column("result_expired", sa.Boolean(), server_default=sa.false(), nullable=False)
         )
     op.create_index(op.f("ix_jobs_result_expires_at"), "jobs", ["result_expires_at"])
 
@@ -59,9 +58,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_deliveries")),
     )
-    op.create_index(
-        op.f("ix_webhook_deliveries_job_id"), "webhook_deliveries", ["job_id"]
-    )
+    op.create_index(op.f("ix_webhook_deliveries_job_id"), "webhook_deliveries", ["job_id"])
     op.create_index(
         op.f("ix_webhook_deliveries_status_next_attempt_at"),
         "webhook_deliveries",
@@ -84,9 +81,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_attempts")),
     )
-    op.create_index(
-        op.f("ix_webhook_attempts_delivery_id"), "webhook_attempts", ["delivery_id"]
-    )
+    op.create_index(op.f("ix_webhook_attempts_delivery_id"), "webhook_attempts", ["delivery_id"])
 
 
 def downgrade() -> None:

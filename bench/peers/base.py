@@ -26,8 +26,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import redis
-
 from harness import (
     BENCH_DIR,
     EXEC_KEY,
@@ -40,14 +38,13 @@ from harness import (
     pct,
     spawn,
     stop,
-    wait_until,
 )
 
 Metrics = dict[str, Any]
 FANOUT_WORKERS = 4
 MB = 1024 * 1024
 # A drain slower than this many jobs/s counts as hung (the whole sample also has a timeout).
-SLOWEST_DRAIN_PER_S = 20.0
+SLOWEST_DRAIN_PER_S = 5.0
 WARMUP_ROUND_TRIPS = 5
 
 
@@ -64,16 +61,20 @@ class System:
     """One system under test in one configuration (``variant``)."""
 
     name: ClassVar[str]
-    # scenario -> the variants measured for it; the first one of each is the system's
-    # headline configuration (the one celeriac's ratios are computed against).
-    variants: ClassVar[dict[str, list[str]]]
-    # processes that belong to the system besides its workers (celeriac: the service)
+    # fan-out: how many worker commands to start; a system whose one command runs several
+    # processes (Dramatiq --processes 4, Huey -w 4) starts one
+    fanout_launches: ClassVar[int] = FANOUT_WORKERS
     stop_signals: ClassVar[int] = 1
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
         self.workers: list[subprocess.Popen[bytes]] = []
-        self.env: dict[str, str] = {"PYTHONPATH": str(BENCH_DIR)}
+        # the bench's modules first, then whatever the run put on the path (run.py --commit
+        # puts a snapshot of celeriac's source there)
+        path = [str(BENCH_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        self.env: dict[str, str] = {"PYTHONPATH": os.pathsep.join(path)}
+        import redis
+
         self.redis = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=QUEUE_DB)
 
     # -- lifecycle (override and call super) -------------------------------------------
@@ -139,7 +140,7 @@ class System:
     def fanout(self, n: int) -> Metrics:
         self.redis.delete(EXEC_KEY)
         self.enqueue(n, "record")
-        metrics = self._run_workers(n, "fanout", FANOUT_WORKERS)
+        metrics = self._run_workers(n, "fanout", self.fanout_launches)
         self.stop_worker()
         runs = Counter(int(x) for x in self.redis.lrange(EXEC_KEY, 0, -1))
         metrics["executions"] = sum(runs.values())
@@ -149,8 +150,9 @@ class System:
 
     def latency(self, n: int) -> Metrics:
         workers = self.start_worker("latency")
-        for i in range(WARMUP_ROUND_TRIPS):  # the worker is up and connections are open
-            self._first_round_trip(i) if i == 0 else self.round_trip(i)
+        self._first_round_trip(0)  # the worker is up and connections are open
+        for i in range(1, WARMUP_ROUND_TRIPS):
+            self.round_trip(i)
         time.sleep(1.0)
         rest_rss, rest_pss = memory_now([p.pid for p in workers])
         service_rss, service_pss = memory_now(self.service_pids())
@@ -190,6 +192,7 @@ class System:
         sampler = Sampler()
         sampler.track("service", self.service_pids())
         sampler.start()
+        cpu_start = sampler.cpu("service")
         started = time.perf_counter()
         workers = self.start_worker(mode, count)
         sampler.track("worker", [p.pid for p in workers])
@@ -199,6 +202,7 @@ class System:
         limit = max(60.0, n / SLOWEST_DRAIN_PER_S)
         deadline = started + limit
         done = 0
+        exited_at: float | None = None
         try:
             while time.perf_counter() < deadline:
                 done = self.done_count()
@@ -209,23 +213,29 @@ class System:
                     cpu_first = {g: sampler.cpu(g) for g in cpu_first}
                 if done >= n:
                     break
-                if not any(p.poll() is None for p in workers) and mode != "drain":
-                    raise BenchFailure(f"all workers exited with {done}/{n} done")
+                if exited_at is None and all(p.poll() is not None for p in workers):
+                    exited_at = now  # RQ's burst workers leave when the queue is empty
+                if exited_at is not None and now - exited_at > 3.0:
+                    break
                 time.sleep(0.02)
             finished = time.perf_counter()
             sampler.sample()
         finally:
             sampler.close()
         if done < n:
-            raise BenchFailure(f"timed out after {limit:.0f}s with {done}/{n} results stored")
+            why = "its workers exited" if exited_at else f"timed out after {limit:.0f}s"
+            raise BenchFailure(f"{why} with {done}/{n} results stored")
         elapsed = finished - started
         assert first_at is not None
         steady = n - first_done
+        if not steady:  # every result landed at once (celeriac applies Redis reports in
+            # batches): count the CPU from the worker's start instead
+            steady, cpu_first = n, {"worker": 0.0, "service": cpu_start}
         cpu = {g: sampler.cpu(g) - cpu_first[g] for g in cpu_first}
         per_10k = 10_000 / steady if steady else 0.0
         metrics: Metrics = {
             "jobs": n,
-            "workers": count,
+            "worker_commands": count,
             "elapsed_s": elapsed,
             "jobs_per_s": n / elapsed,
             "first_result_s": first_at - started,

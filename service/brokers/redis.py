@@ -2,11 +2,11 @@
 
 Keys live under one hash tag, ``{<prefix>}``, so a Redis Cluster keeps them in one slot
 and multi-queue pops stay atomic. Members are job ids; the score orders by priority, then
-age (lowest score first). For HTTP workers Redis holds no lease: a popped id is only a candidate, and SQL grants
-the lease (a job popped twice is still leased once). Workers that speak the Redis protocol
-lease straight from Redis (``redis_protocol``); SQL follows through the event stream. If
-Redis is unreachable, HTTP leases fall back to SQL dispatch; if it lost data, ``reconcile``
-re-adds what SQL says is queued."""
+age (lowest score first). For HTTP workers Redis holds no lease: a popped id is only a
+candidate, and SQL grants the lease (a job popped twice is still leased once). Workers
+that speak the Redis protocol lease straight from Redis (``redis_protocol``); SQL follows
+through the event stream. If Redis is unreachable, HTTP leases fall back to SQL dispatch;
+if it lost data, ``reconcile`` re-adds what SQL says is queued."""
 
 from __future__ import annotations
 

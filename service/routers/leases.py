@@ -10,7 +10,16 @@ from sqlalchemy.orm import Session
 
 from service import errors, results
 from service.jobs import get_job
-from service.leases import Effects, LeaseTerms, Settle, SettleOutcome, heartbeat, new_token, settle
+from service.leases import (
+    Effects,
+    LeaseTerms,
+    Settle,
+    SettleOutcome,
+    claim_by_ids,
+    heartbeat,
+    new_token,
+    settle,
+)
 from service.models import JobRow
 from service.routers.deps import content_length, get_runtime, require
 from service.routers.jobs import PROBLEMS
@@ -23,6 +32,7 @@ from service.schemas import (
     HeartbeatBatchResponse,
     HeartbeatResponse,
     Job,
+    LeaseClaim,
     LeaseRequest,
     LeaseResponse,
     Release,
@@ -68,6 +78,24 @@ async def lease_jobs(body: LeaseRequest, runtime: RuntimeDep) -> JSONResponse:
         body.wait,
         lambda: _terms(runtime, body.worker, body.lease_seconds),
     )
+    return JSONResponse({"jobs": [leased_body(row) for row in rows]})
+
+
+@router.post(
+    "/leases/claim",
+    response_model=LeaseResponse,
+    responses=PROBLEMS,
+    summary="Lease jobs by id, if they are still queued",
+)
+async def claim_jobs(body: LeaseClaim, runtime: RuntimeDep) -> JSONResponse:
+    """Issue 9: a direct AMQP worker learns a job id from a RabbitMQ message and claims
+    it here; SQL grants the lease exactly as for ``POST /leases``. Jobs that are not
+    queued (already leased, finished, not yet due) are left out, never an error."""
+    if len(body.ids) > runtime.settings.max_lease_jobs:
+        raise errors.ValidationFailed(f"ids may hold at most {runtime.settings.max_lease_jobs}")
+    terms = _terms(runtime, body.worker, body.lease_seconds)
+    ids = list(dict.fromkeys(body.ids))
+    rows = await runtime.db.run(lambda session: claim_by_ids(session, ids, terms))
     return JSONResponse({"jobs": [leased_body(row) for row in rows]})
 
 

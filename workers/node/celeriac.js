@@ -15,10 +15,9 @@ import { HttpTransport } from "./http.js";
 export { CeleriacError, Client, FINISHED, HttpApi, HttpTransport } from "./http.js";
 
 const MAX_BATCH = 1000; // the service's max_jobs per lease; also our report batch size
-const MAX_REPORT_BYTES = 1_000_000; // stay under the service's 1 MiB results-per-request limit
-const MIN_LEASE = 1.5; // seconds: bounds on a lease length computed from expires_at,
+const MAX_REPORT_BYTES = 1_000_000; // per report call (a larger single report goes alone)
+const MIN_LEASE = 0.5; // seconds: bounds on a lease length computed from expires_at,
 const MAX_LEASE = 3600; // guarding against clock skew with the service
-const BEAT_CHECK_MS = 250;
 const RETRY_MS = 1000; // first back-off after a failed call; doubles up to MAX_BACKOFF_MS
 const MAX_BACKOFF_MS = 30_000;
 const COLD_REPORT_MS = 5000; // a cold shutdown waits this long for its release reports
@@ -108,7 +107,8 @@ class HeldLease {
       const left = (Date.parse(expiresAt) - Date.now()) / 1000;
       seconds = Math.min(MAX_LEASE, Math.max(MIN_LEASE, left));
     }
-    this.nextBeat = performance.now() + (seconds * 1000) / 3;
+    this.beatEveryMs = (seconds * 1000) / 3;
+    this.nextBeat = performance.now() + this.beatEveryMs;
   }
 
   signal() {
@@ -133,10 +133,10 @@ class HeldLease {
   }
 }
 
-const LEVELS = { debug: 10, info: 20, warn: 30, error: 40 };
+const LEVELS = { debug: 10, info: 20, warn: 30, warning: 30, error: 40 };
 
 function consoleLogger(level = "info") {
-  const threshold = LEVELS[level] ?? LEVELS.info;
+  const threshold = LEVELS[level.toLowerCase()] ?? LEVELS.info;
   const log = (name) => (message) => {
     if (LEVELS[name] >= threshold) {
       console.error(`[${new Date().toISOString()} ${name.toUpperCase()}] celeriac: ${message}`);
@@ -147,7 +147,7 @@ function consoleLogger(level = "info") {
 
 function errorInfo(err) {
   const isError = err instanceof Error;
-  let type = isError ? err.name : typeof err;
+  let type = isError ? err.name : "Error"; // `throw "text"` is allowed, if unusual
   if (type === "Error" && err.constructor?.name) type = err.constructor.name;
   const info = {
     type: String(type || "Error").slice(0, MAX_ERROR_TYPE),
@@ -183,6 +183,9 @@ export class Worker extends EventEmitter {
   #flushScheduled = false;
   #flushing = false;
   #beating = false;
+  #beatTimer = undefined;
+  #beatAt = Infinity; // when #beatTimer fires
+  #done = false; // run() has returned
   #waiters = [];
   #stopping = false;
   #cold = false;
@@ -237,7 +240,6 @@ export class Worker extends EventEmitter {
       }
     };
     if (signals) for (const name of ["SIGTERM", "SIGINT"]) process.on(name, onSignal);
-    const beats = setInterval(() => this.#beatIfDue(), BEAT_CHECK_MS);
     this.log.info(
       `worker ${this.name}: ${this.transport.name}, queues ${this.queues.join(",")}, ` +
         `concurrency ${this.concurrency}, tasks ${[...this.#handlers.keys()].join(", ")}`,
@@ -249,7 +251,8 @@ export class Worker extends EventEmitter {
       }
       if (this.#cold) await this.#releaseAll();
     } finally {
-      clearInterval(beats);
+      this.#done = true;
+      clearTimeout(this.#beatTimer);
       if (signals) for (const name of ["SIGTERM", "SIGINT"]) process.off(name, onSignal);
       await this.transport.close();
     }
@@ -284,6 +287,9 @@ export class Worker extends EventEmitter {
       );
       if (free <= 0) {
         await this.#nextChange();
+        // Let every job that finishes in this turn of the event loop free its slot, so
+        // one lease call asks for all of them.
+        await new Promise((resolve) => setImmediate(resolve));
         continue;
       }
       let jobs;
@@ -319,6 +325,7 @@ export class Worker extends EventEmitter {
   #start(job) {
     const held = new HeldLease(job, this.leaseSeconds);
     this.#held.set(job.id, held);
+    this.#armBeat(held.nextBeat);
     if (this.#stopping) {
       // Leased by a poll that was in flight when the shutdown began: give it back.
       this.#queueReport(held, "released", reportJson(held, { outcome: "released" }));
@@ -477,15 +484,21 @@ export class Worker extends EventEmitter {
 
   // --- heartbeats ----------------------------------------------------------------------
 
-  #beatIfDue() {
-    if (this.#beating || this.#held.size === 0) return;
-    const now = performance.now();
-    for (const held of this.#held.values()) {
-      if (held.nextBeat <= now) {
-        this.#beat().catch((err) => this.log.error(`heartbeat: ${err.stack}`));
-        return;
-      }
-    }
+  /** One timer: it fires when the first held lease is due for a heartbeat. */
+  #armBeat(at) {
+    if (this.#beating || this.#done || at >= this.#beatAt) return; // #beat re-arms when done
+    clearTimeout(this.#beatTimer);
+    this.#beatAt = at;
+    this.#beatTimer = setTimeout(() => {
+      this.#beatAt = Infinity;
+      this.#beat().catch((err) => this.log.error(`heartbeat: ${err.stack}`));
+    }, at - performance.now());
+  }
+
+  #rearmBeat() {
+    let due = Infinity;
+    for (const held of this.#held.values()) if (held.nextBeat < due) due = held.nextBeat;
+    if (due !== Infinity) this.#armBeat(due);
   }
 
   /** Extend every held lease (running, or finished with the report pending) in one call
@@ -493,8 +506,9 @@ export class Worker extends EventEmitter {
   async #beat() {
     this.#beating = true;
     const all = [...this.#held.values()];
-    const retryAt = performance.now() + RETRY_MS; // until an answer says otherwise
-    for (const held of all) held.nextBeat = retryAt;
+    const now = performance.now();
+    // Until an answer says otherwise (or if none comes), try again soon.
+    for (const held of all) held.nextBeat = now + Math.min(RETRY_MS, held.beatEveryMs);
     try {
       for (let start = 0; start < all.length; start += MAX_BATCH) {
         const chunk = all.slice(start, start + MAX_BATCH);
@@ -513,6 +527,7 @@ export class Worker extends EventEmitter {
       }
     } finally {
       this.#beating = false;
+      this.#rearmBeat();
     }
   }
 

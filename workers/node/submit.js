@@ -36,23 +36,25 @@ const options = { args: rest.map(parse), queue: values.queue };
 if (values["max-retries"] !== undefined) options.max_retries = Number(values["max-retries"]);
 
 const client = new Client();
-const count = Number(values.count);
-if (count > 1) {
-  let submitted = 0;
-  while (submitted < count) {
-    const size = Math.min(1000, count - submitted);
-    await client.submitBatch(Array.from({ length: size }, () => ({ task, ...options })));
-    submitted += size;
+try {
+  const count = Number(values.count);
+  if (count > 1) {
+    for (let submitted = 0; submitted < count; submitted += 1000) {
+      const size = Math.min(1000, count - submitted);
+      await client.submitBatch(Array.from({ length: size }, () => ({ task, ...options })));
+    }
+    console.log(`submitted ${count} ${task} jobs to queue ${values.queue}`);
+  } else {
+    const job = await client.submit(task, options);
+    console.error(`submitted ${job.id} (${job.status})`);
+    if (!values["no-wait"]) {
+      const done = await client.waitFor(job.id, Number(values.timeout));
+      const { id, status, result, error } = done;
+      console.log(JSON.stringify({ id, status, result, error }));
+      process.exitCode = status === "succeeded" ? 0 : 1;
+    }
   }
-  console.log(`submitted ${count} ${task} jobs to queue ${values.queue}`);
-} else {
-  const job = await client.submit(task, options);
-  console.error(`submitted ${job.id} (${job.status})`);
-  if (!values["no-wait"]) {
-    const done = await client.waitFor(job.id, Number(values.timeout));
-    console.log(
-      JSON.stringify({ id: done.id, status: done.status, result: done.result, error: done.error }),
-    );
-    process.exitCode = done.status === "succeeded" ? 0 : 1;
-  }
+} catch (err) {
+  console.error(err.message); // e.g. "POST /jobs -> 422 The request body is not valid: …"
+  process.exitCode = 2;
 }

@@ -10,10 +10,9 @@ import logging
 import math
 import threading
 import time
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Iterable
 
-from .client import Client
+from ._transport import BeatItem, Transport
 from .context import JobContext
 from .errors import CeleriacError, ServerUnreachable
 
@@ -25,25 +24,36 @@ MAX_LEASE = 3600.0
 RETRY_AFTER_ERROR = 1.0
 
 
-def next_beat_for(expires_at: str) -> float:
-    """When (monotonic) to extend a lease that ends at ``expires_at``: at a third of
-    what is left, so two beats may fail before it is lost."""
-    remaining = (datetime.fromisoformat(expires_at) - datetime.now(UTC)).total_seconds()
-    return time.monotonic() + min(MAX_LEASE, max(MIN_LEASE, remaining)) / 3
+def next_beat_in(lease_left: float) -> float:
+    """When (monotonic) to extend a lease with ``lease_left`` seconds to go: at a third
+    of it, so two beats may fail before it is lost."""
+    return time.monotonic() + min(MAX_LEASE, max(MIN_LEASE, lease_left)) / 3
 
 
 class ActiveLease:
-    """One job's lease. ``settle()`` hands out the right to report it exactly once:
-    either its outcome or, on a cold shutdown, its release."""
+    """One job's lease. Two rights are handed out once each: ``settle()`` to report the
+    job (its outcome, a time-limit failure, or on a cold shutdown its release), and
+    ``end()`` to give back its pool slot (when it finished, or was abandoned at its hard
+    time limit)."""
 
-    __slots__ = ("_settled", "context", "job_id", "next_beat", "token")
+    __slots__ = ("_ended", "_settled", "context", "job_id", "lease_seconds", "next_beat",
+                 "token")  # fmt: skip
 
-    def __init__(self, job_id: str, token: str, context: JobContext, next_beat: float) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        token: str,
+        context: JobContext,
+        next_beat: float,
+        lease_seconds: float | None = None,
+    ) -> None:
         self.job_id = job_id
         self.token = token
         self.context = context
         self.next_beat = next_beat
+        self.lease_seconds = lease_seconds
         self._settled = threading.Lock()
+        self._ended = threading.Lock()
 
     def settle(self) -> bool:
         return self._settled.acquire(blocking=False)
@@ -52,23 +62,28 @@ class ActiveLease:
     def settled(self) -> bool:
         return self._settled.locked()
 
+    def end(self) -> bool:
+        return self._ended.acquire(blocking=False)
+
 
 class LeaseBook:
-    """The leases this worker holds, shared by the leasing, pool, heartbeat and report
-    threads."""
+    """The leases this worker holds, shared by the leasing, pool, heartbeat, report and
+    registry threads."""
 
     def __init__(self) -> None:
         self._leases: dict[str, ActiveLease] = {}
         self.changed = threading.Condition()
         self._wake_at = math.inf  # when the heartbeat thread will next look
 
-    def add(self, lease: ActiveLease) -> None:
+    def add(self, leases: Iterable[ActiveLease]) -> None:
         with self.changed:
-            self._leases[lease.job_id] = lease
-            if lease.next_beat < self._wake_at:
-                self.changed.notify_all()
+            for lease in leases:
+                self._leases[lease.job_id] = lease
+                if lease.next_beat < self._wake_at:
+                    self._wake_at = lease.next_beat
+                    self.changed.notify_all()
 
-    def remove(self, job_ids: list[str]) -> None:
+    def remove(self, job_ids: Iterable[str]) -> None:
         with self.changed:
             for job_id in job_ids:
                 self._leases.pop(job_id, None)
@@ -76,6 +91,10 @@ class LeaseBook:
     def snapshot(self) -> list[ActiveLease]:
         with self.changed:
             return list(self._leases.values())
+
+    def job_ids(self) -> list[str]:
+        with self.changed:
+            return list(self._leases)
 
     def wait_until_due(self, stopped: threading.Event) -> bool:
         """Sleep until some lease needs a beat (True) or ``stopped`` is set (False)."""
@@ -91,13 +110,12 @@ class LeaseBook:
 
 
 class Heartbeater:
-    """Extends every held lease with one ``POST /leases/heartbeat`` whenever the first of
-    them is due, carrying progress, and passes cancel requests on to the tasks."""
+    """Extends every held lease whenever the first of them is due (one call over HTTP, one
+    pipeline over Redis), carrying progress, and passes cancel requests on to the tasks."""
 
-    def __init__(self, client: Client, book: LeaseBook, lease_seconds: float | None) -> None:
-        self._client = client
+    def __init__(self, transport: Transport, book: LeaseBook) -> None:
+        self._transport = transport
         self._book = book
-        self._lease_seconds = lease_seconds
         self.stopped = threading.Event()
 
     def stop(self) -> None:
@@ -118,29 +136,22 @@ class Heartbeater:
                 logger.warning("heartbeat of %d leases failed: %s", len(leases), exc)
 
     def _beat(self, leases: list[ActiveLease]) -> None:
-        body: dict[str, Any] = {"leases": [_lease_ref(lease) for lease in leases]}
-        if self._lease_seconds:
-            body["lease_seconds"] = self._lease_seconds
-        answer = self._client.request("POST", "/leases/heartbeat", json=body)
+        items = [
+            BeatItem(lease.job_id, lease.token, lease.context.progress, lease.lease_seconds)
+            for lease in leases
+        ]
         by_id = {lease.job_id: lease for lease in leases}
         lost: list[str] = []
-        for item in answer["leases"]:
-            lease = by_id.get(item["id"])
+        for answer in self._transport.heartbeat(items):
+            lease = by_id.get(answer.job_id)
             if lease is None:
                 continue
-            if not item["ok"]:
+            if not answer.ok:
                 lost.append(lease.job_id)
-            elif item.get("expires_at"):
-                lease.next_beat = next_beat_for(item["expires_at"])
-            if item.get("cancel_requested") or not item["ok"]:
+            elif answer.lease_left is not None:
+                lease.next_beat = next_beat_in(answer.lease_left)
+            if answer.cancel_requested or not answer.ok:
                 lease.context.request_cancel()
         if lost:
             logger.warning("lost the leases of jobs %s (re-leased or finished)", lost)
             self._book.remove(lost)
-
-
-def _lease_ref(lease: ActiveLease) -> dict[str, Any]:
-    ref: dict[str, Any] = {"id": lease.job_id, "token": lease.token}
-    if lease.context.progress is not None:
-        ref["progress"] = lease.context.progress
-    return ref

@@ -78,3 +78,15 @@ def _find_in_module(module: ModuleType, spec: str) -> Celeriac:
     if len(apps) == 1:
         return apps[0]
     raise AppNotFound(f"{spec}: found {len(apps)} Celeriac apps; name one as {spec}:attribute")
+
+
+def spec_of(app: Celeriac) -> str | None:
+    """``module:attribute`` naming ``app`` in an imported module (what a child process
+    imports to get the same app), or None if no module holds it."""
+    for name, module in list(sys.modules.items()):
+        if module is None or name in ("__main__", "__mp_main__"):
+            continue
+        for attribute, value in list(vars(module).items()):
+            if value is app:
+                return f"{name}:{attribute}"
+    return None

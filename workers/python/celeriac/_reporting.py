@@ -1,5 +1,6 @@
-"""Reporting finished jobs: the outbox the pool threads drop outcomes into, and the
-reporter thread that sends them with ``POST /leases/report``.
+"""Reporting finished jobs: the outbox the pools drop outcomes into, and the reporter
+thread that sends them through the transport (``POST /leases/report``, or one Redis
+pipeline).
 
 Batching is natural: each request carries whatever finished while the previous one was
 in flight, so a busy worker sends few large requests and an idle one reports at once.
@@ -12,11 +13,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from ._execution import error_info, failure
+from ._execution import Report, error_info, failure
 from ._leases import LeaseBook
-from .client import Client
+from ._transport import Transport
 from .errors import CeleriacError, ServerUnreachable, is_transient
 
 logger = logging.getLogger("celeriac.worker")
@@ -25,14 +25,6 @@ MAX_BATCH_ITEMS = 1000
 # Well under the service's default 1 MiB request limit; a bigger single report goes alone.
 MAX_BATCH_BYTES = 512 * 1024
 MAX_BACKOFF = 10.0
-HEADERS = {"Content-Type": "application/json"}
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    job_id: str
-    token: str
-    report: str  # one JSON object of the ``reports`` array, encoded by the pool thread
 
 
 class Outbox:
@@ -40,13 +32,13 @@ class Outbox:
     returns ``[]`` once closed and empty."""
 
     def __init__(self) -> None:
-        self._items: deque[Outcome] = deque()
+        self._items: deque[Report] = deque()
         self._ready = threading.Condition()
         self._closed = False
 
-    def put(self, outcome: Outcome) -> None:
+    def put(self, report: Report) -> None:
         with self._ready:
-            self._items.append(outcome)
+            self._items.append(report)
             self._ready.notify()
 
     def close(self) -> None:
@@ -54,13 +46,13 @@ class Outbox:
             self._closed = True
             self._ready.notify_all()
 
-    def take(self) -> list[Outcome]:
+    def take(self) -> list[Report]:
         with self._ready:
             self._ready.wait_for(lambda: self._items or self._closed)
-            batch: list[Outcome] = []
+            batch: list[Report] = []
             size = 0
             while self._items and len(batch) < MAX_BATCH_ITEMS:
-                size += len(self._items[0].report)
+                size += self._items[0].size
                 if batch and size > MAX_BATCH_BYTES:
                     break
                 batch.append(self._items.popleft())
@@ -73,9 +65,9 @@ class Reporter:
     until ``give_up`` is set."""
 
     def __init__(
-        self, client: Client, outbox: Outbox, book: LeaseBook, on_done: Callable[[], None]
+        self, transport: Transport, outbox: Outbox, book: LeaseBook, on_done: Callable[[], None]
     ) -> None:
-        self._client = client
+        self._transport = transport
         self._outbox = outbox
         self._book = book
         self._on_done = on_done
@@ -86,12 +78,12 @@ class Reporter:
         try:
             while batch := self._outbox.take():
                 self._deliver(batch)
-                self._book.remove([outcome.job_id for outcome in batch])
+                self._book.remove([report.job_id for report in batch])
         finally:
             self.done.set()
             self._on_done()
 
-    def _deliver(self, batch: list[Outcome]) -> None:
+    def _deliver(self, batch: list[Report]) -> None:
         backoff = 0.1
         while not self.give_up.is_set():
             try:
@@ -104,20 +96,17 @@ class Reporter:
                 logger.warning("reporting %d outcomes failed, will retry: %s", len(batch), exc)
             self.give_up.wait(backoff)
             backoff = min(MAX_BACKOFF, backoff * 2)
-        logger.error("gave up reporting jobs %s", [outcome.job_id for outcome in batch])
+        logger.error("gave up reporting jobs %s", [report.job_id for report in batch])
 
-    def _send(self, batch: list[Outcome]) -> None:
-        body = '{"reports":[' + ",".join(outcome.report for outcome in batch) + "]}"
+    def _send(self, batch: list[Report]) -> None:
         started = time.monotonic()
-        answer = self._client.request(
-            "POST", "/leases/report", content=body.encode(), headers=HEADERS
-        )
+        answers = self._transport.report(batch)
         logger.debug("reported %d outcomes in %.3fs", len(batch), time.monotonic() - started)
-        for item in answer["reports"]:
-            if not item["ok"]:
-                logger.warning("report for job %s not applied: %s", item["id"], item.get("detail"))
+        for answer in answers:
+            if not answer.ok:
+                logger.warning("report for job %s not applied: %s", answer.job_id, answer.detail)
 
-    def _rejected(self, batch: list[Outcome], exc: CeleriacError) -> None:
+    def _rejected(self, batch: list[Report], exc: CeleriacError) -> None:
         if exc.status == 413 and len(batch) > 1:
             half = len(batch) // 2
             self._deliver(batch[:half])
@@ -126,7 +115,7 @@ class Reporter:
             # One result too big for the service: the job fails instead of vanishing.
             job_id, token = batch[0].job_id, batch[0].token
             error = error_info("ResultTooLarge", f"the service refused the result: {exc}")
-            self._deliver([Outcome(job_id, token, failure(job_id, token, error, retry=False))])
+            self._deliver([failure(job_id, token, error, retry=False)])
         else:
             # A request the service will never accept: retrying would wedge later reports.
-            logger.error("service rejected reports for %s: %s", [o.job_id for o in batch], exc)
+            logger.error("service rejected reports for %s: %s", [r.job_id for r in batch], exc)

@@ -9,7 +9,14 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
-from .client import AsyncClient, Client, RetryBackoff, SubmitOptions, resolve_server
+from .client import (
+    AsyncClient,
+    Client,
+    RetryBackoff,
+    SubmitOptions,
+    resolve_api_key,
+    resolve_server,
+)
 from .handle import JobHandle
 from .task import AsyncTask, BaseTask, Task, TaskOptions, check_name
 
@@ -44,6 +51,12 @@ def _backoff(value: float | RetryBackoff | None) -> RetryBackoff | None:
     return RetryBackoff(base=float(value))
 
 
+def _positive(name: str, value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return value
+
+
 class Celeriac:
     """Tasks and the connection to a celeriac service.
 
@@ -72,6 +85,10 @@ class Celeriac:
     @property
     def server(self) -> str:
         return resolve_server(self._server)
+
+    @property
+    def api_key(self) -> str | None:
+        return resolve_api_key(self._api_key)
 
     def configure(self, *, server: str | None = None, api_key: str | None = None) -> None:
         """Point the app at another service (e.g. from settings loaded at startup)."""
@@ -129,6 +146,8 @@ class Celeriac:
         retry_backoff: float | RetryBackoff | None = None,
         timeout: float | None = None,
         autoretry_for: Sequence[type[BaseException]] = (),
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
     ) -> TaskDecorator: ...
     def task(
         self,
@@ -142,6 +161,8 @@ class Celeriac:
         retry_backoff: float | RetryBackoff | None = None,
         timeout: float | None = None,
         autoretry_for: Sequence[type[BaseException]] = (),
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
     ) -> AnyTask | TaskDecorator:
         """Register a task: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``.
 
@@ -149,6 +170,9 @@ class Celeriac:
         backoff in seconds or a full ``{"base", "max", "jitter"}`` dict. With
         ``autoretry_for`` only those exceptions are retried (others fail the job at once);
         without it every exception is, until ``max_retries`` runs out.
+        ``soft_time_limit`` raises ``SoftTimeLimitExceeded`` in the task after that many
+        seconds; ``time_limit`` stops it for good (what each pool can enforce:
+        docs/python.md, "Pools and time limits"). Both override the worker's defaults.
         """
         options = TaskOptions(
             queue=None if queue is None else check_name("queue", queue),
@@ -157,6 +181,8 @@ class Celeriac:
             retry_backoff=_backoff(retry_backoff),
             timeout=timeout,
             autoretry_for=tuple(autoretry_for),
+            soft_time_limit=_positive("soft_time_limit", soft_time_limit),
+            time_limit=_positive("time_limit", time_limit),
         )
         decorator = TaskDecorator(self, name, options)
         return decorator if func is None else decorator(func)

@@ -7,7 +7,6 @@ client commands start fast and work without its dependencies configured.
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Annotated
 
 import typer
@@ -25,8 +24,6 @@ cli = typer.Typer(
 cli.add_typer(jobs, name="jobs")
 cli.add_typer(schedules, name="schedules")
 
-LOG_FORMAT = "[%(asctime)s %(levelname)s/%(threadName)s] %(name)s: %(message)s"
-
 
 def _fail(message: str, status: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
@@ -42,14 +39,15 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def configure_logging(level_name: str) -> None:
-    level = logging.getLevelNamesMapping().get(level_name.upper())
-    if level is None:
-        raise _fail(f"unknown log level {level_name!r} (debug, info, warning, error)")
-    logging.basicConfig(level=level, format=LOG_FORMAT)
-    # httpx logs every request at INFO: one line per lease/report call is noise.
-    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
-    logging.getLogger("httpcore").setLevel(max(level, logging.WARNING))
+def configure_logging(level_name: str, node: str, logfile: str | None = None) -> None:
+    from . import _logging
+
+    try:
+        _logging.configure(level_name, node, logfile)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot open the log file: {exc}", 1) from None
 
 
 @cli.command()
@@ -97,6 +95,9 @@ def serve(
         workers=workers,
         log_level=(log_level or settings.log_level).lower(),
         access_log=False,
+        # Long-polls (leases, ?wait=) may hold a request for up to a minute; at shutdown
+        # their workers get a dropped connection after this, and simply lease again.
+        timeout_graceful_shutdown=3,
     )
 
 
@@ -148,12 +149,60 @@ def worker(
             help="Long-poll seconds; also the longest a warm shutdown waits for the poll.",
         ),
     ] = 10.0,
+    pidfile: Annotated[
+        str | None,
+        typer.Option(
+            help="Write the pid here; refuse to start if it names a running worker. "
+            "Placeholders: %n node, %h node@host, %d domain, %i/%I process index."
+        ),
+    ] = None,
+    logfile: Annotated[
+        str | None,
+        typer.Option(
+            help="Append the log here, not to stderr (same placeholders; SIGHUP reopens)."
+        ),
+    ] = None,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool", "-P", help="threads, processes (CPU-bound), async or solo (docs/python.md)."
+        ),
+    ] = "threads",
+    broker: Annotated[
+        str | None,
+        typer.Option(help="Lease straight from Redis (redis://host:port/db) instead of HTTP."),
+    ] = None,
+    redis_prefix: Annotated[
+        str, typer.Option(help="The service's CELERIAC_REDIS_PREFIX (with --broker).")
+    ] = "celeriac",
+    soft_time_limit: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Seconds; then SoftTimeLimitExceeded in the task."),
+    ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Seconds; then the job is stopped (TimeLimitExceeded)."),
+    ] = None,
+    max_tasks_per_child: Annotated[
+        int, typer.Option(min=0, help="processes pool: replace a child after N jobs (0: never).")
+    ] = 0,
+    max_memory_per_child: Annotated[
+        int,
+        typer.Option(min=0, help="processes pool: replace a child above this many KB resident."),
+    ] = 0,
 ) -> None:
     """Run a worker for the app's tasks (API key: $CELERIAC_API_KEY)."""
+    from . import _daemon
     from ._loader import AppNotFound, load_app
     from .worker import Worker
 
-    configure_logging(loglevel)
+    node = _daemon.default_node_name(hostname)
+    configure_logging(loglevel, node, logfile and _daemon.expand_path(logfile, node))
+    pidfile = pidfile and _daemon.expand_path(pidfile, node)
+    try:
+        _daemon.check_pidfile(pidfile)  # before importing the app: refuse fast
+    except _daemon.PidfileBusy as exc:
+        raise _fail(str(exc), 1) from None
     try:
         celeriac_app = load_app(app)
     except AppNotFound as exc:
@@ -161,11 +210,53 @@ def worker(
     if server:
         celeriac_app.configure(server=server)
     queue_names = [name.strip() for name in queues.split(",") if name.strip()]
-    the_worker = Worker(
-        celeriac_app, queues=queue_names or ["default"], concurrency=concurrency,
-        lease_seconds=lease_seconds, hostname=hostname, poll_wait=poll_wait,
-    )  # fmt: skip
-    raise typer.Exit(the_worker.run())
+    try:
+        the_worker = Worker(
+            celeriac_app, queues=queue_names or ["default"], concurrency=concurrency,
+            lease_seconds=lease_seconds, hostname=node, poll_wait=poll_wait, pool=pool,
+            broker=broker, redis_prefix=redis_prefix, soft_time_limit=soft_time_limit,
+            time_limit=time_limit, max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child, app_spec=app,
+        )  # fmt: skip
+    except ValueError as exc:  # an unknown pool, a broker that is not Redis
+        raise _fail(str(exc)) from None
+    try:
+        status = _daemon.run_with_pidfile(pidfile, the_worker.run)
+    except _daemon.PidfileBusy as exc:
+        raise _fail(str(exc), 1) from None
+    raise typer.Exit(status)
+
+
+@cli.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    no_args_is_help=True,
+)
+def multi(
+    ctx: typer.Context,
+    action: Annotated[
+        str, typer.Argument(help="start, stop, stopwait, restart, kill, show or names.")
+    ],
+    pidfile: Annotated[
+        str | None, typer.Option(help="Each node's pidfile (default: %n.pid).")
+    ] = None,
+    logfile: Annotated[
+        str | None, typer.Option(help="Each node's log file (default: %n%I.log).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds start/stop wait for each node.")
+    ] = 60.0,
+) -> None:
+    """Run worker nodes in the background: ACTION, the node names, then any worker
+    options, e.g. `celeriac multi start w1 w2 -A proj.tasks -l warning`. Node w1 is
+    w1@this-host; stop and restart need only the names (and the same --pidfile). See
+    docs/python.md."""
+    from ._multi import MultiError, run_multi
+
+    try:
+        status = run_multi(ctx, action, pidfile=pidfile, logfile=logfile, timeout=timeout)
+    except MultiError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(status)
 
 
 @cli.command()

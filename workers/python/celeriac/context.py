@@ -33,6 +33,12 @@ class JobContext:
         # of a no-op job's cost.
         self._cancel_event: threading.Event | None = None
         self._on_cancel: Callable[[], object] | None = None
+        # How the pool stops this task with an exception (a time limit), and which one it
+        # used: the task may see a CancelledError instead (asyncio), reported as this.
+        self._interrupter: Callable[[type[BaseException]], object] | None = None
+        self.interrupted_by: type[BaseException] | None = None
+        # A processes-pool child passes progress on to the worker process.
+        self._on_progress: Callable[[dict[str, Any]], object] | None = None
 
     def __repr__(self) -> str:
         return f"JobContext({self.task} {self.job_id} attempt={self.attempt})"
@@ -42,6 +48,8 @@ class JobContext:
     ) -> None:
         """Record progress; it reaches the service with the worker's next heartbeat."""
         self.progress = {"current": current, "total": total, "message": message}
+        if self._on_progress is not None:
+            self._on_progress(self.progress)
 
     @property
     def cancel_requested(self) -> bool:
@@ -80,6 +88,24 @@ class JobContext:
         self._on_cancel = callback
         if self._cancelled:
             callback()
+
+    def on_progress(self, callback: Callable[[dict[str, Any]], object]) -> None:
+        """Worker side: also hand each progress report to ``callback``."""
+        self._on_progress = callback
+
+    def set_interrupter(self, callback: Callable[[type[BaseException]], object] | None) -> None:
+        """Worker side: how to raise an exception in this task while it runs (None: it
+        is not running, or cannot be interrupted)."""
+        self._interrupter = callback
+
+    def interrupt(self, exc_type: type[BaseException]) -> bool:
+        """Worker side: stop the task with ``exc_type`` if its pool can; whether it could."""
+        self.interrupted_by = exc_type
+        interrupter = self._interrupter
+        if interrupter is None:
+            return False
+        interrupter(exc_type)
+        return True
 
 
 _current: ContextVar[JobContext | None] = ContextVar("celeriac_current_job", default=None)

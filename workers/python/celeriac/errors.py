@@ -65,6 +65,22 @@ class Cancelled(Exception):
     """Raised by ``current_job.raise_if_cancelled()`` once a cancel was requested."""
 
 
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a task that ran past its ``soft_time_limit``: catch it to clean up
+    (what each pool can interrupt: docs/python.md, "Pools and time limits"). Uncaught, it
+    fails the attempt like any other exception."""
+
+
+class TimeLimitExceeded(Exception):
+    """The job ran past its hard ``time_limit``: the worker stopped it (the processes pool
+    kills the child running it) and reported it failed with this error type."""
+
+
+class WorkerShutdown(BaseException):
+    """Interrupts a task running in the solo pool's main thread on a cold shutdown, so its
+    job can be released. A BaseException: task code catching Exception lets it through."""
+
+
 def is_transient(exc: CeleriacError | ServerUnreachable) -> bool:
     """Worth trying again: no answer, overload, or a server error. Not: a bad key, a
     bad request."""

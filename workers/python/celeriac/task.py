@@ -40,6 +40,9 @@ class TaskOptions:
     timeout: float | None = None
     # Non-empty: only these exceptions ask for a retry; others fail the job at once.
     autoretry_for: tuple[type[BaseException], ...] = ()
+    # Seconds; None: the worker's --soft-time-limit / --time-limit (docs/python.md).
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
 
     def submit_defaults(self) -> SubmitOptions:
         options = SubmitOptions()

@@ -1,15 +1,19 @@
-"""The Python worker: leases jobs over HTTP, runs them on a thread pool, heartbeats
-their leases and reports outcomes in batches.
+"""The Python worker: leases jobs (over HTTP, or straight from Redis), runs them in a pool,
+heartbeats their leases and reports outcomes in batches.
 
-Threads: the leaser (``POST /leases`` for exactly as many jobs as there are free pool
-threads, so nothing waits here while another worker could run it), the pool, one
-heartbeat thread and one reporter. The main thread only waits for a signal and then
-drives the shutdown: the first SIGTERM/SIGINT is warm (stop leasing, finish, report),
-the second cold (release unfinished jobs and leave).
+Threads: the leaser (asks for exactly as many jobs as there are free slots, so nothing
+waits here while another worker could run it), the pool's, one heartbeat thread, one
+reporter and the registry's. The main thread waits for a signal and then drives the
+shutdown (the solo pool runs its jobs there too): the first SIGTERM/SIGINT is warm (stop
+leasing, finish, report), the second cold (release unfinished jobs and leave).
+
+The transport (``_transport``) and the pool (``_pools``) are chosen at start; nothing
+here depends on which.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import signal
@@ -19,24 +23,31 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from ._execution import AsyncLoop, LeasedJob, released, run_job
-from ._leases import ActiveLease, Heartbeater, LeaseBook, next_beat_for
-from ._pool import ThreadPool
-from ._reporting import Outbox, Outcome, Reporter
+from ._execution import Report, error_info, failure, released
+from ._http import HttpSession
+from ._leases import ActiveLease, Heartbeater, LeaseBook, next_beat_in
+from ._limits import Deadlines, TimeLimits
+from ._loader import spec_of
+from ._pools import POOLS, Pool, PoolHost, PoolOptions, make_pool
+from ._registry import Registry, RegistryHooks
+from ._reporting import Outbox, Reporter
+from ._transport import Grant, Transport
+from ._transport_http import HttpTransport
 from .app import Celeriac
 from .context import JobContext
-from .errors import CeleriacError, ServerUnreachable, is_transient
+from .errors import CeleriacError, ServerUnreachable, WorkerShutdown, is_transient
 
 logger = logging.getLogger("celeriac.worker")
 
 MAX_BACKOFF = 10.0
-MAX_LEASE_JOBS = 1000  # the API's limit on one POST /leases
 # A cold shutdown waits this long for the release reports before leaving anyway.
 COLD_REPORT_SECONDS = 5.0
+ASYNC_CONCURRENCY = 100  # coroutines are cheap; CPUs say nothing about how many fit
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Slots:
-    """Free pool threads. Only the leaser takes slots, so a count it saw free stays free
+    """Free pool slots. Only the leaser takes slots, so a count it saw free stays free
     until it takes them. ``changed`` also wakes the main thread during shutdown."""
 
     def __init__(self, total: int) -> None:
@@ -44,14 +55,16 @@ class Slots:
         self.busy = 0
         self.changed = threading.Condition(threading.RLock())
 
-    def wait_free(self, stopping: threading.Event) -> int:
+    def wait_free(self, stopping: threading.Event, quiet: threading.Event) -> int:
         with self.changed:
-            self.changed.wait_for(lambda: stopping.is_set() or self.busy < self.total)
+            self.changed.wait_for(
+                lambda: stopping.is_set() or (not quiet.is_set() and self.busy < self.total)
+            )
             return self.total - self.busy
 
-    def take(self) -> None:
+    def take(self, count: int) -> None:
         with self.changed:
-            self.busy += 1
+            self.busy += count
 
     def release(self) -> None:
         with self.changed:
@@ -67,10 +80,27 @@ class Slots:
             self.changed.notify_all()
 
 
+def default_concurrency(pool: str) -> int:
+    if pool == "solo":
+        return 1
+    if pool == "async":
+        return ASYNC_CONCURRENCY
+    return os.cpu_count() or 1
+
+
 class Worker:
     """Runs the jobs of ``app``'s tasks from ``queues`` (in priority order), at most
-    ``concurrency`` at a time. ``poll_wait`` is how long one lease request may wait for
-    work; a warm shutdown waits for the request in flight, so it also bounds that."""
+    ``concurrency`` at a time, in a ``pool`` (threads, processes, async or solo).
+
+    ``broker`` (a ``redis://`` URL) leases straight from Redis with the Redis protocol,
+    keys under ``{redis_prefix}``; without it, jobs come over HTTP from the app's server.
+    ``poll_wait`` is how long one lease request may wait for work; a warm shutdown waits
+    for the request in flight, so it also bounds that. Time limits are defaults for tasks
+    that set none (docs/python.md, "Pools and time limits"); ``max_tasks_per_child`` and
+    ``max_memory_per_child`` (KB) recycle the processes pool's children. ``app_spec``
+    (``module:attribute``) is what those children import; by default, found in
+    ``sys.modules``.
+    """
 
     def __init__(
         self,
@@ -81,36 +111,84 @@ class Worker:
         lease_seconds: float | None = None,
         hostname: str | None = None,
         poll_wait: float = 10.0,
+        pool: str = "threads",
+        broker: str | None = None,
+        redis_prefix: str = "celeriac",
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
+        max_tasks_per_child: int = 0,
+        max_memory_per_child: int = 0,
+        app_spec: str | None = None,
+        register: bool = True,
     ) -> None:
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}: choose from {', '.join(POOLS)}")
         self.app = app
         self.queues = list(queues)
-        self.concurrency = concurrency or os.cpu_count() or 1
-        self.lease_seconds = lease_seconds
+        self.concurrency = 1 if pool == "solo" else concurrency or default_concurrency(pool)
         self.hostname = hostname or f"{os.getpid()}@{socket.gethostname()}"
-        self.poll_wait = poll_wait
-        self._client = app.new_client()
+        self._http = HttpSession(app.server, app.api_key)
+        self._transport = self._make_transport(broker, redis_prefix, lease_seconds, poll_wait)
         self._slots = Slots(self.concurrency)
         self._book = LeaseBook()
         self._outbox = Outbox()
-        self._loop = AsyncLoop()
-        self._pool: ThreadPool[tuple[LeasedJob, ActiveLease]] = ThreadPool(
-            self.concurrency, self._run_job, "celeriac-job"
-        )
-        self._heartbeater = Heartbeater(self._client, self._book, lease_seconds)
-        self._reporter = Reporter(self._client, self._outbox, self._book, self._slots.wake)
+        self._deadlines = Deadlines()
+        host = PoolHost(
+            app.tasks, self.hostname, self._finish, self._abandon, self._deadlines,
+            TimeLimits(soft_time_limit, time_limit),
+        )  # fmt: skip
+        options = PoolOptions(
+            pool, app_spec or (spec_of(app) if pool == "processes" else None),
+            max_tasks_per_child, max_memory_per_child,
+        )  # fmt: skip
+        self._pool: Pool = make_pool(self.concurrency, host, options)
+        self._heartbeater = Heartbeater(self._transport, self._book)
+        self._reporter = Reporter(self._transport, self._outbox, self._book, self._slots.wake)
+        self._registry = self._make_registry() if register else None
         self._stopping = threading.Event()
         self._cold = threading.Event()
+        self._quiet = threading.Event()
         self._leaser_done = threading.Event()
         self._fatal: Exception | None = None
+
+    def _make_transport(
+        self, broker: str | None, prefix: str, lease_seconds: float | None, poll_wait: float
+    ) -> Transport:
+        if broker:
+            if not broker.startswith(REDIS_SCHEMES):
+                raise ValueError(f"--broker must be a redis:// URL, not {broker!r}")
+            from ._transport_redis import RedisTransport
+
+            return RedisTransport(
+                broker, prefix=prefix, worker=self.hostname, queues=self.queues,
+                lease_seconds=lease_seconds, poll_wait=poll_wait,
+            )  # fmt: skip
+        return HttpTransport(
+            self._http, worker=self.hostname, queues=self.queues,
+            lease_seconds=lease_seconds, poll_wait=poll_wait,
+        )  # fmt: skip
+
+    def _make_registry(self) -> Registry:
+        about: dict[str, Any] = {
+            "name": self.hostname[:200],
+            "hostname": socket.gethostname()[:255] or "unknown",
+            "pid": os.getpid(),
+            "queues": self.queues,
+            "concurrency": self.concurrency,
+            "pool": self._pool.kind,
+            "version": _version(),
+        }
+        hooks = RegistryHooks(self._book.job_ids, self.quiet, self.stop)
+        return Registry(self._http, about, hooks)
 
     def run(self) -> int:
         """Work until told to stop; the exit status: 0 after a warm shutdown, 1 after a
         cold one or when the service refuses this worker."""
         self._install_signal_handlers()
         logger.info(
-            "worker %s: server %s, queues %s, concurrency %d, tasks: %s",
-            self.hostname, self._client.server, ",".join(self.queues), self.concurrency,
-            ", ".join(sorted(self.app.tasks)) or "(none)",
+            "worker %s: %s transport (%s), %s pool, queues %s, concurrency %d, tasks: %s",
+            self.hostname, self._transport.name, self._where(), self._pool.kind,
+            ",".join(self.queues), self.concurrency, ", ".join(sorted(self.app.tasks)) or "(none)",
         )  # fmt: skip
         # Daemon threads: after a cold shutdown some may still be blocked in I/O or in a
         # task, and must not keep the process alive.
@@ -118,8 +196,13 @@ class Worker:
         _start(self._lease_loop, "celeriac-leaser")
         _start(self._heartbeater.run, "celeriac-heartbeat")
         _start(self._reporter.run, "celeriac-reporter")
-        self._stopping.wait()
+        if self._registry is not None:
+            _start(self._registry.run, "celeriac-registry")
+        self._pool.serve(self._stopping, self._may_leave)
         return self._shutdown()
+
+    def _where(self) -> str:
+        return str(getattr(self._transport, "url", self._http.server)).split("@")[-1]
 
     def stop(self, cold: bool = False) -> None:
         """What a signal does; callable from any thread."""
@@ -127,6 +210,11 @@ class Worker:
             self._cold.set()
         self._stopping.set()
         self._slots.wake()
+        self._pool.wake()
+
+    def quiet(self) -> None:
+        """Lease no more jobs; running ones finish. (The service's ``quiet`` command.)"""
+        self._quiet.set()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -136,12 +224,14 @@ class Worker:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self._stopping.is_set():
-            logger.warning("%s again: cold shutdown, releasing unfinished jobs", name)
-            self.stop(cold=True)
-        else:
+        if not self._stopping.is_set():
             logger.info("%s: warm shutdown, finishing %d running jobs", name, self._slots.busy)
             self.stop()
+            return
+        logger.warning("%s again: cold shutdown, releasing unfinished jobs", name)
+        self.stop(cold=True)
+        if self._pool.interrupt_main():
+            raise WorkerShutdown  # break off the task the solo pool runs right here
 
     # -- leasing ---------------------------------------------------------------------
 
@@ -149,13 +239,13 @@ class Worker:
         backoff = 0.0
         try:
             while not self._stopping.is_set():
-                free = self._slots.wait_free(self._stopping)
+                free = self._slots.wait_free(self._stopping, self._quiet)
                 if self._stopping.is_set():
                     break
                 try:
-                    jobs = self._lease(free)
+                    grants = self._transport.lease(free)
                 except (ServerUnreachable, CeleriacError) as exc:
-                    if not is_transient(exc):
+                    if isinstance(exc, CeleriacError) and not is_transient(exc):
                         self._fail(exc)
                         break
                     backoff = min(MAX_BACKOFF, backoff * 2 or 0.5)
@@ -163,69 +253,75 @@ class Worker:
                     self._stopping.wait(backoff)
                     continue
                 backoff = 0.0
-                self._start_jobs(jobs)
+                if grants:
+                    self._start_jobs(grants)
         finally:
             self._leaser_done.set()
             self._slots.wake()
+            self._pool.wake()
 
-    def _lease(self, max_jobs: int) -> list[LeasedJob]:
-        body: dict[str, Any] = {
-            "worker": self.hostname,
-            "queues": self.queues,
-            "max_jobs": min(max_jobs, MAX_LEASE_JOBS),
-            "wait": self.poll_wait,
-        }
-        if self.lease_seconds:
-            body["lease_seconds"] = self.lease_seconds
-        answer = self._client.request("POST", "/leases", json=body, wait=self.poll_wait)
-        jobs: list[LeasedJob] = answer["jobs"]
-        logger.debug("leased %d jobs (asked for %d)", len(jobs), max_jobs)
-        return jobs
-
-    def _start_jobs(self, jobs: list[LeasedJob]) -> None:
-        # Jobs leased together mostly share an expiry: parse each distinct one once.
-        beats: dict[str, float] = {}
-        for job in jobs:
-            token, expires_at = job["lease"]["token"], job["lease"]["expires_at"]
-            if expires_at not in beats:
-                beats[expires_at] = next_beat_for(expires_at)
+    def _start_jobs(self, grants: list[Grant]) -> None:
+        beats: dict[float, float] = {}  # leases granted together mostly share a length
+        leases = []
+        for grant in grants:
+            job = grant.job
+            if grant.lease_left not in beats:
+                beats[grant.lease_left] = next_beat_in(grant.lease_left)
             context = JobContext(
                 job["id"], job["task"], job["attempt"], job["queue"], self.hostname
             )
-            lease = ActiveLease(job["id"], token, context, beats[expires_at])
-            self._book.add(lease)
-            if self._stopping.is_set():
-                # Leased while the poll was out: hand it straight back, it never started.
+            leases.append(
+                ActiveLease(
+                    job["id"], grant.token, context, beats[grant.lease_left], grant.lease_seconds
+                )
+            )
+        self._book.add(leases)
+        if self._stopping.is_set():
+            # Leased while the poll was out: hand them straight back, they never started.
+            for lease in leases:
                 self._release(lease)
-                continue
-            self._slots.take()
-            self._pool.submit((job, lease))
+            return
+        logger.debug("leased %d jobs", len(leases))
+        self._slots.take(len(leases))
+        for grant, lease in zip(grants, leases, strict=True):
+            self._pool.submit(grant.job, lease)
 
     def _release(self, lease: ActiveLease) -> None:
         if lease.settle():
-            self._outbox.put(
-                Outcome(lease.job_id, lease.token, released(lease.job_id, lease.token))
-            )
+            self._outbox.put(released(lease.job_id, lease.token))
 
     def _fail(self, exc: Exception) -> None:
         logger.error("the service refused this worker, stopping: %s", exc)
         self._fatal = exc
         self.stop()
 
-    # -- running ---------------------------------------------------------------------
+    # -- what the pools call -----------------------------------------------------------
 
-    def _run_job(self, item: tuple[LeasedJob, ActiveLease]) -> None:
-        job, lease = item
-        try:
-            report = run_job(self.app.tasks.get(job["task"]), job, lease.context, self._loop)
-            if lease.settle():  # not already released by a cold shutdown
-                self._outbox.put(Outcome(lease.job_id, lease.token, report))
-        except Exception:  # a bug here must not leak the slot or kill the pool thread quietly
-            logger.exception("worker error while running job %s", job.get("id"))
-        finally:
+    def _finish(self, lease: ActiveLease, report: Report | None) -> None:
+        """A job left its pool: report it (unless a cold shutdown released it, or its hard
+        limit reported it already) and free its slot (unless that happened at the limit)."""
+        if report is None:  # the worker failed, not the task: let it run again
+            error = error_info("WorkerError", "the worker failed to run the job (see its log)")
+            report = failure(lease.job_id, lease.token, error, retry=True)
+        if lease.settle():
+            self._outbox.put(report)
+        if lease.end():
             self._slots.release()
 
+    def _abandon(self, lease: ActiveLease, report: Report) -> bool:
+        """A job past its hard limit that its pool cannot stop: report it now and free its
+        slot while it goes on running. False if it finished first."""
+        if not lease.end():
+            return False
+        if lease.settle():
+            self._outbox.put(report)
+        self._slots.release()
+        return True
+
     # -- shutdown --------------------------------------------------------------------
+
+    def _may_leave(self) -> bool:
+        return self._stopping.is_set() and (self._cold.is_set() or self._drained())
 
     def _shutdown(self) -> int:
         self._slots.wait_for(lambda: self._cold.is_set() or self._drained())
@@ -236,7 +332,7 @@ class Worker:
         self._slots.wait_for(lambda: self._cold.is_set() or self._reporter.done.is_set())
         if self._cold.is_set():
             self._reporter.give_up.set()
-        self._close()
+        self._close(cold=False)
         logger.info("worker %s stopped", self.hostname)
         return 1 if self._fatal or self._cold.is_set() else 0
 
@@ -252,17 +348,27 @@ class Worker:
         if not self._reporter.done.wait(COLD_REPORT_SECONDS):
             self._reporter.give_up.set()
         logger.warning("cold shutdown: released %d unfinished jobs", len(unfinished))
-        self._close()
+        self._close(cold=True)
         return 1
 
-    def _close(self) -> None:
+    def _close(self, cold: bool) -> None:
+        if self._registry is not None:
+            self._registry.stop()
         self._heartbeater.stop()
-        self._loop.stop()
-        self._pool.stop()
-        self._client.close()
+        self._deadlines.stop()
+        self._pool.stop(cold)
+        self._transport.close()
+        self._http.close()
 
 
 def _start(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("celeriac")[:64]
+    except importlib.metadata.PackageNotFoundError:
+        return ""

@@ -1,0 +1,279 @@
+"""celeriac in the side-by-side bench: its tasks, its ``System``, and a minimal worker for
+the Redis worker protocol.
+
+The service runs as ``celeriac serve`` on a fresh PostgreSQL database with Redis (db
+BENCH_REDIS_DB) as the dispatch index: results are durable in SQL. Workers:
+
+- ``http-c8``: the Python worker, ``celeriac worker --app celeriac_side:app -c 8``;
+- ``redis-protocol``: ``celeriac worker`` has no Redis transport yet, so this file also
+  holds a minimal drain loop over the Redis protocol (docs/protocol.md, "Redis protocol"):
+  ``FCALL celeriac_v1_lease`` for up to 100 jobs, run them inline, pipeline one
+  ``celeriac_v1_complete`` per job, ``BLPOP`` the wake-up list when nothing is ready. A job
+  counts as done only once the service has applied its report to SQL.
+
+Run as a script it is that Redis worker: ``python bench/celeriac_side.py redis-worker
+--prefix P``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from celeriac import Celeriac
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (
+    POSTGRES_URL,
+    QUEUE_DB,
+    REPO,
+    free_port,
+    fresh_database,
+    pct,
+    record_execution,
+    redis_url,
+    spawn,
+    stop,
+    wait_ready,
+)
+from peers.base import Metrics, System, bin_path, chunks, timed_loop
+
+app = Celeriac("bench")
+
+
+@app.task(name="bench.noop")
+def noop(i: int) -> int:
+    return i
+
+
+@app.task(name="bench.record")
+def record(i: int) -> int:
+    record_execution(i)
+    return i
+
+
+TASKS = {"bench.noop": noop.func, "bench.record": record.func}
+SUBMIT_CLIENTS = 16
+BATCH = 1000
+REDIS_LEASE_BATCH = 100
+
+
+class CeleriacSystem(System):
+    name = "celeriac"
+    stop_signals = 2  # a second SIGTERM: cold shutdown, no wait for the long-poll
+
+    def setup(self) -> None:
+        super().setup()
+        from celeriac.client import Client
+
+        self._stack = ExitStack()
+        self.database = self._stack.enter_context(fresh_database(POSTGRES_URL))
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.prefix = f"bench{uuid.uuid4().hex[:6]}"
+        env = {
+            **self.env,
+            "CELERIAC_DATABASE_URL": self.database,
+            "CELERIAC_BROKER_URL": redis_url(QUEUE_DB),
+            "CELERIAC_REDIS_PREFIX": self.prefix,
+            "CELERIAC_LOG_LEVEL": "warning",
+        }
+        cmd = [bin_path("celeriac"), "serve", "--port", str(port), "--no-migrate"]
+        self.service = spawn(cmd, f"celeriac-serve-{os.getpid()}", env)
+        wait_ready(self.base, 60)
+        self.client = Client(self.base)
+        import psycopg
+
+        self.pg = psycopg.connect(self.database.replace("+psycopg", ""), autocommit=True)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+            self.client.close()
+            self.pg.close()
+            stop(self.service)
+        finally:
+            self._stack.close()
+
+    def service_pids(self) -> list[int]:
+        return [self.service.pid]
+
+    def worker_command(self, mode: str, index: int) -> list[str]:
+        if self.variant == "redis protocol loop":
+            return [
+                sys.executable,
+                os.path.abspath(__file__),
+                "redis-worker",
+                "--prefix",
+                self.prefix,
+            ]
+        return [
+            bin_path("celeriac"),
+            "worker",
+            "--app",
+            "celeriac_side:app",
+            "--server",
+            self.base,
+            "-c",
+            "8",
+            "--loglevel",
+            "warning",
+            "-n",
+            f"bench-{mode}-{index}",
+        ]
+
+    def enqueue(self, n: int, task: str) -> None:
+        from celeriac.client import job_spec
+
+        for part in chunks(n, BATCH):
+            self.client.submit_batch([job_spec(f"bench.{task}", [i]) for i in part])
+
+    def submit_timed(self, n: int) -> Metrics:
+        if self.variant == "POST /jobs/batch of 1000":
+            from celeriac.client import job_spec
+
+            parts = chunks(n, BATCH)
+            specs = [[job_spec("bench.noop", [i]) for i in part] for part in parts]
+            metrics = timed_loop(len(specs), lambda k: self.client.submit_batch(specs[k]))
+            return {
+                "jobs": n,
+                "elapsed_s": metrics["elapsed_s"],
+                "jobs_per_s": n / metrics["elapsed_s"],
+            }
+        return asyncio.run(self._submit_concurrent(n))
+
+    async def _submit_concurrent(self, n: int) -> Metrics:
+        from celeriac.client import AsyncClient
+
+        latencies: list[float] = []
+        per_client = n // SUBMIT_CLIENTS
+        async with AsyncClient(self.base) as client:
+
+            async def one_client(offset: int) -> None:
+                for i in range(offset, offset + per_client):
+                    started = time.perf_counter()
+                    await client.submit("bench.noop", [i])
+                    latencies.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one_client(k * per_client) for k in range(SUBMIT_CLIENTS)))
+            elapsed = time.perf_counter() - started
+        total = per_client * SUBMIT_CLIENTS
+        return {
+            "jobs": total,
+            "elapsed_s": elapsed,
+            "jobs_per_s": total / elapsed,
+            "p50_ms": pct(latencies, 0.5) * 1000,
+            "p99_ms": pct(latencies, 0.99) * 1000,
+        }
+
+    def drain(self, n: int) -> Metrics:
+        if not os.environ.get("BENCH_PROFILE_RAW"):
+            return super().drain(n)
+        # run.py --profile: py-spy the service while the worker drains (jobs queued first).
+        self.enqueue(n, "noop")
+        with self._profiled():
+            return self._run_workers(n, "drain", 1)
+
+    def submit(self, n: int) -> Metrics:
+        if not os.environ.get("BENCH_PROFILE_RAW"):
+            return super().submit(n)
+        with self._profiled():
+            return self.submit_timed(n)
+
+    @contextmanager
+    def _profiled(self) -> Iterator[None]:
+        """py-spy on the service (all threads, 200 Hz) into $BENCH_PROFILE_RAW."""
+        raw = os.environ["BENCH_PROFILE_RAW"]
+        cmd = [py_spy(), "record", "--pid", str(self.service.pid), "--format", "raw",
+               "--output", raw, "--rate", "200", "--nonblocking"]  # fmt: skip
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # let it attach
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+
+    def round_trip(self, i: int) -> None:
+        job = self.client.submit("bench.noop", [i])
+        job = self.client.get(job["id"], wait=10)
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"job {job['id']} is {job['status']} after 10 s")
+
+    def done_count(self) -> int:
+        row = self.pg.execute("SELECT count(*) FROM jobs WHERE status = 'succeeded'").fetchone()
+        return int(row[0]) if row else 0
+
+
+SYSTEM = CeleriacSystem
+
+
+def py_spy() -> str:
+    """py-spy from the bench venv, else the project's venv, else PATH."""
+    for candidate in (bin_path("py-spy"), str(REPO / ".venv" / "bin" / "py-spy")):
+        if os.path.exists(candidate):
+            return candidate
+    return shutil.which("py-spy") or "py-spy"
+
+
+def redis_worker(prefix: str, queue: str, batch: int, lease_ms: int) -> None:
+    """The minimal Redis-protocol worker: lease, run inline, pipeline the completions."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url(QUEUE_DB))
+    tag = "{" + prefix + "}"
+    events, ready, wake = f"{tag}:events", f"{tag}:ready:{queue}", f"{tag}:wake:{queue}"
+    name = f"bench-redis-{os.getpid()}"
+    while True:
+        leased: list[Any] = client.fcall(
+            "celeriac_v1_lease", 2, events, ready, "1", name, batch, lease_ms
+        )
+        if not leased:
+            client.blpop([wake], timeout=1)
+            continue
+        pipe = client.pipeline(transaction=False)
+        for raw in leased:
+            job = json.loads(raw)
+            result = TASKS[job["task"]](*job["args"], **job["kwargs"])
+            pipe.fcall(
+                "celeriac_v1_complete",
+                2,
+                events,
+                f"{tag}:job:{job['id']}",
+                "1",
+                job["id"],
+                job["lease"]["token"],
+                json.dumps(result),
+            )
+        pipe.execute()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("redis-worker", help="a minimal Redis-protocol drain loop")
+    worker.add_argument("--prefix", required=True, help="CELERIAC_REDIS_PREFIX of the service")
+    worker.add_argument("--queue", default="default")
+    worker.add_argument("--batch", type=int, default=REDIS_LEASE_BATCH)
+    worker.add_argument("--lease-ms", type=int, default=30_000)
+    args = parser.parse_args()
+    redis_worker(args.prefix, args.queue, args.batch, args.lease_ms)
+
+
+if __name__ == "__main__":
+    main()

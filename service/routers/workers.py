@@ -1,0 +1,120 @@
+"""The worker registry (domain in service.workers): workers register and heartbeat with the
+``work`` scope, anyone with ``read`` lists them, an administrator quiets or stops them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from service import workers
+from service.routers.deps import get_runtime, require
+from service.routers.jobs import PROBLEMS
+from service.runtime import Runtime
+from service.schemas import (
+    Worker,
+    WorkerHeartbeat,
+    WorkerHeartbeatResponse,
+    WorkerList,
+    WorkerRegister,
+    WorkerRegistered,
+)
+
+router = APIRouter(tags=["workers"])
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+WORK = [Depends(require("work"))]
+ADMIN = [Depends(require("admin"))]
+
+
+def _interval(runtime: Runtime) -> float:
+    return runtime.settings.worker_heartbeat_seconds
+
+
+@router.post(
+    "/workers",
+    status_code=201,
+    response_model=WorkerRegistered,
+    responses=PROBLEMS,
+    dependencies=WORK,
+    summary="Register a worker process",
+)
+async def register(spec: WorkerRegister, runtime: RuntimeDep) -> JSONResponse:
+    now, interval = runtime.clock.now(), _interval(runtime)
+    worker_id = await runtime.db.run(lambda session: workers.register(session, spec, now, interval))
+    # The deadline moved: let the maintenance loop re-plan its sleep.
+    runtime.signals.maintenance.set()
+    body = {"id": worker_id, "heartbeat_interval": interval}
+    return JSONResponse(body, status_code=201, headers={"Location": f"/workers/{worker_id}"})
+
+
+@router.post(
+    "/workers/{worker_id}/heartbeat",
+    response_model=WorkerHeartbeatResponse,
+    responses=PROBLEMS,
+    dependencies=WORK,
+    summary="Say the worker is alive; the answer carries a command for it, if any",
+)
+async def heartbeat(worker_id: str, body: WorkerHeartbeat, runtime: RuntimeDep) -> JSONResponse:
+    now, interval = runtime.clock.now(), _interval(runtime)
+    command = await runtime.db.run(
+        lambda session: workers.heartbeat(session, worker_id, body.running, now, interval)
+    )
+    return JSONResponse({"command": command})
+
+
+@router.delete(
+    "/workers/{worker_id}",
+    status_code=204,
+    response_class=Response,
+    responses=PROBLEMS,
+    dependencies=WORK,
+    summary="Deregister a worker that shut down cleanly",
+)
+async def deregister(worker_id: str, runtime: RuntimeDep) -> Response:
+    await runtime.db.run(lambda session: workers.deregister(session, worker_id))
+    return Response(status_code=204)
+
+
+@router.get(
+    "/workers",
+    response_model=WorkerList,
+    responses=PROBLEMS,
+    dependencies=[Depends(require("read"))],
+    summary="Live workers, and lost ones for CELERIAC_WORKER_LOST_RETENTION_SECONDS",
+)
+async def list_workers(runtime: RuntimeDep) -> JSONResponse:
+    rows = await runtime.db.read(workers.list_workers)
+    now = runtime.clock.now()
+    return JSONResponse({"workers": [workers.worker_body(row, now) for row in rows]})
+
+
+async def _command(runtime: Runtime, worker_id: str, command: str) -> JSONResponse:
+    def work(session: Session) -> dict[str, Any]:
+        return workers.send_command(session, worker_id, command)
+
+    row = await runtime.db.run(work)
+    return JSONResponse(workers.worker_body(row, runtime.clock.now()))
+
+
+@router.post(
+    "/workers/{worker_id}/quiet",
+    response_model=Worker,
+    responses=PROBLEMS,
+    dependencies=ADMIN,
+    summary="Tell a worker to stop leasing jobs (at its next heartbeat)",
+)
+async def quiet(worker_id: str, runtime: RuntimeDep) -> JSONResponse:
+    return await _command(runtime, worker_id, "quiet")
+
+
+@router.post(
+    "/workers/{worker_id}/shutdown",
+    response_model=Worker,
+    responses=PROBLEMS,
+    dependencies=ADMIN,
+    summary="Tell a worker to finish its running jobs and exit (warm shutdown)",
+)
+async def shutdown(worker_id: str, runtime: RuntimeDep) -> JSONResponse:
+    return await _command(runtime, worker_id, "shutdown")

@@ -1,0 +1,128 @@
+"""The worker's own HTTP client: ``http.client`` over one persistent connection per thread.
+
+The worker makes the same few calls (lease, heartbeat, report, registry) thousands of times
+a minute, and at low concurrency a request's client-side CPU is most of a job's cost: about
+1 ms with httpx, a few hundred microseconds here (bench/worker.py measures both). Each
+calling thread (leaser, heartbeat, reporter, registry) gets its own connection, because an
+``HTTPConnection`` carries one request at a time. Same errors as ``Client``: an error
+answer raises ``CeleriacError``, no answer ``ServerUnreachable``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from .client import resolve_api_key, resolve_server
+from .errors import CeleriacError, ServerUnreachable
+
+# The service closes idle keep-alive connections (uvicorn: after 5 s); a request that
+# finds its connection closed that way is sent again once, on a new one.
+STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+class HttpSession:
+    """``call(method, path, body)`` → the decoded JSON answer."""
+
+    def __init__(
+        self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0
+    ) -> None:
+        self.server = resolve_server(server)
+        parts = urlsplit(self.server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the server URL must be http(s)://host[:port], not {self.server!r}")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._timeout = timeout
+        self._headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+            "User-Agent": "celeriac-python-worker",
+        }
+        key = resolve_api_key(api_key)
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def call(self, method: str, path: str, body: bytes | None = None, *, wait: float = 0.0) -> Any:
+        """One API call; ``wait`` is how long the service may hold it (long-poll)."""
+        conn, reused = self._connection()
+        self._set_timeout(conn, self._timeout + wait)
+        try:
+            status, reason, data = self._exchange(conn, method, path, body)
+        except STALE_CONNECTION as exc:
+            conn.close()
+            if not reused:
+                raise self._unreachable(method, path, exc) from exc
+            try:
+                status, reason, data = self._exchange(conn, method, path, body)
+            except (OSError, http.client.HTTPException) as again:
+                conn.close()
+                raise self._unreachable(method, path, again) from again
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise self._unreachable(method, path, exc) from exc
+        return _decode(status, reason, data)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+    def _exchange(
+        self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None
+    ) -> tuple[int, str, bytes]:
+        if conn.sock is None:
+            conn.connect()
+            # Headers and body go out in one write (http.client joins them), but a
+            # report right after a lease must not wait for a delayed ACK either.
+            cast(socket.socket, conn.sock).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.request(method, self._prefix + path, body, self._headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.will_close:
+            conn.close()
+        return response.status, response.reason, data
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, conn.sock is not None
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = kind(self._host, self._port, timeout=self._timeout)
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn, False
+
+    @staticmethod
+    def _set_timeout(conn: http.client.HTTPConnection, seconds: float) -> None:
+        conn.timeout = seconds
+        if conn.sock is not None:
+            conn.sock.settimeout(seconds)
+
+    def _unreachable(self, method: str, path: str, exc: BaseException) -> ServerUnreachable:
+        return ServerUnreachable(f"{method} {self.server}{path}: {type(exc).__name__}: {exc}")
+
+
+def _decode(status: int, reason: str, data: bytes) -> Any:
+    if 200 <= status < 300:
+        return json.loads(data) if data else None
+    try:
+        problem = json.loads(data)
+    except ValueError:
+        problem = None
+    if not isinstance(problem, dict):
+        # Not from the service itself (a proxy, a crash page): keep a readable excerpt.
+        problem = {"title": reason, "detail": data[:500].decode(errors="replace")}
+    title = str(problem.get("title") or "Error")
+    raise CeleriacError(status, title, str(problem.get("detail") or ""), problem)

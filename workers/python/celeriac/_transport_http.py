@@ -1,0 +1,116 @@
+"""The HTTP worker protocol (docs/protocol.md): ``POST /leases`` (long-poll),
+``POST /leases/heartbeat`` and ``POST /leases/report``, over ``_http.HttpSession``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from ._execution import Report, dumps
+from ._http import HttpSession
+from ._transport import BeatAnswer, BeatItem, Grant, Settled, release_all
+
+MAX_LEASE_JOBS = 1000  # the API's limit on one POST /leases
+
+
+class HttpTransport:
+    name = "http"
+
+    def __init__(
+        self,
+        http: HttpSession,
+        *,
+        worker: str,
+        queues: Sequence[str],
+        lease_seconds: float | None,
+        poll_wait: float,
+    ) -> None:
+        self._http = http
+        self._worker = worker
+        self._queues = list(queues)
+        self._lease_seconds = lease_seconds
+        self._poll_wait = poll_wait
+
+    def lease(self, max_jobs: int) -> list[Grant]:
+        body: dict[str, Any] = {
+            "worker": self._worker,
+            "queues": self._queues,
+            "max_jobs": min(max_jobs, MAX_LEASE_JOBS),
+            "wait": self._poll_wait,
+        }
+        if self._lease_seconds:
+            body["lease_seconds"] = self._lease_seconds
+        answer = self._http.call("POST", "/leases", _encode(body), wait=self._poll_wait)
+        left = _LeaseClock()
+        return [
+            Grant(job, job["lease"]["token"], left(job["lease"]["expires_at"]), self._lease_seconds)
+            for job in answer["jobs"]
+        ]
+
+    def heartbeat(self, items: Sequence[BeatItem]) -> list[BeatAnswer]:
+        leases = []
+        for item in items:
+            ref: dict[str, Any] = {"id": item.job_id, "token": item.token}
+            if item.progress is not None:
+                ref["progress"] = item.progress
+            leases.append(ref)
+        body: dict[str, Any] = {"leases": leases}
+        if self._lease_seconds:
+            body["lease_seconds"] = self._lease_seconds
+        answer = self._http.call("POST", "/leases/heartbeat", _encode(body))
+        left = _LeaseClock()
+        return [
+            BeatAnswer(
+                entry["id"],
+                entry["ok"],
+                left(entry["expires_at"]) if entry.get("expires_at") else None,
+                bool(entry.get("cancel_requested")),
+            )
+            for entry in answer["leases"]
+        ]
+
+    def report(self, reports: Sequence[Report]) -> list[Settled]:
+        body = '{"reports":[' + ",".join(map(report_json, reports)) + "]}"
+        answer = self._http.call("POST", "/leases/report", body.encode())
+        return [Settled(item["id"], item["ok"], item.get("detail")) for item in answer["reports"]]
+
+    def release(self, grants: Sequence[tuple[str, str]]) -> list[Settled]:
+        return release_all(self, grants)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def report_json(report: Report) -> str:
+    """One item of ``reports``; the result is spliced in as the JSON text it already is."""
+    head = f'{{"id":{dumps(report.job_id)},"token":{dumps(report.token)}'
+    if report.outcome == "succeeded":
+        return f'{head},"outcome":"succeeded","result":{report.result}}}'
+    if report.outcome == "released":
+        return f'{head},"outcome":"released"}}'
+    tail: dict[str, Any] = {"outcome": "failed", "error": report.error, "retry": report.retry}
+    if report.retry_in is not None:
+        tail["retry_in"] = report.retry_in
+    return f"{head},{dumps(tail)[1:]}"
+
+
+class _LeaseClock:
+    """Seconds left on a lease from its ``expires_at`` (service clock). Jobs of one answer
+    mostly share it: each distinct value is parsed once."""
+
+    def __init__(self) -> None:
+        self._now = datetime.now(UTC)
+        self._seen: dict[str, float] = {}
+
+    def __call__(self, expires_at: str) -> float:
+        left = self._seen.get(expires_at)
+        if left is None:
+            left = (datetime.fromisoformat(expires_at) - self._now).total_seconds()
+            self._seen[expires_at] = left
+        return left

@@ -1,0 +1,167 @@
+"""The Redis worker protocol v1 (docs/protocol.md, "Redis protocol"): lease, heartbeat and
+settle jobs with the service's Redis Functions, straight from Redis.
+
+Leasing asks for as many jobs as the worker has free slots; with none ready it blocks in
+``BLPOP`` on the queues' wake-up lists (the service pushes a token whenever it makes jobs
+ready), so an idle worker costs nothing and wakes at once. Heartbeats and reports are
+pipelined: one round trip for every lease due, or every outcome waiting. The service
+applies each call's event to SQL, which remains the system of record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._execution import Report, dumps
+from ._transport import BeatAnswer, BeatItem, Grant, Settled, release_all
+from .errors import CeleriacError, ServerUnreachable
+
+PROTOCOL = "1"
+# The lease call takes one length for every job; HTTP's default is the service's 30 s.
+DEFAULT_LEASE_SECONDS = 30.0
+MAX_LEASE_JOBS = 1000
+
+
+class RedisTransport:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        worker: str,
+        queues: Sequence[str],
+        lease_seconds: float | None,
+        poll_wait: float,
+    ) -> None:
+        options: dict[str, Any] = {"socket_connect_timeout": 10, "health_check_interval": 0}
+        # Typed Any: redis-py leaves execute_command (all we use) unannotated.
+        self._redis: Any = redis.Redis.from_url(url, socket_timeout=30, **options)
+        # BLPOP holds its connection for the whole wait: a client (and socket timeout) of
+        # its own, so heartbeats and reports never queue behind it.
+        self._blocking: Any = redis.Redis.from_url(url, socket_timeout=poll_wait + 30, **options)
+        self.url = url
+        tag = "{" + prefix + "}"
+        self._events = f"{tag}:events"
+        self._job = f"{tag}:job:"
+        self._wake = [f"{tag}:wake:{queue}" for queue in queues]
+        ready = [f"{tag}:ready:{queue}" for queue in queues]
+        self._lease_call = ("FCALL", "celeriac_v1_lease", 1 + len(ready), self._events, *ready)
+        self._worker = worker
+        self._explicit = lease_seconds
+        self._lease_seconds = lease_seconds or DEFAULT_LEASE_SECONDS
+        self._poll_wait = poll_wait
+
+    def lease(self, max_jobs: int) -> list[Grant]:
+        grants = self._lease_now(max_jobs)
+        if grants or self._poll_wait <= 0:
+            return grants
+        try:
+            woken = self._blocking.blpop(self._wake, timeout=self._poll_wait)
+        except RedisError as exc:
+            raise _translate(exc) from exc
+        # Another worker may win the jobs that woke us: then there is nothing, and the
+        # worker asks again (back to BLPOP), which is no more than one empty call.
+        return self._lease_now(max_jobs) if woken else []
+
+    def _lease_now(self, max_jobs: int) -> list[Grant]:
+        want = min(max_jobs, MAX_LEASE_JOBS)
+        try:
+            items = self._redis.execute_command(
+                *self._lease_call, PROTOCOL, self._worker, want, int(self._lease_seconds * 1000)
+            )
+        except RedisError as exc:
+            raise _translate(exc) from exc
+        grants = []
+        for item in items:
+            job = json.loads(item)
+            # The job's own timeout is its lease length at each heartbeat (as over HTTP,
+            # unless the worker chose one); the first beat is due at the shorter of both.
+            length = self._explicit or job.get("timeout") or self._lease_seconds
+            left = min(length, self._lease_seconds)
+            grants.append(Grant(job, job["lease"]["token"], left, length))
+        return grants
+
+    def heartbeat(self, items: Sequence[BeatItem]) -> list[BeatAnswer]:
+        pipe = self._redis.pipeline(transaction=False)
+        for item in items:
+            length = item.lease_seconds or self._lease_seconds
+            progress = "" if item.progress is None else dumps(item.progress)
+            pipe.execute_command(
+                "FCALL", "celeriac_v1_heartbeat", 2, self._events, self._job + item.job_id,
+                PROTOCOL, item.job_id, item.token, int(length * 1000), progress,
+            )  # fmt: skip
+        answers = []
+        for item, answer in zip(items, self._execute(pipe), strict=True):
+            if isinstance(answer, ResponseError):
+                answers.append(BeatAnswer(item.job_id, False))
+            else:
+                length = item.lease_seconds or self._lease_seconds
+                answers.append(BeatAnswer(item.job_id, True, length, bool(int(answer[1]))))
+        return answers
+
+    def report(self, reports: Sequence[Report]) -> list[Settled]:
+        pipe = self._redis.pipeline(transaction=False)
+        for report in reports:
+            pipe.execute_command(*self._settle_call(report))
+        return [
+            Settled(report.job_id, False, "stale-lease")
+            if isinstance(answer, ResponseError)
+            else Settled(report.job_id, True)
+            for report, answer in zip(reports, self._execute(pipe), strict=True)
+        ]
+
+    def _settle_call(self, report: Report) -> tuple[Any, ...]:
+        head = (self._events, self._job + report.job_id, PROTOCOL, report.job_id, report.token)
+        if report.outcome == "succeeded":
+            return ("FCALL", "celeriac_v1_complete", 2, *head, report.result)
+        if report.outcome == "released":
+            return ("FCALL", "celeriac_v1_release", 2, *head)
+        retry_in = "" if report.retry_in is None else repr(report.retry_in)
+        return (
+            "FCALL", "celeriac_v1_fail", 2, *head, dumps(report.error),
+            "1" if report.retry else "0", retry_in,
+        )  # fmt: skip
+
+    def _execute(self, pipe: Any) -> list[Any]:
+        """Run a pipeline; per-command ``STALE`` errors come back in place, any other
+        error (a wrong protocol version, functions not loaded) raises."""
+        try:
+            answers: list[Any] = pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise _translate(exc) from exc
+        for answer in answers:
+            if isinstance(answer, ResponseError) and not str(answer).startswith("STALE"):
+                raise _translate(answer)
+        return answers
+
+    def release(self, grants: Sequence[tuple[str, str]]) -> list[Settled]:
+        return release_all(self, grants)
+
+    def close(self) -> None:
+        self._redis.close()
+        self._blocking.close()
+
+
+def _translate(exc: RedisError) -> CeleriacError | ServerUnreachable:
+    """Redis failures in the worker's terms: what to retry, and what means stop."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return ServerUnreachable(f"Redis: {type(exc).__name__}: {exc}")
+    text = str(exc)
+    if text.startswith("VERSION"):
+        # 426 Upgrade Required: not transient, the worker stops and says why.
+        return CeleriacError(426, "Redis protocol version mismatch", text, {"detail": text})
+    if "Function not found" in text:
+        detail = (
+            "the celeriac_v1 Redis functions are not loaded: is the service running with "
+            f"CELERIAC_BROKER_URL=redis://… and the same Redis? ({text})"
+        )
+        return CeleriacError(503, "Redis functions not loaded", detail, {"detail": detail})
+    return CeleriacError(503, "Redis error", text, {"detail": text})
