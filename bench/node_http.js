@@ -4,6 +4,9 @@
 //   node bench/node_http.js --server http://127.0.0.1:8000 --jobs 20000 --concurrency 1000
 //   node bench/node_http.js --raw ...    # the same drain with bare lease/report calls, one
 //                                        # batch at a time: the service's own ceiling
+//   --service-pid PID                    # (Linux) also report the CPU seconds the service
+//                                        # process spent: on a shared machine, jobs per
+//                                        # service CPU second is the steadier figure
 //
 // Prints one JSON line. Uses only the worker library (workers/node, no dependencies),
 // loaded with dynamic import(): no static imports, so it runs as CommonJS or ES module.
@@ -22,6 +25,7 @@ async function main() {
       concurrency: { type: "string", default: "1000" },
       queue: { type: "string", default: `bench_${process.pid}_${Date.now()}` },
       raw: { type: "boolean", default: false },
+      "service-pid": { type: "string" },
     },
   });
   const here = path.dirname(path.resolve(process.argv[1]));
@@ -38,6 +42,16 @@ async function main() {
   }
   const submitSeconds = (performance.now() - submitStart) / 1000;
 
+  const { readFile } = await import("node:fs/promises");
+  // utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat, in ticks
+  // of 1/100 s on Linux).
+  const serviceCpu = async () => {
+    if (!values["service-pid"]) return 0;
+    const stat = await readFile(`/proc/${values["service-pid"]}/stat`, "utf8");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  };
+  const serviceStart = await serviceCpu();
   const start = performance.now();
   const cpuStart = process.cpuUsage();
   const outcome = values.raw
@@ -45,6 +59,7 @@ async function main() {
     : await drainWithWorker(Worker, values.server, values.queue, total, concurrency);
   const seconds = (performance.now() - start) / 1000;
   const cpu = process.cpuUsage(cpuStart);
+  const serviceSeconds = (await serviceCpu()) - serviceStart;
   console.log(
     JSON.stringify({
       scenario: values.raw ? "raw_http_drain" : "node_http_drain",
@@ -54,6 +69,10 @@ async function main() {
       drain_seconds: Number(seconds.toFixed(3)),
       drain_jobs_per_s: Math.round(total / seconds),
       node_cpu_seconds: Number(((cpu.user + cpu.system) / 1e6).toFixed(2)),
+      ...(serviceSeconds && {
+        service_cpu_seconds: Number(serviceSeconds.toFixed(2)),
+        jobs_per_service_cpu_second: Math.round(total / serviceSeconds),
+      }),
       ...outcome,
     }),
   );

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,7 +214,7 @@ def test_a_queue_deleted_by_hand_is_republished_from_sql(
 
 
 def test_rabbitmq_restarted_mid_run(api: Api, backend: Backend, queue: str) -> None:
-    if rabbitmqctl("version") is None:
+    if shutil.which("rabbitmqctl") is None or os.geteuid() != 0:
         pytest.skip("needs rabbitmqctl as root to stop and start the RabbitMQ application")
     before = submit_many(api, queue, 200)
     rabbitmqctl("stop_app")

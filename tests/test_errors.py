@@ -6,11 +6,11 @@ fast) and one with API keys."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -515,11 +515,13 @@ def test_auth_other_schemes_are_refused(guarded_api: Api) -> None:
 # --- the CLI ------------------------------------------------------------------------------
 
 
-def serve_exits(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def serve_exits(
+    args: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "celeriac", "serve", *args],
         env=child_env(env),
-        cwd=os.environ.get("TMPDIR", "/tmp"),
+        cwd=cwd,  # not the repo: a developer's .env there must not apply
         capture_output=True,
         text=True,
         timeout=30,
@@ -527,21 +529,21 @@ def serve_exits(args: list[str], env: dict[str, str]) -> subprocess.CompletedPro
     )
 
 
-def test_serve_refuses_a_public_address_without_keys(tmp_path: Any) -> None:
+def test_serve_refuses_a_public_address_without_keys(tmp_path: Path) -> None:
     env = {"CELERIAC_DATABASE_URL": f"sqlite:///{tmp_path}/never.db"}
-    done = serve_exits(["--host", "0.0.0.0", "--port", "0", "--no-migrate"], env)
+    done = serve_exits(["--host", "0.0.0.0", "--port", "0", "--no-migrate"], env, tmp_path)
     assert done.returncode != 0, done
     assert "CELERIAC_API_KEYS" in done.stderr and "--insecure" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "never.db").exists()
 
 
-def test_serve_refuses_bad_api_keys(tmp_path: Any) -> None:
+def test_serve_refuses_bad_api_keys(tmp_path: Path) -> None:
     env = {
         "CELERIAC_DATABASE_URL": f"sqlite:///{tmp_path}/never.db",
         "CELERIAC_API_KEYS": "k1:submit+root",
     }
-    done = serve_exits(["--port", "0", "--no-migrate"], env)
+    done = serve_exits(["--port", "0", "--no-migrate"], env, tmp_path)
     assert done.returncode != 0, done
     assert "CELERIAC_API_KEYS" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr

@@ -9,7 +9,8 @@ protocol"). A message is only a wake-up carrying a job id: the worker claims the
 reports over HTTP like any worker, and acks the message once the report was answered, so
 RabbitMQ's prefetch is the worker's concurrency. A claim that grants nothing (the job is
 leased elsewhere, finished, or a duplicate) is acked and dropped: SQL publishes the job
-again if it has to run again.
+again if it has to run again. Claims, reports and heartbeats are batched: one call for
+whatever piled up while the previous one was in flight.
 
 Environment: CELERIAC_SERVER_URL, CELERIAC_API_KEY (a key with the ``work`` scope, if the
 service has keys), CELERIAC_AMQP_URL, CELERIAC_AMQP_PREFIX (``celeriac``),
@@ -31,7 +32,7 @@ import socket
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import httpx
@@ -40,6 +41,7 @@ from aio_pika.abc import AbstractIncomingMessage
 log = logging.getLogger("amqp-worker")
 
 Task = Callable[..., Any]
+T = TypeVar("T")
 
 
 # --- the tasks this worker runs (a real worker imports its own) -------------------------
@@ -76,6 +78,9 @@ WANTS_ATTEMPT = {"demo.crash_drill"}
 
 
 class Worker:
+    """Three loops share the work, each batching what piled up while its last call was
+    in flight: claims, reports, and one heartbeat call for every job in hand."""
+
     def __init__(self, env: dict[str, str]) -> None:
         self.amqp_url = env.get("CELERIAC_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
         self.prefix = env.get("CELERIAC_AMQP_PREFIX", "celeriac")
@@ -90,7 +95,12 @@ class Worker:
             headers=headers,
             timeout=30.0,
         )
+        self.inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.outbox: asyncio.Queue[tuple[dict[str, Any], AbstractIncomingMessage]] = asyncio.Queue()
+        self.held: dict[str, dict[str, str]] = {}  # job id -> {id, token}: to heartbeat
         self.running: set[asyncio.Task[None]] = set()
+        self.in_hand = 0  # messages not yet acked
+        self.all_settled = asyncio.Event()
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -107,67 +117,116 @@ class Worker:
                     f"{self.prefix}.{name}", durable=True, arguments=arguments
                 )
                 consumers.append((queue, await queue.consume(self.on_message)))
+            loops = [asyncio.create_task(loop()) for loop in (self.claimer, self.reporter,
+                                                             self.heartbeater)]  # fmt: skip
             log.info("%s consuming %s", self.name, ", ".join(self.queues))
             await self.stopping.wait()
             for queue, tag in consumers:  # warm shutdown: no new deliveries...
                 await queue.cancel(tag)
-            if self.running:  # ...finish, report and ack what is in hand
-                await asyncio.wait(self.running)
+            if self.in_hand:  # ...finish, report and ack what is in hand
+                self.all_settled.clear()
+                await self.all_settled.wait()
+            for task in loops:
+                task.cancel()
         await self.http.aclose()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self.handle(message))
-        self.running.add(task)
-        task.add_done_callback(self.running.discard)
+        self.in_hand += 1
+        self.inbox.put_nowait(message)
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
-        job_id = message.body.decode()
+    async def settle(self, message: AbstractIncomingMessage, *, requeue: bool = False) -> None:
+        # A message of a connection that died is back in its queue already.
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):
+            await (message.nack(requeue=True) if requeue else message.ack())
+        self.in_hand -= 1
+        if not self.in_hand:
+            self.all_settled.set()
+
+    # --- claims -------------------------------------------------------------------------
+
+    async def claimer(self) -> None:
+        while True:
+            await self.claim(await take_all(self.inbox))
+
+    async def claim(self, messages: list[AbstractIncomingMessage]) -> None:
+        ids = [message.body.decode() for message in messages]
         try:
-            jobs = await self.call("/leases/claim", worker=self.name, ids=[job_id],
-                                   lease_seconds=self.lease_seconds)  # fmt: skip
+            answer = await self.call("/leases/claim", worker=self.name, ids=ids,
+                                     lease_seconds=self.lease_seconds)  # fmt: skip
         except httpx.HTTPError as exc:
-            # The service is unreachable: give the message back, a little later.
-            log.warning("claim of %s failed (%s); requeueing", job_id, exc)
+            # The service is unreachable: give the messages back, a little later.
+            log.warning("claim failed (%s); requeueing %d messages", exc, len(messages))
             await asyncio.sleep(1.0)
-            await message.nack(requeue=True)
+            for message in messages:
+                await self.settle(message, requeue=True)
             return
-        for job in jobs["jobs"]:
-            await self.run_job(job)
-        await message.ack()  # after the report: or nothing to do (claimed elsewhere)
+        granted = {job["id"]: job for job in answer["jobs"]}
+        for job_id, message in zip(ids, messages, strict=True):
+            job = granted.pop(job_id, None)  # pop: a duplicate in the batch gets nothing
+            if job is None:
+                await self.settle(message)  # leased elsewhere, finished, or a duplicate
+                continue
+            self.held[job_id] = {"id": job_id, "token": job["lease"]["token"]}
+            task = asyncio.create_task(self.run_job(job, message))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
 
-    async def run_job(self, job: dict[str, Any]) -> None:
-        beat = asyncio.create_task(self.heartbeat(job))
-        try:
-            report = await execute(job)
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+    async def run_job(self, job: dict[str, Any], message: AbstractIncomingMessage) -> None:
+        report = await execute(job)
         report.update(id=job["id"], token=job["lease"]["token"])
-        for delay in (0.5, 1, 2, 4, 8):  # the lease outlives a short outage of the service
-            try:
-                await self.call("/leases/report", reports=[report])
-                return
-            except httpx.HTTPError as exc:
-                log.warning("report of %s failed (%s); retrying", job["id"], exc)
-                await asyncio.sleep(delay)
+        self.outbox.put_nowait((report, message))
 
-    async def heartbeat(self, job: dict[str, Any]) -> None:
-        ref = {"id": job["id"], "token": job["lease"]["token"]}
+    # --- reports and heartbeats ----------------------------------------------------------
+
+    async def reporter(self) -> None:
+        while True:
+            batch = await take_all(self.outbox)
+            await self.report([report for report, _ in batch])
+            for report, message in batch:
+                self.held.pop(report["id"], None)
+                await self.settle(message)  # ack only once the report was answered
+
+    async def report(self, reports: list[dict[str, Any]]) -> None:
+        for delay in (0.5, 1, 2, 4, 8, 16):  # the leases outlive a short outage
+            try:
+                await self.call("/leases/report", reports=reports)
+                return
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code < 500:
+                    log.error("reports refused: %s", exc.response.text[:500])
+                    return
+                log.warning("reports failed (%s); retrying", exc)
+            except httpx.HTTPError as exc:
+                log.warning("reports failed (%s); retrying", exc)
+            await asyncio.sleep(delay)
+
+    async def heartbeater(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            with contextlib.suppress(httpx.HTTPError):
-                body = await self.call("/leases/heartbeat", leases=[ref],
+            refs = list(self.held.values())[:1000]
+            if not refs:
+                continue
+            with contextlib.suppress(httpx.HTTPError):  # the leases have slack: next tick
+                body = await self.call("/leases/heartbeat", leases=refs,
                                        lease_seconds=self.lease_seconds)  # fmt: skip
-                if not body["leases"][0]["ok"]:
-                    log.warning("lost the lease of %s", job["id"])
-                    return
+                for answer in body["leases"]:
+                    if not answer["ok"]:  # its report will be refused: nothing to do
+                        self.held.pop(answer["id"], None)
+                        log.warning("lost the lease of %s", answer["id"])
 
     async def call(self, path: str, **body: Any) -> dict[str, Any]:
         response = await self.http.post(path, json=body)
         response.raise_for_status()
         answer: dict[str, Any] = response.json()
         return answer
+
+
+async def take_all(queue: asyncio.Queue[T], limit: int = 1000) -> list[T]:
+    """The next item, and whatever else is waiting (up to ``limit``)."""
+    items = [await queue.get()]
+    while len(items) < limit and not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 async def execute(job: dict[str, Any]) -> dict[str, Any]:

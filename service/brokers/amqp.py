@@ -29,7 +29,7 @@ requeued.
   empty waits until it runs dry (RabbitMQ cannot say which ids it holds). Duplicates cost
   one wasted ``basic.get``: SQL grants a job once.
 - The connection is supervised: lost, it is re-opened with exponential back-off
-  (0.2 s … 10 s), channels and declarations are made afresh, and meanwhile ``lease``
+  (0.2 s … 5 s), channels and declarations are made afresh, and meanwhile ``lease``
   dispatches from SQL like the Redis broker does (the only polling, and only while
   RabbitMQ is away).
 - Delayed and retrying jobs stay in SQL until due; the maintenance loop promotes and
@@ -81,7 +81,7 @@ BULK_IDLE = 0.05  # a bulk consume stops when no delivery came for this long
 CONNECT_TIMEOUT = 5.0
 CALL_TIMEOUT = 5.0
 PUBLISH_TIMEOUT = 10.0
-BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECONCILE_LIMIT = 5000
 EVENT_CHUNK = 500
 

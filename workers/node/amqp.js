@@ -7,6 +7,7 @@
 // only then acks the message: unacked messages are the jobs in hand, so the channel's
 // prefetch is the worker's concurrency. A claim that grants nothing (leased elsewhere,
 // finished, a duplicate) is acked and dropped; SQL publishes the job again if it must run.
+// Claims, reports and heartbeats are batched like the HTTP worker's.
 //
 // Environment: CELERIAC_SERVER_URL (default http://127.0.0.1:8000), CELERIAC_API_KEY,
 // CELERIAC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2F), CELERIAC_AMQP_PREFIX
@@ -30,19 +31,6 @@ const settings = {
 };
 const api = new HttpApi();
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Sleep `ms`, or less if `signal` aborts first. */
-function pause(ms, signal) {
-  return new Promise((resolve) => {
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-    function done() {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    }
-  });
-}
 const log = (...parts) => console.log(new Date().toISOString(), ...parts);
 
 // The tasks this worker runs: name -> function(args, kwargs, job).
@@ -74,71 +62,112 @@ async function execute(job) {
   }
 }
 
-/** Extend the lease every third of it until `stop` is aborted. */
-async function heartbeat(job, stop) {
-  const ref = { id: job.id, token: job.lease.token };
-  while (!stop.aborted) {
-    await pause((settings.leaseSeconds * 1000) / 3, stop);
-    if (stop.aborted) return;
+// Three loops share the work, each batching what piled up while its last call was in
+// flight: claims, reports, and one heartbeat call for every job in hand.
+const inbox = []; // [{channel, message}] delivered, not yet claimed
+const outbox = []; // [{report, channel, message}] finished, not yet reported
+const held = new Map(); // job id -> {id, token}: what to heartbeat
+let inHand = 0; // messages not yet acked or nacked
+let stopping = false;
+const wakeups = { claim: null, report: null };
+
+function wake(name) {
+  wakeups[name]?.();
+  wakeups[name] = null;
+}
+
+/** Resolve when `list` has something, or at once if it has. */
+function whenAny(list, name) {
+  return list.length ? Promise.resolve() : new Promise((resolve) => (wakeups[name] = resolve));
+}
+
+function settle({ channel, message }, requeue = false) {
+  try {
+    if (requeue) channel.nack(message, false, true);
+    else channel.ack(message);
+  } catch {} // the channel is gone: RabbitMQ has requeued the message already
+  inHand -= 1;
+}
+
+async function claimLoop() {
+  for (;;) {
+    await whenAny(inbox, "claim");
+    const batch = inbox.splice(0, 1000);
+    const ids = batch.map(({ message }) => message.content.toString());
+    let jobs;
     try {
-      const body = { leases: [ref], lease_seconds: settings.leaseSeconds };
-      const [answer] = (await api.request("POST", "/leases/heartbeat", { body })).leases;
-      if (!answer.ok) return log(`lost the lease of ${job.id}: ${answer.detail}`);
+      const body = { worker: settings.worker, ids, lease_seconds: settings.leaseSeconds };
+      ({ jobs } = await api.request("POST", "/leases/claim", { body }));
     } catch (err) {
-      log(`heartbeat of ${job.id} failed: ${err.message}`); // the lease has slack: go on
+      log(`claim failed (${err.message}); requeueing ${batch.length} messages`);
+      await sleep(1000);
+      batch.forEach((delivery) => settle(delivery, true));
+      continue;
+    }
+    const granted = new Map(jobs.map((job) => [job.id, job]));
+    batch.forEach((delivery, i) => {
+      const job = granted.get(ids[i]);
+      granted.delete(ids[i]); // a duplicate in the same batch gets nothing
+      if (!job) return settle(delivery); // leased elsewhere, finished, or a duplicate
+      held.set(job.id, { id: job.id, token: job.lease.token });
+      execute(job).then((report) => {
+        outbox.push({ ...delivery, report: { ...report, id: job.id, token: job.lease.token } });
+        wake("report");
+      });
+    });
+  }
+}
+
+async function reportLoop() {
+  for (;;) {
+    await whenAny(outbox, "report");
+    const batch = outbox.splice(0, 1000);
+    await report(batch.map(({ report }) => report));
+    for (const delivery of batch) {
+      held.delete(delivery.report.id);
+      settle(delivery); // ack only once the report was answered
+      log(`${delivery.report.id}: ${delivery.report.outcome}`);
     }
   }
 }
 
-/** Report with retries: the lease outlives a short outage of the service. */
-async function report(job, outcome) {
-  const body = { reports: [{ ...outcome, id: job.id, token: job.lease.token }] };
-  for (const delay of [500, 1000, 2000, 4000, 8000]) {
+/** Report with retries: the leases outlive a short outage of the service. */
+async function report(reports) {
+  for (const delay of [500, 1000, 2000, 4000, 8000, 16000]) {
     try {
-      return await api.request("POST", "/leases/report", { body });
+      return await api.request("POST", "/leases/report", { body: { reports } });
     } catch (err) {
-      if (!err.retryable) throw err;
-      log(`report of ${job.id} failed (${err.message}); retrying`);
+      if (!err.retryable) return log(`reports refused: ${err.message}`);
+      log(`reports failed (${err.message}); retrying`);
       await sleep(delay);
     }
   }
 }
 
-async function runJob(job) {
-  const stop = new AbortController();
-  const beating = heartbeat(job, stop.signal);
-  let outcome;
-  try {
-    outcome = await execute(job);
-  } finally {
-    stop.abort();
+async function heartbeatLoop() {
+  for (;;) {
+    await sleep((settings.leaseSeconds * 1000) / 3);
+    const leases = [...held.values()].slice(0, 1000);
+    if (!leases.length) continue;
+    try {
+      const body = { leases, lease_seconds: settings.leaseSeconds };
+      for (const answer of (await api.request("POST", "/leases/heartbeat", { body })).leases) {
+        if (!answer.ok) {
+          held.delete(answer.id); // its report will be refused: nothing more to do
+          log(`lost the lease of ${answer.id}: ${answer.detail}`);
+        }
+      }
+    } catch (err) {
+      log(`heartbeat failed: ${err.message}`); // the leases have slack: next tick
+    }
   }
-  await report(job, outcome);
-  await beating.catch(() => {});
-  log(`${job.task} ${job.id}: ${outcome.outcome}`);
 }
 
-let inHand = 0;
-let stopping = false;
-
-async function onMessage(channel, message) {
+function onMessage(channel, message) {
   if (message === null) return; // the consumer was cancelled (queue deleted): recovery re-consumes
   inHand += 1;
-  const id = message.content.toString();
-  try {
-    const body = { worker: settings.worker, ids: [id], lease_seconds: settings.leaseSeconds };
-    const { jobs } = await api.request("POST", "/leases/claim", { body });
-    for (const job of jobs) await runJob(job);
-    channel.ack(message); // after the report, or at once when there was nothing to claim
-  } catch (err) {
-    log(`job ${id}: ${err.message}; giving the message back`);
-    await sleep(1000);
-    try {
-      channel.nack(message, false, true);
-    } catch {} // the channel is gone: RabbitMQ has requeued the message already
-  } finally {
-    inHand -= 1;
-  }
+  inbox.push({ channel, message });
+  wake("claim");
 }
 
 async function main() {
@@ -178,6 +207,9 @@ async function main() {
   };
   process.on("SIGTERM", shutdown);
   process.on("SIGINT", shutdown);
+  claimLoop();
+  reportLoop();
+  heartbeatLoop();
 }
 
 main().catch((err) => {

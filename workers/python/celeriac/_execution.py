@@ -52,8 +52,12 @@ class Report:
         return len(self.result) + extra + 100
 
 
+# One encoder: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return "null" if value is None else _encode(value)
 
 
 def error_info(type_name: str, message: str, tb: str | None = None) -> dict[str, Any]:

@@ -292,7 +292,10 @@ def save(launch: Launch) -> None:
         "options": launch.options,
     }  # fmt: skip
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(saved, indent=2) + "\n")
+    # Owner-only: a URL given as an option (--server, --broker) may hold a password.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(saved, indent=2) + "\n")
     os.replace(temporary, path)  # never a half-written file, even if we are killed
 
 
@@ -419,7 +422,7 @@ def signal_node(node: str, pidfile: Path, signum: signal.Signals) -> int | None:
     if signum == signal.SIGTERM and _already_stopping(node, pidfile, pid):
         return pid
     try:
-        os.kill(pid, signum)
+        _send(pid, signum)
     except ProcessLookupError:
         return pid  # exited just now: await_exit sees it gone
     except PermissionError as exc:
@@ -427,6 +430,16 @@ def signal_node(node: str, pidfile: Path, signum: signal.Signals) -> int | None:
     if signum == signal.SIGTERM:
         stopping_path(pidfile).write_text(f"{pid}\n")
     return pid
+
+
+def _send(pid: int, signum: signal.Signals) -> None:
+    # SIGKILL goes to the node's whole process group (a node started by multi leads its
+    # own): processes-pool children die with it instead of running on orphaned. SIGTERM
+    # only to the worker, whose warm shutdown stops its children in order.
+    if signum == signal.SIGKILL and os.getpgid(pid) == pid:
+        os.killpg(pid, signum)
+    else:
+        os.kill(pid, signum)
 
 
 def _already_stopping(node: str, pidfile: Path, pid: int) -> bool:

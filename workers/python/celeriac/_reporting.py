@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
+from queue import Empty, SimpleQueue
 
 from ._execution import Report, error_info, failure
 from ._leases import LeaseBook
@@ -29,34 +29,46 @@ MAX_BACKOFF = 10.0
 
 class Outbox:
     """Outcomes waiting to be sent. ``take`` blocks until there is something, and
-    returns ``[]`` once closed and empty."""
+    returns ``[]`` once closed and empty. A ``SimpleQueue``: pool threads only append, and
+    on the hot path that must not contend for a lock with the reporter."""
 
     def __init__(self) -> None:
-        self._items: deque[Report] = deque()
-        self._ready = threading.Condition()
+        self._items: SimpleQueue[Report | None] = SimpleQueue()  # None: closed
+        self._next: Report | None = None  # taken but left for the next batch
         self._closed = False
 
     def put(self, report: Report) -> None:
-        with self._ready:
-            self._items.append(report)
-            self._ready.notify()
+        self._items.put(report)
 
     def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
+        self._items.put(None)
 
     def take(self) -> list[Report]:
-        with self._ready:
-            self._ready.wait_for(lambda: self._items or self._closed)
-            batch: list[Report] = []
-            size = 0
-            while self._items and len(batch) < MAX_BATCH_ITEMS:
-                size += self._items[0].size
-                if batch and size > MAX_BATCH_BYTES:
-                    break
-                batch.append(self._items.popleft())
-            return batch
+        """The next batch: at most MAX_BATCH_ITEMS, and MAX_BATCH_BYTES unless one
+        report alone is larger. Only the reporter thread calls this."""
+        first, self._next = self._next, None
+        if first is None:
+            if self._closed:
+                return []
+            first = self._items.get()
+            if first is None:
+                self._closed = True
+                return []
+        batch, size = [first], first.size
+        while len(batch) < MAX_BATCH_ITEMS and not self._closed:
+            try:
+                item = self._items.get_nowait()
+            except Empty:
+                break
+            if item is None:
+                self._closed = True
+            elif size + item.size > MAX_BATCH_BYTES:
+                self._next = item
+                break
+            else:
+                batch.append(item)
+                size += item.size
+        return batch
 
 
 class Reporter:
