@@ -8,9 +8,10 @@ HTTP leases) running `math.add`. "e2e" submits the jobs in batches of 100 while 
 worker runs and times from the first submit to the last job finished; "drain" submits
 them first, then starts the worker and times from its first finished job to its last.
 For the amqp broker, "direct" drains with the direct AMQP worker
-(examples/amqp_worker/worker.py: one claim and one report per job). Prints one JSON line
-per scenario, then the amqp/redis ratios. RabbitMQ gets a vhost of its own when
-rabbitmqctl can be run (as root), else a unique queue prefix in the URL's vhost."""
+(examples/amqp_worker/worker.py: batched claims and reports over HTTP). Brokers alternate
+for ``--rounds`` rounds; prints one JSON line per scenario and round, then the medians and
+the amqp/redis ratios of the medians. RabbitMQ gets a vhost of its own when rabbitmqctl
+can be run (as root), else a unique queue prefix in the URL's vhost."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,20 +232,28 @@ def main() -> None:
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating; medians reported")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="celeriac-amqp-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / "bench_tasks.py").write_text(TASKS)
-        rows += run_broker("redis", args.redis, args, workdir)
-        with amqp_url(args.amqp) as url:
-            rows += run_broker("amqp", url, args, workdir)
+        # Alternate the brokers, so load from elsewhere on the machine hits both alike.
+        for _ in range(args.rounds):
+            rows += run_broker("redis", args.redis, args, workdir)
+            with amqp_url(args.amqp) as url:
+                rows += run_broker("amqp", url, args, workdir)
     for item in rows:
         print(json.dumps(item))
-    rate = {(r["broker"], r["scenario"]): r["jobs_per_second"] for r in rows}
+    rates: dict[tuple[str, str], list[float]] = {}
+    for item in rows:
+        rates.setdefault((item["broker"], item["scenario"]), []).append(item["jobs_per_second"])
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    for (broker, scenario), value in median.items():
+        print(json.dumps({"median jobs/s": value, "broker": broker, "scenario": scenario}))
     for scenario in ("e2e: submit while a Python HTTP worker runs", "drain: Python HTTP worker"):
-        ratio = rate[("amqp", scenario)] / rate[("redis", scenario)]
-        print(json.dumps({"ratio amqp/redis": round(ratio, 2), "scenario": scenario}))
+        ratio = median[("amqp", scenario)] / median[("redis", scenario)]
+        print(json.dumps({"ratio amqp/redis (medians)": round(ratio, 2), "scenario": scenario}))
 
 
 if __name__ == "__main__":

@@ -167,37 +167,30 @@ def resource_table(summary: Summary) -> str:
         _, system, variant = key
         rest_key, rest_variant = rest.get(system, (None, ""))
         at_rest = rest_key if rest_key and variant.startswith(rest_variant) else None
-        worker_cpu = summary.stat(key, "worker_cpu_s_per_10k")
-        service_cpu = summary.stat(key, "service_cpu_s_per_10k")
-        total = None
-        if worker_cpu:
-            total = worker_cpu.median + (service_cpu.median if service_cpu else 0.0)
-        rows.append(
-            [
-                f"**{system}**" if system == "celeriac" else system,
-                variant,
-                cell(summary.stat(at_rest, "worker_rss_rest_mb"), mb) if at_rest else "—",
-                cell(summary.stat(key, "worker_rss_peak_mb"), mb),
-                cell(summary.stat(key, "worker_pss_peak_mb"), mb),
-                cell(summary.stat(at_rest, "service_rss_rest_mb"), mb) if at_rest else "—",
-                cell(summary.stat(key, "service_rss_peak_mb"), mb),
-                cell(worker_cpu, secs),
-                cell(service_cpu, secs),
-                "—" if total is None else secs(total),
-            ]
-        )
-    header = [
-        "system",
-        "worker",
-        "worker RSS at rest MB",
-        "worker RSS peak MB",
-        "worker PSS peak MB",
-        "service RSS at rest MB",
-        "service RSS peak MB",
-        "CPU s/10k jobs: worker",
-        "service",
-        "total",
-    ]
+
+        def total(metrics: tuple[str, str], key: Key = key) -> str:
+            worker, service = (summary.stat(key, m) for m in metrics)
+            if worker is None:
+                return "—"
+            return secs(worker.median + (service.median if service else 0.0))
+
+        rows.append([
+            f"**{system}**" if system == "celeriac" else system, variant,
+            cell(summary.stat(at_rest, "worker_rss_rest_mb"), mb) if at_rest else "—",
+            cell(summary.stat(key, "worker_rss_peak_mb"), mb),
+            cell(summary.stat(key, "worker_pss_peak_mb"), mb),
+            cell(summary.stat(at_rest, "service_rss_rest_mb"), mb) if at_rest else "—",
+            cell(summary.stat(key, "service_rss_peak_mb"), mb),
+            cell(summary.stat(at_rest, "worker_startup_cpu_s"), secs) if at_rest else "—",
+            cell(summary.stat(key, "worker_cpu_s_per_10k"), secs),
+            cell(summary.stat(key, "service_cpu_s_per_10k"), secs),
+            total(("worker_cpu_s_per_10k", "service_cpu_s_per_10k")),
+            total(("worker_cpu_steady_s_per_10k", "service_cpu_steady_s_per_10k")),
+        ])  # fmt: skip
+    header = ["system", "worker", "worker RSS at rest MB", "worker RSS peak MB",
+              "worker PSS peak MB", "service RSS at rest MB", "service RSS peak MB",
+              "worker start-up CPU s", "CPU s/10k jobs, whole drain: worker", "service",
+              "total", "total after the first result"]  # fmt: skip
     return table(header, rows)
 
 
@@ -392,6 +385,10 @@ def draw(summary: Summary, path: Path) -> None:
 
 def bars(ax: Any, summary: Summary, scenario: str, metric: str, title: str) -> None:
     keys = [k for k in summary.keys(scenario) if summary.stat(k, metric)]
+    if not keys:
+        ax.set_title(f"{title}: not measured in this run", fontsize=11)
+        ax.axis("off")
+        return
     stats = [summary.stat(k, metric) for k in keys]
     labels = [f"{k[1]}: {k[2]}" for k in keys]
     values = [s.median for s in stats if s]
@@ -401,15 +398,21 @@ def bars(ax: Any, summary: Summary, scenario: str, metric: str, title: str) -> N
     ax.set_yticks(list(ys), labels, fontsize=9)
     ax.invert_yaxis()
     ax.set_title(title, fontsize=11)
+    ax.set_xlabel("jobs/s, higher is better (bar: median; whisker: min-max)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    top = max(values, default=1)
-    for y, value in zip(ys, values, strict=True):
-        ax.text(value + top * 0.01, y, f"{value:,.0f}", va="center", fontsize=8)
-    ax.set_xlim(0, top * 1.25)
+    highs = [s.high for s in stats if s]
+    top = max(highs, default=1.0)
+    for y, value, high in zip(ys, values, highs, strict=True):
+        ax.text(high + top * 0.015, y, f"{value:,.0f}", va="center", fontsize=8)
+    ax.set_xlim(0, top * 1.18)
 
 
 def latency_panel(ax: Any, summary: Summary) -> None:
     keys = [k for k in summary.keys("latency") if summary.stat(k, "p50_ms")]
+    if not keys:
+        ax.set_title("Round trip: not measured in this run", fontsize=11)
+        ax.axis("off")
+        return
     ys = list(range(len(keys)))
     height = 0.38
     for offset, metric, alpha in ((-height / 2, "p50_ms", 1.0), (height / 2, "p99_ms", 0.5)):
@@ -428,9 +431,11 @@ def latency_panel(ax: Any, summary: Summary) -> None:
     ax.set_yticks(ys, [f"{k[1]}: {k[2]}" for k in keys], fontsize=9)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    longest = max((s.median for k in keys if (s := summary.stat(k, "p99_ms"))), default=10.0)
+    ax.set_xlim(right=longest * 3)
     ax.set_xlabel("ms (log scale; solid p50, light p99) — shorter is better")
     ax.set_title("Round trip: submit + wait for the result", fontsize=11)
-    ax.grid(axis="x", alpha=0.3, which="both")
+    ax.grid(axis="x", alpha=0.3)
 
 
 # -- profiles --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (  # noqa: E402
+from harness import (
     cpu_seconds,
     free_port,
     fresh_database,
@@ -195,12 +196,16 @@ def main() -> None:
             ready_key = f"{{{prefix}}}:ready:{queue}"
             if transport == "redis":
                 wait_indexed(args.broker, ready_key, args.jobs)
-            worker_env = {"PYTHONPATH": str(workdir)}
+            # BENCH_WORKER_PATH: another copy of the celeriac package, to compare versions.
+            extra = os.environ.get("BENCH_WORKER_PATH")
+            worker_env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(workdir), extra]))}
             worker = spawn(command, f"worker-bench-worker-{port}", worker_env)
             try:
                 figures: dict[str, Any] = {}
                 if transport == "redis":
-                    figures = sample_redis(args.broker, ready_key, args.jobs, worker.pid, args.timeout)
+                    figures = sample_redis(
+                        args.broker, ready_key, args.jobs, worker.pid, args.timeout
+                    )
                 figures = {**sample(base, args.jobs, queue, worker.pid, args.timeout), **figures}
             finally:
                 stop(worker)

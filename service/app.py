@@ -127,8 +127,14 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, errors.ProblemError)
         return problem_response(exc)
 
-    async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        media_type = request.headers.get("content-type", "application/json")
+        body_errors = any(e.get("loc", ())[:1] == ("body",) for e in exc.errors())
+        if body_errors and "json" not in media_type.lower():
+            return problem_response(
+                errors.UnsupportedMediaType(f"send the body as application/json, not {media_type}")
+            )
         details = [_describe(e) for e in exc.errors()]
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             return problem_response(errors.InvalidJson("the body is not valid JSON"))

@@ -80,6 +80,15 @@ def test_invalid_json(api: Api) -> None:
             assert_problem(response, 400, "invalid-json")
 
 
+def test_body_that_is_not_json_typed(api: Api) -> None:
+    with Unchanged(api):
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            response = api.http.post(
+                "/jobs", content=b'{"task": "t"}', headers={"content-type": content_type}
+            )
+            assert_problem(response, 415, "unsupported-media-type")
+
+
 @pytest.mark.parametrize(
     ("body", "where"),
     [

@@ -149,7 +149,8 @@ def test_processes_pool_runs_jobs_in_recycled_children(api: Api, processes: Proc
 
 
 def test_killed_child_fails_its_job_which_is_retried(api: Api, processes: Process) -> None:
-    job = api.submit(task="rt.crash_once", queue="q_proc", timeout=60,
+    # A 3 s lease: heartbeats (which carry progress) every second.
+    job = api.submit(task="rt.crash_once", queue="q_proc", timeout=3,
                      retry_backoff={"base": 2, "max": 2, "jitter": False})  # fmt: skip
     # Progress reaches the service through the worker's heartbeats.
     running = api.wait_for(lambda j: j["progress"], 30, job_id=job["id"], what="progress")
@@ -259,9 +260,9 @@ def test_quiet_then_shutdown(api: Api, spawner: Spawner, service: Service) -> No
     quieted = expect(api.http.post(f"/workers/{entry['id']}/quiet"), 200)
     assert quieted["command"] == "quiet"
     wait_until(lambda: "quiet" in proc.log(), 10, "the worker to hear the command")
-    time.sleep(1.2)  # a long-poll already out (--poll-wait 1) has ended
+    time.sleep(1.1)  # a long-poll already out (--poll-wait 1) has ended
     job = api.submit(task="rt.add", args=[1, 2], queue="q_quiet")
-    time.sleep(1.5)
+    time.sleep(1.0)
     assert api.get(job["id"])["status"] == "queued"  # nobody leased it
     expect(api.http.post(f"/workers/{entry['id']}/shutdown"), 200)
     assert proc.proc.wait(15) == 0, proc.log()  # warm shutdown: exit status 0

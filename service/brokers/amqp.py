@@ -152,19 +152,21 @@ def message_for(job: Dispatch) -> aio_pika.Message:
 
 
 async def settle_messages(candidates: Sequence[Candidate], *, requeue: bool | None) -> None:
-    """Ack (``requeue`` None) or nack, all frames written together. A message whose
-    channel died meanwhile is already back in its queue: nothing to do."""
+    """Ack (``requeue`` None) or nack. A message whose channel died meanwhile is already
+    back in its queue: nothing to do."""
 
     async def one(item: Candidate) -> None:
+        channel, tag = item.message.channel, item.message.delivery_tag
+        assert tag is not None  # only unacked deliveries are candidates
+        # wait=False: queue the frame, don't wait for each write to drain.
         if requeue is None:
-            await item.message.ack()
+            await channel.basic_ack(tag, wait=False)
         else:
-            await item.message.nack(requeue=requeue)
+            await channel.basic_nack(tag, requeue=requeue, wait=False)
 
-    outcomes = await asyncio.gather(*(one(item) for item in candidates), return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, ERRORS):
-            raise outcome
+    for item in candidates:
+        with contextlib.suppress(*ERRORS):
+            await one(item)
 
 
 @dataclass
@@ -439,8 +441,9 @@ class AmqpBroker(Broker):
         link = self._link
         if link is None:
             raise ConnectionError("RabbitMQ is unreachable")
-        channel = await link.channel("probe")
-        await channel.get_exchange(self.layout.events, ensure=True)
+        # Not the "probe" channel: reconcile's passive declares close that one on a 404.
+        channel = await link.channel("ping")
+        await asyncio.wait_for(channel.get_exchange(self.layout.events), CALL_TIMEOUT)
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -518,7 +521,7 @@ class AmqpBroker(Broker):
     ) -> list[JobValues]:
         deadline = asyncio.get_running_loop().time() + wait
         rows = await self._lease(queues, max_jobs, deadline, terms)
-        if wait <= 0 and len(rows) < max_jobs:
+        if wait <= 0 and len(rows) < max_jobs and self._link is not None:
             # "What is ready now" is SQL's to say: a job committed a moment ago may not
             # have reached RabbitMQ yet (POST /jobs answers before it publishes).
             rows = await self._top_up(rows, queues, max_jobs, terms)

@@ -62,7 +62,7 @@ def _terms(runtime: Runtime, worker: str, lease_seconds: float | None) -> LeaseT
 
 
 @router.post("/leases", response_model=LeaseResponse, responses=PROBLEMS, summary="Lease jobs")
-async def lease_jobs(body: LeaseRequest, runtime: RuntimeDep) -> JSONResponse:
+async def lease_jobs(body: LeaseRequest, request: Request, runtime: RuntimeDep) -> JSONResponse:
     settings = runtime.settings
     if body.max_jobs > settings.max_lease_jobs:
         raise errors.ValidationFailed(f"max_jobs may be at most {settings.max_lease_jobs}")
@@ -78,6 +78,11 @@ async def lease_jobs(body: LeaseRequest, runtime: RuntimeDep) -> JSONResponse:
         body.wait,
         lambda: _terms(runtime, body.worker, body.lease_seconds),
     )
+    if rows and await request.is_disconnected():
+        # The worker gave up on this long-poll (it died, or shut down): hand the jobs
+        # straight back rather than leave them leased to nobody until the deadline.
+        await _settle(runtime, [Settle(row["id"], row["lease_token"], "released") for row in rows])
+        rows = []
     return JSONResponse({"jobs": [leased_body(row) for row in rows]})
 
 

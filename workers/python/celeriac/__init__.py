@@ -14,7 +14,15 @@ add.delay(2, 3).get(timeout=10)  # 5, once a worker runs: celeriac worker -A pro
 from .app import Celeriac
 from .client import AsyncClient, Client
 from .context import JobContext, current_job, get_current_job
-from .errors import Cancelled, CeleriacError, JobFailed, Retry, ServerUnreachable
+from .errors import (
+    Cancelled,
+    CeleriacError,
+    JobFailed,
+    Retry,
+    ServerUnreachable,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+)
 from .handle import JobHandle
 from .task import AsyncTask, Task
 
@@ -30,7 +38,9 @@ __all__ = [
     "JobHandle",
     "Retry",
     "ServerUnreachable",
+    "SoftTimeLimitExceeded",
     "Task",
+    "TimeLimitExceeded",
     "current_job",
     "get_current_job",
 ]
