@@ -134,12 +134,12 @@ class Worker:
         self._outbox = Outbox()
         self._deadlines = Deadlines()
         host = PoolHost(
-            app.tasks, self.hostname, self._finish, self._abandon, self._deadlines,
-            TimeLimits(soft_time_limit, time_limit),
+            tasks=app.tasks, worker=self.hostname, finish=self._finish, abandon=self._abandon,
+            deadlines=self._deadlines, limits=TimeLimits(soft_time_limit, time_limit),
         )  # fmt: skip
         options = PoolOptions(
-            pool, app_spec or (spec_of(app) if pool == "processes" else None),
-            max_tasks_per_child, max_memory_per_child,
+            kind=pool, app_spec=app_spec or (spec_of(app) if pool == "processes" else None),
+            max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child,
         )  # fmt: skip
         self._pool: Pool = make_pool(self.concurrency, host, options)
         self._heartbeater = Heartbeater(self._transport, self._book)
