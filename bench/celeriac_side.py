@@ -100,10 +100,11 @@ class CeleriacSystem(System):
 
     def teardown(self) -> None:
         try:
-            super().teardown()
+            self.stop_worker()  # workers first (they talk to the service), then the service,
+            stop(self.service)  # then what the base class cleans (the bench's Redis dbs)
             self.client.close()
             self.pg.close()
-            stop(self.service)
+            super().teardown()
         finally:
             self._stack.close()
 

@@ -346,8 +346,18 @@ def render(run: Run, chart: Path | None) -> str:
             for f in summary.failures
         ]
         parts.append("### Failed samples\n\n" + "\n".join(lines))
-    if run.get("profile"):
-        parts.append(f"Profile of the service during a drain: {run['profile']}")
+    profiles = run.get("profile") or {}
+    if profiles:
+        lines = [
+            f"- {scenario}: `{Path(p['file']).relative_to(Path(p['file']).parents[2])}`"
+            if p.get("file")
+            else f"- {scenario}: failed ({p.get('error')})"
+            for scenario, p in profiles.items()
+        ]
+        parts.append(
+            "py-spy profiles of the service (one extra sample each, not counted):\n\n"
+            + "\n".join(lines)
+        )
     if chart is not None:
         draw(summary, chart)
     return "\n\n".join(parts) + "\n"
@@ -462,6 +472,14 @@ def summarize_profile(
         for frame in set(frames[1:]):  # the first frame is the thread
             inclusive[frame] += count
 
+    ours: Counter[str] = Counter(
+        {
+            frame: n
+            for frame, n in inclusive.items()
+            if "(service/" in frame or "(celeriac/" in frame
+        }
+    )
+
     def listing(counter: Counter[str]) -> str:
         return "\n".join(
             f"{n / total * 100:6.1f}%  {frame}" for frame, n in counter.most_common(top)
@@ -475,5 +493,6 @@ def summarize_profile(
     )
     return (
         f"{head}\n\nTop frames by own time:\n{listing(own)}\n\n"
+        f"celeriac's own functions (service/, celeriac/) by inclusive time:\n{listing(ours)}\n\n"
         f"Top frames by inclusive time:\n{listing(inclusive)}\n"
     )

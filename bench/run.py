@@ -301,12 +301,13 @@ def plan(args: argparse.Namespace, rabbitmq_up: bool) -> list[tuple[str, str, st
 
 
 def count_for(args: argparse.Namespace, scenario: str) -> int:
-    return {
+    counts: dict[str, int] = {
         "submit": args.jobs,
         "drain": args.jobs,
         "fanout": args.fanout_jobs,
         "latency": args.latency_rounds,
-    }[scenario]
+    }
+    return counts[scenario]
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -400,11 +401,13 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     from report import summarize_profile
 
     out: dict[str, Any] = {}
+    folder = args.profile_dir.resolve()  # samples run in bench/: no relative paths
+    folder.mkdir(parents=True, exist_ok=True)
     for scenario, variant in PROFILED.items():
         if scenario not in args.scenarios.split(","):
             continue
-        raw = args.profile_dir / f"profile-service-{scenario}.raw"
-        summary = args.profile_dir / f"profile-service-{scenario}.txt"
+        raw = folder / f"profile-service-{scenario}.raw"
+        summary = folder / f"profile-service-{scenario}.txt"
         env = {"BENCH_PROFILE_RAW": str(raw)}
         n = count_for(args, scenario)
         result = sample_in_subprocess(scenario, "celeriac", variant, n, args.sample_timeout, env)

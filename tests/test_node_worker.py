@@ -337,3 +337,71 @@ def test_the_drain_benchmark_runs(node_service: Service, tmp_path: Path) -> None
     assert figures["refused"] == 0
     assert figures["stats"]["succeeded"] == figures["stats"]["leased"] == 3000
     assert figures["drain_jobs_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def redis_backed(module_spawner: Spawner) -> tuple[Service, dict[str, str]]:
+    """A service on the Redis broker, and the settings a Node Redis worker needs."""
+    backend = module_spawner.backend("sqlite", "redis")
+    worker_env = {
+        "CELERIAC_BROKER_URL": backend.broker_url,
+        "CELERIAC_REDIS_PREFIX": backend.redis_prefix,
+    }
+    return module_spawner.service(backend), worker_env
+
+
+def test_jobs_submitted_with_curl_run_on_the_node_redis_worker(
+    redis_backed: tuple[Service, dict[str, str]], spawner: Spawner
+) -> None:
+    """The Redis worker protocol from a client none of our Python touches: leases, a
+    failure retried by the service, results reaching SQL through the event stream."""
+    service, worker_env = redis_backed
+    queue = "node_redis"
+    adds = [curl_submit(service.url, task="math.add", args=[i, i], queue=queue) for i in range(20)]
+    flaky = curl_submit(
+        service.url,
+        task="demo.flaky",
+        args=[2],
+        queue=queue,
+        retry_backoff={"base": 0.2, "jitter": False},
+    )
+    start_node_worker(spawner, service.url, queue, **worker_env)
+    with Api(service.url) as api:
+        for i, job in enumerate(adds):
+            done = api.wait_for(
+                lambda j: j["status"] == "succeeded", 20, job_id=job["id"], what="an add"
+            )
+            assert done["result"] == 2 * i
+            assert done["attempt"] == 1
+        done = api.wait_for(
+            lambda j: j["status"] == "succeeded", 20, job_id=flaky["id"], what="the retry"
+        )
+        assert done["attempt"] == 2
+
+
+def test_a_stale_token_is_refused_over_redis(
+    redis_backed: tuple[Service, dict[str, str]],
+) -> None:
+    """A Redis lease that lapses is reclaimed by the service (SQL decides); the old token
+    then answers STALE and changes nothing."""
+    service, worker_env = redis_backed
+    queue = "node_redis_stale"
+    job = curl_submit(service.url, task="math.add", args=[1, 2], queue=queue, max_retries=3)
+    env = {
+        "REDIS_URL": worker_env["CELERIAC_BROKER_URL"],
+        "TAG": "{" + worker_env["CELERIAC_REDIS_PREFIX"] + "}",
+        "QUEUE": queue,
+    }
+    leased = run_node("redis_stale.mjs", {**env, "MODE": "lease"}, NODE_DIR)
+    assert leased["id"] == job["id"]
+    with Api(service.url) as api:
+        api.wait_for(
+            lambda j: j["status"] == "queued" and j["attempt"] == 1,
+            20,
+            job_id=job["id"],
+            what="the lapsed Redis lease reclaimed",
+        )
+        late = {"MODE": "complete", "JOB_ID": job["id"], "TOKEN": leased["lease"]["token"]}
+        answer = run_node("redis_stale.mjs", {**env, **late}, NODE_DIR)
+        assert answer.get("error", "").startswith("STALE"), answer
+        assert api.get(job["id"])["status"] == "queued"

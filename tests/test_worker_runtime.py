@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import Api, Process, Service, Spawner, expect
 
-HEARTBEAT = 0.5  # the registry's interval here: a dead worker is lost after ~1 s
+HEARTBEAT = 1.0  # the registry's interval here: a dead worker is lost after ~2 s
 
 TASKS = """
 import asyncio
@@ -76,6 +76,11 @@ async def window() -> list[float]:
 @app.task(name="rt.thread")
 def thread() -> str:
     return threading.current_thread().name
+
+@app.task(name="rt.block")
+def block(seconds: float) -> str:
+    time.sleep(seconds)  # deaf to cancel requests
+    return "blocked"
 
 @app.task(name="rt.sleep")
 def sleep(seconds: float) -> str:
@@ -227,6 +232,20 @@ def test_solo_pool(api: Api, spawner: Spawner, service: Service) -> None:
     assert proc.proc.wait(20) == 0, proc.log()
 
 
+def test_cold_shutdown_leaves_a_blocked_thread_behind(
+    api: Api, spawner: Spawner, service: Service
+) -> None:
+    proc = worker(spawner, service, "q_cold", "--pool", "async")
+    job = api.submit(task="rt.block", args=[60], queue="q_cold")
+    api.wait_for(lambda j: j["status"] == "running", 20, job_id=job["id"], what="the lease")
+    proc.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "warm shutdown" in proc.log(), 10, "the warm shutdown")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(15) == 1, proc.log()  # not held up by the thread still sleeping
+    assert api.get(job["id"])["status"] == "queued"  # released: the attempt not counted
+    expect(api.cancel(job["id"]), 200)
+
+
 # --- the registry --------------------------------------------------------------------------
 
 
@@ -267,8 +286,8 @@ def test_quiet_then_shutdown(api: Api, spawner: Spawner, service: Service) -> No
     entry = registered(api, proc)
     quieted = expect(api.http.post(f"/workers/{entry['id']}/quiet"), 200)
     assert quieted["command"] == "quiet"
-    wait_until(lambda: "quiet" in proc.log(), 10, "the worker to hear the command")
-    time.sleep(1.1)  # a long-poll already out (--poll-wait 1) has ended
+    # Once the long-poll that was out when the command came has returned:
+    wait_until(lambda: "leasing stopped" in proc.log(), 15, "the worker to stop leasing")
     job = api.submit(task="rt.add", args=[1, 2], queue="q_quiet")
     time.sleep(1.0)
     assert api.get(job["id"])["status"] == "queued"  # nobody leased it

@@ -89,6 +89,7 @@ class System:
     def teardown(self) -> None:
         self.stop_worker()
         self.redis.close()
+        flush_redis()  # leave the bench's Redis databases empty
 
     def start_worker(self, mode: str, count: int = 1) -> list[subprocess.Popen[bytes]]:
         started = []

@@ -5,12 +5,21 @@
 // CELERIAC_QUEUES (comma-separated, in priority order; default "default"),
 // CELERIAC_CONCURRENCY (default 10), CELERIAC_LEASE_SECONDS (default: each job's
 // timeout, else the service's default), CELERIAC_POLL_WAIT (long-poll seconds, default
-// 10), CELERIAC_LOG_LEVEL (debug, info, warn, error).
+// 10), CELERIAC_LOG_LEVEL (debug, info, warn, error), CELERIAC_BROKER_URL (redis://…
+// to use the Redis worker protocol) and CELERIAC_REDIS_PREFIX.
 
 import { Cancelled, JobError, Worker } from "./celeriac.js";
+import { RedisTransport } from "./redis.js";
 
 const env = process.env;
+// CELERIAC_BROKER_URL=redis://…: lease straight from Redis (the Redis worker protocol);
+// otherwise over HTTP from CELERIAC_SERVER_URL.
+const broker = env.CELERIAC_BROKER_URL ?? "";
+const transport = broker.startsWith("redis")
+  ? new RedisTransport({ url: broker, prefix: env.CELERIAC_REDIS_PREFIX || "celeriac" })
+  : undefined;
 const worker = new Worker({
+  transport,
   queues: env.CELERIAC_QUEUES || "default",
   concurrency: Number(env.CELERIAC_CONCURRENCY || 10),
   leaseSeconds: env.CELERIAC_LEASE_SECONDS ? Number(env.CELERIAC_LEASE_SECONDS) : undefined,

@@ -14,14 +14,15 @@ reports it failed and frees its slot while the task is still running (docs/pytho
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from functools import partial
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, TypeVar
 
 from ._execution import (
     AnyTask,
@@ -43,6 +44,7 @@ from .errors import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerShutdown
 logger = logging.getLogger("celeriac.worker")
 
 POOLS = ("threads", "processes", "async", "solo")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,39 @@ class ThreadsPool(Pool):
             self._threads.replace(thread)
 
 
+class DaemonExecutor(Executor):
+    """The async pool's executor for ``def`` tasks (not the loop's default, which must be
+    a ``ThreadPoolExecutor``): that one joins its threads at interpreter exit, so one task
+    stuck forever would keep a cold-shut-down worker alive; these threads are daemons."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._threads: ThreadPool[_Call] = ThreadPool(size, _call, name)
+        self._threads.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._threads.submit((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._threads.stop()
+
+
+_Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+def _call(item: _Call) -> None:
+    future, fn, args, kwargs = item
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:  # the caller's to handle, whatever it is
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 class AsyncPool(Pool):
     kind = "async"
 
@@ -185,8 +220,7 @@ class AsyncPool(Pool):
         super().__init__(size, host)
         self._loop = asyncio.new_event_loop()
         # ``def`` tasks run here; as many threads as slots, so none waits for a thread.
-        self._executor = ThreadPoolExecutor(size, thread_name_prefix="celeriac-job")
-        self._loop.set_default_executor(self._executor)
+        self._executor = DaemonExecutor(size, "celeriac-job")
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="celeriac-asyncio", daemon=True
         )
@@ -201,7 +235,7 @@ class AsyncPool(Pool):
     def stop(self, cold: bool) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False)
 
     def _spawn(self, job: LeasedJob, lease: ActiveLease) -> None:
         running = self._loop.create_task(self._run(job, lease), name=f"celeriac-{job['id']}")
@@ -225,8 +259,12 @@ class AsyncPool(Pool):
 
     async def _invoke(self, task: AnyTask, job: LeasedJob, context: JobContext) -> Any:
         if not task.is_async:
-            # to_thread copies the context: current_job works in the thread too.
-            return await asyncio.to_thread(interruptible_call, context, task.func, job)
+            # asyncio.to_thread, on our executor: the context goes along, so current_job
+            # works in the thread too.
+            call = partial(
+                contextvars.copy_context().run, interruptible_call, context, task.func, job
+            )
+            return await self._loop.run_in_executor(self._executor, call)
         current = asyncio.current_task()
         assert current is not None
         cancel = partial(self._loop.call_soon_threadsafe, current.cancel)
@@ -277,8 +315,11 @@ class SoloPool(Pool):
             task = self.host.tasks.get(job["task"])
             soft, hard = self.host.limits.for_task(task)
             report = run_job(task, job, lease.context, partial(self._invoke, soft, hard))
-        finally:
-            self.host.finish(lease, report)
+        except WorkerShutdown:
+            raise  # not finished: the cold shutdown releases it
+        except Exception:
+            logger.exception("worker error while running job %s", job.get("id"))
+        self.host.finish(lease, report)
 
     def _invoke(
         self,

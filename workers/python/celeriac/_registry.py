@@ -37,6 +37,7 @@ class Registry:
         self.interval = RETRY_SECONDS
         self._stopped = threading.Event()
         self._last_command: str | None = None
+        self._warned = False
 
     def run(self) -> None:
         while not self._stopped.is_set():
@@ -51,7 +52,10 @@ class Registry:
                 if isinstance(exc, CeleriacError) and not is_transient(exc):
                     logger.error("the worker registry refused this worker: %s", exc)
                     return
-                logger.warning("worker registry unreachable, retrying: %s", exc)
+                # Once, then quietly: a Redis worker may well run without the service.
+                log = logger.debug if self._warned else logger.warning
+                log("worker registry unreachable, retrying: %s", exc)
+                self._warned = True
             self._stopped.wait(self.interval if self.worker_id else RETRY_SECONDS)
 
     def stop(self) -> None:

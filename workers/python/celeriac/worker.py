@@ -127,6 +127,7 @@ class Worker:
         self.queues = list(queues)
         self.concurrency = 1 if pool == "solo" else concurrency or default_concurrency(pool)
         self.hostname = hostname or f"{os.getpid()}@{socket.gethostname()}"
+        self.poll_wait = poll_wait
         self._http = HttpSession(app.server, app.api_key)
         self._transport = self._make_transport(broker, redis_prefix, lease_seconds, poll_wait)
         self._slots = Slots(self.concurrency)
@@ -239,6 +240,8 @@ class Worker:
         backoff = 0.0
         try:
             while not self._stopping.is_set():
+                if self._quiet.is_set():
+                    logger.info("quiet: leasing stopped (running jobs go on)")
                 free = self._slots.wait_free(self._stopping, self._quiet)
                 if self._stopping.is_set():
                     break
@@ -344,6 +347,9 @@ class Worker:
         for lease in unfinished:
             self._release(lease)
             lease.context.request_cancel()  # tasks that check it stop burning CPU
+        # The long-poll in flight may bring those very jobs back: let it return, so that
+        # what it brings is released too rather than stranded until its lease ends.
+        self._leaser_done.wait(self.poll_wait + COLD_REPORT_SECONDS)
         self._outbox.close()
         if not self._reporter.done.wait(COLD_REPORT_SECONDS):
             self._reporter.give_up.set()
