@@ -141,13 +141,15 @@ async def _wait_for_finish(runtime: Runtime, job_id: str, wait: float) -> JobRow
     event = runtime.signals.finished_waiter(job_id)
     try:
         while True:
+            # Clear before reading, never after: a finish that lands between the read and
+            # the wait must still wake us.
+            event.clear()
             row = await runtime.db.read(lambda session: jobs.get_job(session, job_id))
             remaining = deadline - loop.time()
             if row.status in FINISHED or remaining <= 0:
                 return row
             if not runtime.broker.cross_process:
                 remaining = min(remaining, runtime.settings.sql_poll_fallback_seconds)
-            event.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
     finally:
