@@ -44,7 +44,7 @@ def build_broker(settings: Settings, db: Database, signals: Signals) -> Broker:
             reconcile_age_seconds=settings.reconcile_interval_seconds,
             serve_workers=settings.redis_workers,
         )
-    if settings.broker_kind == "amqp":  # issue 9
+    if settings.broker_kind == "amqp":
         return AmqpBroker(
             db,
             signals,
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             asyncio.create_task(maintenance_loop(runtime), name="celeriac-maintenance")
         )
         runtime.background.append(await start_scheduler(runtime))
-        # Issue 5: webhook deliveries and result expiry; both check their settings here,
+        # Webhook deliveries and result expiry; both check their settings here,
         # so a malformed secret or result store fails start-up, not the first delivery.
         webhook_client = http_client(settings)
         runtime.background += [

@@ -42,7 +42,7 @@ class Dispatch:
 @dataclass(frozen=True, slots=True)
 class Defaults:
     max_retries: int
-    # Issue 5: the queues' default webhooks, and the result TTL in seconds (None: forever).
+    # The queues' default webhooks, and the result TTL in seconds (None: forever).
     webhooks: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     result_ttl: float | None = None
 
@@ -209,7 +209,7 @@ def cancel_job(
     else:
         row.status = JobStatus.cancelled
         row.finished_at = now
-        # Issue 5: the webhook outbox row commits with the cancellation.
+        # The webhook outbox row commits with the cancellation.
         record_finished(session, [{"id": row.id, "status": row.status, "webhook": row.webhook}],
                         now, effects)  # fmt: skip
     session.flush()

@@ -31,7 +31,7 @@ jobs_c = JOBS_TABLE.c
 CLAIM_COLUMNS = ("id", "task", "args", "kwargs", "queue", "priority", "attempt", "max_retries",
                  "timeout")  # fmt: skip
 # What deciding a lease's fate needs: never the (possibly large) arguments or result.
-# (Issue 5: webhook and result_ttl decide the outbox row and the result's expiry.)
+# (webhook and result_ttl decide the outbox row and the result's expiry.)
 STATE_COLUMNS = ("id", "status", "queue", "priority", "attempt", "max_retries", "timeout",
                  "run_at", "lease_token", "lease_worker", "cancel_requested", "backoff_base",
                  "backoff_max", "backoff_jitter", "started_at",
@@ -237,7 +237,7 @@ class Settle:
     error: dict[str, Any] | None = None
     retry: bool = True
     retry_in: float | None = None
-    # Issue 5: the result's key in the result store (``result`` is then None).
+    # The result's key in the result store (``result`` is then None).
     result_ref: str | None = None
 
 
@@ -255,7 +255,7 @@ class Effects:
     dispatch: list[Dispatch] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     earliest_due: datetime | None = None
-    deliveries: int = 0  # issue 5: webhook outbox rows written: wake the delivery loop
+    deliveries: int = 0  # webhook outbox rows written: wake the delivery loop
 
     def due_at(self, when: datetime) -> None:
         if self.earliest_due is None or when < self.earliest_due:
@@ -284,7 +284,7 @@ def settle(
         changes.append(change)
         outcomes.append(SettleOutcome(check.id, None, change["status"]))
     _update_each(session, SETTLE_COLUMNS, changes)
-    # Issue 5: webhook outbox rows commit with the final states; no query when no job in
+    # Webhook outbox rows commit with the final states; no query when no job in
     # the batch has a webhook (``change["webhook"]`` comes from STATE_COLUMNS).
     record_finished(session, changes, now, effects)
     return outcomes
@@ -304,14 +304,14 @@ def _settled(row: JobValues, report: Settle, now: datetime, effects: Effects) ->
         "lease_expires_at": None,
         "lease_worker": row["lease_worker"],
         "started_at": row["started_at"],
-        # Issue 5: not written (not in SETTLE_COLUMNS); read by record_finished.
+        # Not written (not in SETTLE_COLUMNS); read by record_finished.
         "webhook": row["webhook"],
         "result_ref": None,
         "result_expires_at": None,
     }
     if report.outcome == "succeeded":
         change.update(status=JobStatus.succeeded, result=report.result, error=None)
-        # Issue 5: a large result lives in the result store; it is kept result_ttl seconds.
+        # A large result lives in the result store; it is kept result_ttl seconds.
         change["result_ref"] = report.result_ref
         if row["result_ttl"] is not None:
             change["result_expires_at"] = now + timedelta(seconds=row["result_ttl"])
@@ -374,7 +374,7 @@ def reclaim_expired_leases(session: Session, now: datetime, effects: Effects) ->
     )
     changes = [_reclaimed(row, now, effects) for row in rows]
     _update_each(session, SETTLE_COLUMNS, changes)
-    record_finished(session, changes, now, effects)  # issue 5: webhook outbox
+    record_finished(session, changes, now, effects)  # webhook outbox
     return len(rows)
 
 
@@ -395,7 +395,7 @@ def _reclaimed(row: JobValues, now: datetime, effects: Effects) -> JobValues:
 def expire_pending(session: Session, now: datetime, effects: Effects) -> int:
     rows = _rows(
         session,
-        _select(("id", "webhook"))  # issue 5: webhook, for the outbox
+        _select(("id", "webhook"))  # webhook, for the outbox
         .where(jobs_c.status.in_(PENDING), jobs_c.expires_at <= now)
         .limit(BATCH_LIMIT)
         .with_for_update(skip_locked=True),
@@ -408,7 +408,7 @@ def expire_pending(session: Session, now: datetime, effects: Effects) -> int:
             .values(status=JobStatus.expired, finished_at=now)
         )
         effects.finished.extend(ids)
-        # Issue 5: webhook outbox rows commit with the expiry.
+        # Webhook outbox rows commit with the expiry.
         record_finished(session, [row | {"status": JobStatus.expired} for row in rows], now,
                         effects)  # fmt: skip
     return len(ids)

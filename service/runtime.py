@@ -100,7 +100,7 @@ class Runtime:
     def __post_init__(self) -> None:
         self.defaults = Defaults(
             max_retries=self.settings.default_max_retries,
-            # Issue 5: per-queue webhooks and the result TTL (0 = forever).
+            # Per-queue webhooks and the result TTL (0 = forever).
             webhooks={
                 queue: spec.model_dump()
                 for queue, spec in self.settings.webhook_queue_defaults.items()
@@ -128,7 +128,7 @@ class Runtime:
             self.signals.jobs_finished(effects.finished)
         if effects.earliest_due is not None:
             self.signals.due_at(effects.earliest_due)
-        if effects.deliveries:  # issue 5: webhook outbox rows committed
+        if effects.deliveries:  # webhook outbox rows committed
             self.signals.webhooks.set()
         if effects.finished or effects.earliest_due is not None:
             await self.broker.announce(effects.finished, effects.earliest_due)

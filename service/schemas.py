@@ -166,7 +166,7 @@ class LeaseRequest(Strict):
 
 
 class LeaseClaim(Strict):
-    """Issue 9: lease these jobs if they are still queued (a direct AMQP worker claims
+    """Lease these jobs if they are still queued (a direct AMQP worker claims
     the id a RabbitMQ message carried)."""
 
     worker: WorkerName

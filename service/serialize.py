@@ -48,7 +48,7 @@ def values_body(row: JobValues) -> dict[str, Any]:
 
 
 def result_fields(row: JobValues) -> dict[str, Any]:
-    """Issue 5: the webhook and the result's lifecycle. A result past its expiry reads as
+    """The webhook and the result's lifecycle. A result past its expiry reads as
     expired at once, whether or not the cleanup loop has deleted it yet."""
     expires_at = row["result_expires_at"]
     expired = row["result_expired"] or (expires_at is not None and expires_at <= utcnow())

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # Serve the Redis worker protocol (docs/protocol.md) beside HTTP leases: job envelopes
     # are written next to the ready sets and worker events are applied to SQL.
     redis_workers: bool = True
-    # Issue 9: with an amqp:// broker, queues are "<amqp_prefix>.<queue>"; classic queues
+    # With an amqp:// broker, queues are "<amqp_prefix>.<queue>"; classic queues
     # with priorities unless quorum queues are asked for (see docs/protocol.md, AMQP).
     amqp_prefix: str = "celeriac"
     amqp_quorum: bool = False

@@ -131,7 +131,7 @@ async def get_job(
     row = await _wait_for_finish(
         runtime, job_id, min(wait, runtime.settings.max_result_wait_seconds)
     )
-    # Issue 5: a result kept in the result store is read back into the body.
+    # A result kept in the result store is read back into the body.
     return JSONResponse(await results.inline_stored(runtime, row, job_body(row)))
 
 

@@ -93,7 +93,7 @@ async def lease_jobs(body: LeaseRequest, request: Request, runtime: RuntimeDep) 
     summary="Lease jobs by id, if they are still queued",
 )
 async def claim_jobs(body: LeaseClaim, runtime: RuntimeDep) -> JSONResponse:
-    """Issue 9: a direct AMQP worker learns a job id from a RabbitMQ message and claims
+    """A direct AMQP worker learns a job id from a RabbitMQ message and claims
     it here; SQL grants the lease exactly as for ``POST /leases``. Jobs that are not
     queued (already leased, finished, not yet due) are left out, never an error."""
     if len(body.ids) > runtime.settings.max_lease_jobs:
@@ -186,7 +186,7 @@ def _raise_problem(job_id: str, problem: str | None) -> None:
 async def complete(
     job_id: str, body: Complete, request: Request, runtime: RuntimeDep
 ) -> JSONResponse:
-    # Issue 5: a large result goes to the result store first (413 without a store, as
+    # A large result goes to the result store first (413 without a store, as
     # before); a report that does not settle deletes its file again.
     report = Settle(job_id, body.token, "succeeded", result=body.result)
     [report], stored = await results.place(runtime, content_length(request), [report])
@@ -239,7 +239,7 @@ async def report_many(body: ReportBatch, request: Request, runtime: RuntimeDep) 
         reports.append(
             Settle(item.id, item.token, item.outcome, item.result, error, item.retry, item.retry_in)
         )
-    reports, stored = await results.place(runtime, content_length(request), reports)  # issue 5
+    reports, stored = await results.place(runtime, content_length(request), reports)
     try:
         outcomes = await _settle(runtime, reports)
     except BaseException:
