@@ -112,7 +112,12 @@ def claim_by_ids(session: Session, ids: Sequence[str], terms: LeaseTerms) -> lis
             jobs_c.status == JobStatus.queued,
             sa.or_(jobs_c.expires_at.is_(None), jobs_c.expires_at > terms.now),
         )
-        .with_for_update(skip_locked=True)
+        # Wait for a row another transaction holds (a maintenance sweep scanning it)
+        # rather than skip it: a skipped id has already left the broker and would sit
+        # unoffered until the next reconcile. Locking in id order keeps two claims from
+        # deadlocking; a deadlock with anything else is retried by Database.run.
+        .order_by(jobs_c.id)
+        .with_for_update()
     )
     rows = {row["id"]: row for row in _rows(session, query)}
     # Keep the broker's order: it encodes priority.
