@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,6 +31,7 @@ from service.signals import Signals
 from service.webhook_delivery import Deliverer, http_client
 
 API_VERSION = "1.0.0"
+SHUTDOWN_STEP_SECONDS = 3.0
 log = logging.getLogger("celeriac.service")
 
 
@@ -84,9 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             for task in runtime.background:
                 task.cancel()
-            await asyncio.gather(*runtime.background, return_exceptions=True)
-            await webhook_client.aclose()
-            await broker.close()
+            await _bounded(
+                asyncio.gather(*runtime.background, return_exceptions=True), "background loops"
+            )
+            await _bounded(webhook_client.aclose(), "the webhook client")
+            await _bounded(broker.close(), "the broker")
             db.engine.dispose()
 
     app = FastAPI(
@@ -105,6 +108,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=request_body_limit(settings))
     return app
+
+
+async def _bounded(step: Awaitable[object], what: str) -> None:
+    """One shutdown step, given ``SHUTDOWN_STEP_SECONDS``: a broker that does not answer
+    its close, or a database call that cannot be cancelled, must not keep a stopping
+    service (and its pidfile, and its port) alive; nothing is lost by leaving it, as
+    leases simply expire."""
+    # Not wait_for: on a timeout it waits for the cancellation, which a thread cannot honour.
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_STEP_SECONDS)
+    if not done:
+        task.cancel()
+        log.warning("shutdown: %s still busy after %ss; leaving it", what, SHUTDOWN_STEP_SECONDS)
+    elif not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("shutdown: closing %s failed: %r", what, exc)
 
 
 def request_body_limit(settings: Settings) -> int:

@@ -322,13 +322,19 @@ def child_env(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL if it has not left within ``timeout``; by pid only."""
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """SIGTERM, then SIGKILL if it has not left within ``timeout``; by pid only.
+
+    Before the SIGKILL, SIGUSR1 asks a celeriac process to write its threads' stacks
+    to its log, so a hang shows where it hung."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0)
             proc.kill()
             proc.wait(10)
     return proc.returncode
@@ -352,7 +358,7 @@ class Process:
             return "(no output)"
         return text[-limit:] or "(no output)"
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = 20.0) -> int:
         return stop_process(self.proc, timeout)
 
     def kill(self) -> None:
@@ -465,6 +471,24 @@ class Spawner:
         service = start_service(settings, self.workdir, backend=backend)
         self._stack.callback(service.stop)
         return service
+
+    def replicas(self, backend: Backend, count: int) -> list[Service]:
+        """``count`` services on one backend, started side by side (not one after another)."""
+        settings = {**backend.env(), **SERVICE_TUNING}
+        started = []
+        for _ in range(count):
+            port = free_port()
+            process = spawn(
+                service_command(port), child_env(settings), self.workdir, f"service-{port}"
+            )
+            service = Service(
+                process.proc, process.log_path, f"http://127.0.0.1:{port}", backend, settings
+            )
+            self._stack.callback(service.stop)
+            started.append(service)
+        for service in started:
+            wait_ready(service)
+        return started
 
     def process(
         self, command: Sequence[str], name: str, env: Mapping[str, str] | None = None
@@ -737,7 +761,7 @@ def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Itera
     finally:
         code = started.stop()
         # SIGTERM is a clean shutdown: anything else means the service crashed or hung.
-        assert code in (0, -signal.SIGTERM), f"service exited {code}:\n{started.log()}"
+        assert code in (0, -signal.SIGTERM), f"service exited {code}:\n{started.log(30000)}"
 
 
 @pytest.fixture

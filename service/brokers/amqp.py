@@ -308,7 +308,7 @@ class Link:
 
     async def close(self) -> None:
         with contextlib.suppress(*ERRORS):
-            await self.connection.close()
+            await asyncio.wait_for(self.connection.close(), CALL_TIMEOUT)
 
 
 def _claim_by_ids(

@@ -30,6 +30,15 @@ def _fail(message: str, status: int = 2) -> typer.Exit:
     return typer.Exit(status)
 
 
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` writes every thread's stack to stderr (the log): the first
+    thing to look at when a process seems stuck, and it does not stop the process."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -87,6 +96,7 @@ def serve(
         from service.migrate import upgrade
 
         upgrade(settings.database_url)
+    _dump_stacks_on_sigusr1()
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -220,6 +230,7 @@ def worker(
         )  # fmt: skip
     except ValueError as exc:  # an unknown pool, a broker that is not Redis
         raise _fail(str(exc)) from None
+    _dump_stacks_on_sigusr1()
     try:
         status = _daemon.run_with_pidfile(pidfile, the_worker.run)
     except _daemon.PidfileBusy as exc:

@@ -222,6 +222,7 @@ class Worker:
             return  # embedded in another program: it calls stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGQUIT, self._on_quit_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -230,6 +231,14 @@ class Worker:
             self.stop()
             return
         logger.warning("%s again: cold shutdown, releasing unfinished jobs", name)
+        self._stop_cold()
+
+    def _on_quit_signal(self, signum: int, frame: FrameType | None) -> None:
+        # As in Celery: SIGQUIT is a cold shutdown at once, without a warm one first.
+        logger.warning("SIGQUIT: cold shutdown, releasing unfinished jobs")
+        self._stop_cold()
+
+    def _stop_cold(self) -> None:
         self.stop(cold=True)
         if self._pool.interrupt_main():
             raise WorkerShutdown  # break off the task the solo pool runs right here
