@@ -3,6 +3,7 @@ backend matrix (see conftest.py). Every test works in queues of its own."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -852,3 +853,13 @@ def test_worker_killed_mid_job_is_run_again(
     assert final["attempt"] == 2
     assert final["worker"] == "survivor"
     assert survivor.stop() == 0, survivor.log()
+
+
+def test_the_service_dumps_its_stacks_on_sigusr1_and_goes_on(spawner: Spawner) -> None:
+    service = spawner.service()
+    service.proc.send_signal(signal.SIGUSR1)
+    with Api(service.url) as client:
+        client.wait_for(
+            lambda: "most recent call first" in service.log(), timeout=10, what="the stack dump"
+        )
+        expect(client.http.get("/readyz"), 200)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -354,6 +355,29 @@ def test_second_signal_releases_unfinished_jobs(
         proc.stop()
     job = client.get(stuck.id)
     assert job["status"] == "queued", job  # released: another worker may take it now
+    client.cancel(stuck.id)
+
+
+def test_sigusr1_dumps_stacks_and_sigquit_is_a_cold_shutdown_at_once(
+    tasks: ModuleType, server: str, workdir: Path, client: Client
+) -> None:
+    proc = start_worker(server, workdir, "-A", "pw_tasks", "-Q", "shutdown", "-c", "1")
+    try:
+        stuck = tasks.sleep.delay(60)
+        eventually(lambda: stuck.status == "running", what="the job to start")
+        proc.signal(signal.SIGUSR1)  # a stuck worker shows where it is, and goes on
+        # Every thread's stack, the task's own frame among them.
+        task_frame = re.compile(r'pw_tasks\.py", line \d+ in sleep')
+        eventually(lambda: task_frame.search(proc.log()), what="the stack dump")
+        assert client.get(stuck.id)["status"] == "running"
+        proc.signal(signal.SIGQUIT)  # no warm shutdown first
+        assert proc.wait(timeout=20) == 1, proc.log()
+    finally:
+        proc.stop()
+    assert "warm shutdown" not in proc.log()
+    job = client.get(stuck.id)
+    assert job["status"] == "queued", job  # released, the attempt not counted
+    assert job["attempt"] == 0, job
     client.cancel(stuck.id)
 
 
