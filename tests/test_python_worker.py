@@ -381,6 +381,21 @@ def test_sigusr1_dumps_stacks_and_sigquit_is_a_cold_shutdown_at_once(
     client.cancel(stuck.id)
 
 
+def test_an_idle_worker_leaves_at_once_despite_its_long_poll(server: str, workdir: Path) -> None:
+    """SIGTERM ends the long-poll in flight (half-closing its connection) rather than
+    sitting out the 30 s poll wait."""
+    proc = start_worker(server, workdir, "-A", "pw_tasks", "-Q", "idle", "--poll-wait", "30")
+    try:
+        eventually(lambda: "http transport" in proc.log(), what="the worker to start")
+        time.sleep(0.3)  # into its long-poll
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.log()
+        assert time.monotonic() - started < 5, proc.log()
+    finally:
+        proc.stop()
+
+
 def test_serve_refuses_open_non_loopback_address(tmp_path: Path) -> None:
     ran = subprocess.run(
         [*CELERIAC, "serve", "--host", "0.0.0.0", "--port", str(free_port())],

@@ -117,3 +117,22 @@ def test_stale_token_is_refused(api: Api, service: Service, redis_backend: Backe
         transport.close()
     done = api.wait_finished(job["id"], 20)
     assert done["status"] == "succeeded" and done["result"] == 2, done
+
+
+def test_an_idle_worker_leaves_at_once_despite_its_long_poll(
+    module_spawner: Spawner, service: Service, redis_backend: Backend
+) -> None:
+    """SIGTERM ends the BLPOP in flight (by a wake key of the worker's own) rather than
+    sitting out the 30 s poll wait."""
+    command = [sys.executable, "-m", "celeriac", "worker", "-A", "rw_tasks:app", "-Q", "q_idle",
+               "--server", service.url, "--broker", redis_backend.broker_url,
+               "--redis-prefix", redis_backend.redis_prefix, "--poll-wait", "30",
+               "-l", "info"]  # fmt: skip
+    worker = module_spawner.process(command, "idle-redis-worker")
+    deadline = time.monotonic() + 20
+    while "redis transport" not in worker.log() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log line is the only sign that it is up and waiting
+    time.sleep(0.3)  # into its BLPOP
+    started = time.monotonic()
+    assert worker.stop(timeout=20) == 0, worker.log()
+    assert time.monotonic() - started < 5, worker.log()

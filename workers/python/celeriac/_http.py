@@ -10,6 +10,7 @@ answer raises ``CeleriacError``, no answer ``ServerUnreachable``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -50,17 +51,48 @@ class HttpSession:
             self._headers["Authorization"] = f"Bearer {key}"
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
+        self._waiting: set[http.client.HTTPConnection] = set()
+        self._waits_ended = False
         self._lock = threading.Lock()
 
     def call(self, method: str, path: str, body: bytes | None = None, *, wait: float = 0.0) -> Any:
         """One API call; ``wait`` is how long the service may hold it (long-poll)."""
+        if wait <= 0:
+            return self._call(method, path, body, 0.0)
+        conn, _ = self._connection()
+        with self._lock:
+            if self._waits_ended:
+                raise ServerUnreachable(f"{method} {path}: not sent, the long-polls were ended")
+            self._waiting.add(conn)
+        try:
+            return self._call(method, path, body, wait)
+        finally:
+            with self._lock:
+                self._waiting.discard(conn)
+                if self._waits_ended:
+                    conn.close()  # half-closed: of no further use
+
+    def end_waits(self) -> None:
+        """End the long-polls in flight, and refuse new ones. Only our half of each
+        connection is closed (SHUT_WR): the service drops the connection at once, an
+        answer it had already sent (jobs it granted) still arrives whole for the worker
+        to hand back, and jobs its long-poll claims later it releases itself, seeing the
+        request gone (service/routers/leases.py). No grant goes unseen."""
+        with self._lock:
+            self._waits_ended = True
+            for conn in self._waiting:
+                if conn.sock is not None:
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_WR)
+
+    def _call(self, method: str, path: str, body: bytes | None, wait: float) -> Any:
         conn, reused = self._connection()
         self._set_timeout(conn, self._timeout + wait)
         try:
             status, reason, data = self._exchange(conn, method, path, body)
         except STALE_CONNECTION as exc:
             conn.close()
-            if not reused:
+            if not reused or (wait > 0 and self._waits_ended):  # an ended long-poll: no retry
                 raise self._unreachable(method, path, exc) from exc
             try:
                 status, reason, data = self._exchange(conn, method, path, body)

@@ -71,6 +71,12 @@ class Transport(Protocol):
         """Give back jobs never started: (job id, token) pairs."""
         ...
 
+    def end_wait(self) -> None:
+        """Make a ``lease`` waiting in another thread return soon, with whatever it was
+        granted (the caller releases that), and any later ``lease`` return at once: the
+        worker is stopping. Never loses a grant; callable from any thread."""
+        ...
+
     def close(self) -> None: ...
 
 

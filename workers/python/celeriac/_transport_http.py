@@ -79,6 +79,9 @@ class HttpTransport:
     def release(self, grants: Sequence[tuple[str, str]]) -> list[Settled]:
         return release_all(self, grants)
 
+    def end_wait(self) -> None:
+        self._http.end_waits()
+
     def close(self) -> None:
         self._http.close()
 

@@ -10,6 +10,10 @@ applies each call's event to SQL, which remains the system of record."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import secrets
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +25,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._execution import Report, dumps
 from ._transport import BeatAnswer, BeatItem, Grant, Settled, release_all
 from .errors import CeleriacError, ServerUnreachable
+
+logger = logging.getLogger("celeriac.worker")
 
 PROTOCOL = "1"
 # The lease call takes one length for every job; HTTP's default is the service's 30 s.
@@ -51,7 +57,11 @@ class RedisTransport:
         tag = "{" + prefix + "}"
         self._events = f"{tag}:events"
         self._job = f"{tag}:job:"
-        self._wake = [f"{tag}:wake:{queue}" for queue in queues]
+        # BLPOP also watches a key of this process's own, so that ``end_wait`` can
+        # wake it without waking (and so robbing) another worker.
+        self._own_wake = f"{tag}:wake-worker:{worker}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._wake = [f"{tag}:wake:{queue}" for queue in queues] + [self._own_wake]
+        self._waits_ended = threading.Event()
         ready = [f"{tag}:ready:{queue}" for queue in queues]
         self._lease_call = ("FCALL", "celeriac_v1_lease", 1 + len(ready), self._events, *ready)
         self._worker = worker
@@ -61,15 +71,24 @@ class RedisTransport:
 
     def lease(self, max_jobs: int) -> list[Grant]:
         grants = self._lease_now(max_jobs)
-        if grants or self._poll_wait <= 0:
+        if grants or self._poll_wait <= 0 or self._waits_ended.is_set():
             return grants
         try:
             woken = self._blocking.blpop(self._wake, timeout=self._poll_wait)
         except RedisError as exc:
             raise _translate(exc) from exc
+        if not woken or self._waits_ended.is_set():
+            return []
         # Another worker may win the jobs that woke us: then there is nothing, and the
         # worker asks again (back to BLPOP), which is no more than one empty call.
-        return self._lease_now(max_jobs) if woken else []
+        return self._lease_now(max_jobs)
+
+    def end_wait(self) -> None:
+        self._waits_ended.set()
+        try:  # the key outlives us only briefly if nobody was waiting on it
+            self._pipeline([("RPUSH", self._own_wake, "stop"), ("EXPIRE", self._own_wake, 60)])
+        except RedisError as exc:
+            logger.debug("could not wake the lease wait: %r", exc)
 
     def _lease_now(self, max_jobs: int) -> list[Grant]:
         want = min(max_jobs, MAX_LEASE_JOBS)

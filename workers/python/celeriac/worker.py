@@ -94,8 +94,8 @@ class Worker:
 
     ``broker`` (a ``redis://`` URL) leases straight from Redis with the Redis protocol,
     keys under ``{redis_prefix}``; without it, jobs come over HTTP from the app's server.
-    ``poll_wait`` is how long one lease request may wait for work; a warm shutdown waits
-    for the request in flight, so it also bounds that. Time limits are defaults for tasks
+    ``poll_wait`` is how long one lease request may wait for work; a shutdown ends the
+    request in flight rather than waiting it out. Time limits are defaults for tasks
     that set none (docs/python.md, "Pools and time limits"); ``max_tasks_per_child`` and
     ``max_memory_per_child`` (KB) recycle the processes pool's children. ``app_spec``
     (``module:attribute``) is what those children import; by default, found in
@@ -209,9 +209,14 @@ class Worker:
         """What a signal does; callable from any thread."""
         if cold:
             self._cold.set()
+        first = not self._stopping.is_set()
         self._stopping.set()
         self._slots.wake()
         self._pool.wake()
+        if first:
+            # An idle worker must not sit out its long-poll before it can leave. A thread
+            # of its own: this may run in a signal handler, which must not do I/O itself.
+            _start(self._transport.end_wait, "celeriac-end-wait")
 
     def quiet(self) -> None:
         """Lease no more jobs; running ones finish. (The service's ``quiet`` command.)"""
@@ -257,6 +262,8 @@ class Worker:
                 try:
                     grants = self._transport.lease(free)
                 except (ServerUnreachable, CeleriacError) as exc:
+                    if self._stopping.is_set():
+                        break  # the long-poll was ended for the shutdown
                     if isinstance(exc, CeleriacError) and not is_transient(exc):
                         self._fail(exc)
                         break
