@@ -30,7 +30,12 @@ class HttpSession:
     """``call(method, path, body)`` → the decoded JSON answer."""
 
     def __init__(
-        self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        user_agent: str = "celeriac-python-worker",
     ) -> None:
         self.server = resolve_server(server)
         parts = urlsplit(self.server)
@@ -44,7 +49,7 @@ class HttpSession:
         self._headers = {
             "Accept": "application/json",
             "Content-Type": "application/json",
-            "User-Agent": "celeriac-python-worker",
+            "User-Agent": user_agent,
         }
         key = resolve_api_key(api_key)
         if key:
@@ -55,17 +60,25 @@ class HttpSession:
         self._waits_ended = False
         self._lock = threading.Lock()
 
-    def call(self, method: str, path: str, body: bytes | None = None, *, wait: float = 0.0) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        wait: float = 0.0,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         """One API call; ``wait`` is how long the service may hold it (long-poll)."""
         if wait <= 0:
-            return self._call(method, path, body, 0.0)
+            return self._call(method, path, body, 0.0, headers)
         conn, _ = self._connection()
         with self._lock:
             if self._waits_ended:
                 raise ServerUnreachable(f"{method} {path}: not sent, the long-polls were ended")
             self._waiting.add(conn)
         try:
-            return self._call(method, path, body, wait)
+            return self._call(method, path, body, wait, headers)
         finally:
             with self._lock:
                 self._waiting.discard(conn)
@@ -85,17 +98,25 @@ class HttpSession:
                     with contextlib.suppress(OSError):
                         conn.sock.shutdown(socket.SHUT_WR)
 
-    def _call(self, method: str, path: str, body: bytes | None, wait: float) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        wait: float,
+        headers: dict[str, str] | None,
+    ) -> Any:
         conn, reused = self._connection()
         self._set_timeout(conn, self._timeout + wait)
+        sent = {**self._headers, **headers} if headers else self._headers
         try:
-            status, reason, data = self._exchange(conn, method, path, body)
+            status, reason, data = self._exchange(conn, method, path, body, sent)
         except STALE_CONNECTION as exc:
             conn.close()
             if not reused or (wait > 0 and self._waits_ended):  # an ended long-poll: no retry
                 raise self._unreachable(method, path, exc) from exc
             try:
-                status, reason, data = self._exchange(conn, method, path, body)
+                status, reason, data = self._exchange(conn, method, path, body, sent)
             except (OSError, http.client.HTTPException) as again:
                 conn.close()
                 raise self._unreachable(method, path, again) from again
@@ -111,14 +132,19 @@ class HttpSession:
             self._all.clear()
 
     def _exchange(
-        self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None
+        self,
+        conn: http.client.HTTPConnection,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
     ) -> tuple[int, str, bytes]:
         if conn.sock is None:
             conn.connect()
             # Headers and body go out in one write (http.client joins them), but a
             # report right after a lease must not wait for a delayed ACK either.
             cast(socket.socket, conn.sock).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.request(method, self._prefix + path, body, self._headers)
+        conn.request(method, self._prefix + path, body, headers)
         response = conn.getresponse()
         data = response.read()
         if response.will_close:
