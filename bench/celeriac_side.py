@@ -119,7 +119,7 @@ class CeleriacSystem(System):
                 "--prefix",
                 self.prefix,
             ]
-        return [
+        command = [
             bin_path("celeriac"),
             "worker",
             "--app",
@@ -133,6 +133,9 @@ class CeleriacSystem(System):
             "-n",
             f"bench-{mode}-{index}",
         ]
+        if self.variant == "redis worker -c 8":  # the product worker on the Redis protocol
+            command += ["--broker", redis_url(QUEUE_DB), "--redis-prefix", self.prefix]
+        return command
 
     def enqueue(self, n: int, task: str) -> None:
         from celeriac.client import job_spec

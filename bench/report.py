@@ -200,6 +200,7 @@ def targets(summary: Summary) -> str:
 
     drain_http = med("drain", "celeriac", "http worker -c 8")
     drain_redis = med("drain", "celeriac", "redis protocol loop")
+    drain_redis_worker = med("drain", "celeriac", "redis worker -c 8")
     dramatiq_best = max(
         (v for k in summary.keys("submit") if k[1] == "dramatiq" if (v := med(*k)) is not None),
         default=None,
@@ -232,6 +233,20 @@ def targets(summary: Summary) -> str:
             drain_redis,
             med("drain", "celery", "prefork -c 2, redis results"),
             2.0,
+            True,
+        ),
+        (
+            "drain over Redis (redis worker -c 8) ≥ 1x Dramatiq 2 proc x 8 threads",
+            drain_redis_worker,
+            med("drain", "dramatiq", "redis, 2 proc x 8 threads (default)"),
+            1.0,
+            True,
+        ),
+        (
+            "drain over Redis (redis worker -c 8) ≥ 1x Huey 2 processes",
+            drain_redis_worker,
+            med("drain", "huey", "2 processes"),
+            1.0,
             True,
         ),
         (

@@ -19,6 +19,7 @@ HEARTBEAT = 1.0  # the registry's interval here: a dead worker is lost after ~2 
 
 TASKS = """
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -81,6 +82,11 @@ def thread() -> str:
 def block(seconds: float) -> str:
     time.sleep(seconds)  # deaf to cancel requests
     return "blocked"
+
+@app.task(name="rt.say")
+def say(words: str) -> int:
+    logging.getLogger("rt").warning("task says %s", words)
+    return os.getpid()
 
 @app.task(name="rt.sleep")
 def sleep(seconds: float) -> str:
@@ -222,6 +228,22 @@ def test_async_pool_runs_sync_tasks_in_threads(api: Api, asyncio_pool: Process) 
 def test_async_soft_time_limit_cancels_the_task(api: Api, asyncio_pool: Process) -> None:
     job = run(api, "q_async", "rt.asoft", max_retries=0)
     assert job["status"] == "failed" and job["error"]["type"] == "SoftTimeLimitExceeded", job
+
+
+def test_a_child_logs_to_the_new_file_after_logrotate(
+    api: Api, spawner: Spawner, service: Service
+) -> None:
+    log = spawner.workdir / "rotating.log"
+    options = ("--pool", "processes", "-c", "1", "--logfile", str(log))
+    proc = worker(spawner, service, "q_rot", *options)
+    child = run(api, "q_rot", "rt.say", "before")["result"]
+    wait_until(lambda: "task says before" in log.read_text(), 10, "the child's first line")
+    rotated = log.rename(log.with_name("rotating.log.1"))  # what logrotate does, then:
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: log.exists() and "reopened log file" in log.read_text(), 10, "a new file")
+    assert run(api, "q_rot", "rt.say", "after")["result"] == child  # the same child
+    wait_until(lambda: "task says after" in log.read_text(), 10, "the child's line, moved")
+    assert "says after" not in rotated.read_text()
 
 
 def test_solo_pool(api: Api, spawner: Spawner, service: Service) -> None:

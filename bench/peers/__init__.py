@@ -18,7 +18,7 @@ SCENARIOS = ("submit", "drain", "latency", "fanout")
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "celeriac": {
         "submit": ["POST /jobs x16 clients", "POST /jobs/batch of 1000"],
-        "drain": ["http worker -c 8", "redis protocol loop"],
+        "drain": ["http worker -c 8", "redis worker -c 8", "redis protocol loop"],
         "latency": ["http worker -c 8"],
         "fanout": ["4 x http worker -c 8"],
     },

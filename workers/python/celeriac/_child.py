@@ -13,6 +13,7 @@ process. If the worker goes away (its end of the pipe closes), so does the child
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -104,8 +105,14 @@ def _invoke(
 
 
 def _configure_logging(spec: ChildSpec) -> None:
+    # Watched: after logrotate moves the file away (and SIGHUPs the worker, which
+    # reopens its own), a child's next record goes to the new file, with no signal of
+    # its own to handle.
     handler: logging.Handler
-    handler = logging.FileHandler(spec.log_file) if spec.log_file else logging.StreamHandler()
+    if spec.log_file:
+        handler = logging.handlers.WatchedFileHandler(spec.log_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler()
     if spec.log_format:
         handler.setFormatter(logging.Formatter(spec.log_format))
     logging.basicConfig(level=spec.log_level, handlers=[handler], force=True)
