@@ -376,13 +376,15 @@ def test_leasing_while_expired_leases_are_reclaimed(api: Api, service: Service, 
     assert len(held) == 300
     ids = {job["id"] for job in api.submit_batch([{"queue": busy} for _ in range(300)])}
 
+    everyone: list[dict[str, Any]] = []  # list.extend is atomic: a shared tally
+
     def worker(name: str) -> tuple[list[dict[str, Any]], list[str]]:
         got: list[dict[str, Any]] = []
         errors: list[str] = []
         deadline = time.monotonic() + 20
         body = {"worker": name, "queues": [busy], "max_jobs": 2, "wait": 1, "lease_seconds": 60}
         with Api(service.url) as client:
-            while len(got) < 60 and time.monotonic() < deadline:
+            while len(everyone) < len(ids) and time.monotonic() < deadline:
                 try:
                     response = client.http.post("/leases", json=body)
                 except httpx.TransportError as exc:  # the service dropped the request
@@ -392,6 +394,7 @@ def test_leasing_while_expired_leases_are_reclaimed(api: Api, service: Service, 
                     errors.append(f"{response.status_code} {response.text[:200]}")
                     continue
                 got += response.json()["jobs"]
+                everyone.extend(response.json()["jobs"])
                 time.sleep(0.02)  # spread the grants across the reclaim
         return got, errors
 

@@ -181,9 +181,10 @@ def client(nodes: Nodes) -> Iterator[Client]:
 
 @pytest.fixture(scope="module")
 def pair(nodes: Nodes) -> dict[str, int]:
+    # No prefetch: "running" then means on a pool thread, which the stop tests count on.
     result = nodes.multi(
         "start", "w1", "w2", *NODE_OPTIONS, "-Q", PAIR_QUEUE, "-l", "WARNING",
-        "--logfile", LOGFILE,
+        "--logfile", LOGFILE, "--prefetch-multiplier", "1",
     )  # fmt: skip
     assert result.returncode == 0, explain(result, nodes, "w1", "w2")
     return started(result)  # the nodes fixture kills whatever is left at the end

@@ -396,6 +396,28 @@ def test_an_idle_worker_leaves_at_once_despite_its_long_poll(server: str, workdi
         proc.stop()
 
 
+def test_prefetched_jobs_wait_for_a_slot_and_go_back_at_a_warm_shutdown(
+    tasks: ModuleType, server: str, workdir: Path, client: Client
+) -> None:
+    # -c 1 and the default prefetch multiplier (4): one job runs, three more are held.
+    jobs = [tasks.sleep.apply_async([1.0], queue="prefetch") for _ in range(5)]
+    proc = start_worker(server, workdir, "-A", "pw_tasks", "-Q", "prefetch", "-c", "1")
+    try:
+        statuses = lambda: sorted(job.status for job in jobs)  # noqa: E731
+        eventually(lambda: statuses() == ["queued"] + ["running"] * 4, what="4 jobs leased")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.log()
+    finally:
+        proc.stop()
+    finished = [job for job in jobs if job.status == "succeeded"]
+    assert len(finished) == 1, [client.get(job.id) for job in jobs]  # only the one started
+    for job in jobs:
+        if job not in finished:
+            answer = client.get(job.id)
+            assert answer["status"] == "queued" and answer["attempt"] == 0, answer
+            client.cancel(job.id)
+
+
 def test_serve_refuses_open_non_loopback_address(tmp_path: Path) -> None:
     ran = subprocess.run(
         [*CELERIAC, "serve", "--host", "0.0.0.0", "--port", str(free_port())],

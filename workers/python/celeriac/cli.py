@@ -200,6 +200,13 @@ def worker(
         int,
         typer.Option(min=0, help="processes pool: replace a child above this many KB resident."),
     ] = 0,
+    prefetch_multiplier: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Hold up to concurrency x N leased jobs (1: no prefetch, for long jobs).",
+        ),
+    ] = 4,
 ) -> None:
     """Run a worker for the app's tasks (API key: $CELERIAC_API_KEY)."""
     from . import _daemon
@@ -227,6 +234,7 @@ def worker(
             broker=broker, redis_prefix=redis_prefix, soft_time_limit=soft_time_limit,
             time_limit=time_limit, max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child, app_spec=app,
+            prefetch_multiplier=prefetch_multiplier,
         )  # fmt: skip
     except ValueError as exc:  # an unknown pool, a broker that is not Redis
         raise _fail(str(exc)) from None

@@ -1,11 +1,12 @@
 """The Python worker: leases jobs (over HTTP, or straight from Redis), runs them in a pool,
 heartbeats their leases and reports outcomes in batches.
 
-Threads: the leaser (asks for exactly as many jobs as there are free slots, so nothing
-waits here while another worker could run it), the pool's, one heartbeat thread, one
-reporter and the registry's. The main thread waits for a signal and then drives the
-shutdown (the solo pool runs its jobs there too): the first SIGTERM/SIGINT is warm (stop
-leasing, finish, report), the second cold (release unfinished jobs and leave).
+Threads: the leaser (asks for as many jobs as there are free slots, plus a prefetch of
+``concurrency x (prefetch_multiplier - 1)`` that waits here for a slot, heartbeated like
+the rest), the pool's, one heartbeat thread, one reporter and the registry's. The main
+thread waits for a signal and then drives the shutdown (the solo pool runs its jobs there
+too): the first SIGTERM/SIGINT is warm (stop leasing, hand back prefetched jobs, finish,
+report), the second cold (release unfinished jobs and leave).
 
 The transport (``_transport``) and the pool (``_pools``) are chosen at start; nothing
 here depends on which.
@@ -19,11 +20,12 @@ import os
 import signal
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from ._execution import Report, error_info, failure, released
+from ._execution import LeasedJob, Report, error_info, failure, released
 from ._http import HttpSession
 from ._leases import ActiveLease, Heartbeater, LeaseBook, next_beat_in
 from ._limits import Deadlines, TimeLimits
@@ -43,33 +45,69 @@ MAX_BACKOFF = 10.0
 # A cold shutdown waits this long for the release reports before leaving anyway.
 COLD_REPORT_SECONDS = 5.0
 ASYNC_CONCURRENCY = 100  # coroutines are cheap; CPUs say nothing about how many fit
+# As Celery's worker_prefetch_multiplier: a -c 8 worker holds up to 32 jobs, so it leases
+# (and the service grants) in batches rather than one job per freed slot. Jobs that run
+# for minutes want 1: a prefetched job waits behind them while another worker idles.
+DEFAULT_PREFETCH_MULTIPLIER = 4
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-class Slots:
-    """Free pool slots. Only the leaser takes slots, so a count it saw free stays free
-    until it takes them. ``changed`` also wakes the main thread during shutdown."""
+Waiting = tuple[LeasedJob, ActiveLease]
 
-    def __init__(self, total: int) -> None:
+
+class Slots:
+    """Pool slots, and the prefetched jobs waiting for one. Only the leaser adds jobs,
+    so room it saw stays free until it fills it. A slot a job leaves goes straight to the
+    next waiting job. ``changed`` also wakes the main thread during shutdown."""
+
+    def __init__(self, total: int, prefetch: int = 0) -> None:
         self.total = total
+        self.prefetch = prefetch
         self.busy = 0
+        self.waiting: deque[Waiting] = deque()
         self.changed = threading.Condition(threading.RLock())
 
-    def wait_free(self, stopping: threading.Event, quiet: threading.Event) -> int:
+    def wait_room(self, stopping: threading.Event, quiet: threading.Event) -> int:
+        """Once there is room, how many jobs to lease. With a prefetch, the leaser waits
+        until a whole pool's worth is free (few large leases, not many of one job), or
+        until a slot is idle."""
         with self.changed:
             self.changed.wait_for(
-                lambda: stopping.is_set() or (not quiet.is_set() and self.busy < self.total)
+                lambda: stopping.is_set() or (not quiet.is_set() and self._worth_leasing())
             )
-            return self.total - self.busy
+            return self._room()
 
-    def take(self, count: int) -> None:
-        with self.changed:
-            self.busy += count
+    def _room(self) -> int:
+        return self.total + self.prefetch - self.busy - len(self.waiting)
 
-    def release(self) -> None:
+    def _worth_leasing(self) -> bool:
+        return self.busy < self.total or self._room() >= self.total
+
+    def admit(self, jobs: list[Waiting]) -> list[Waiting]:
+        """Slots for as many of ``jobs`` as fit, returned to start now; the rest wait."""
         with self.changed:
-            self.busy -= 1
+            now = jobs[: max(0, self.total - self.busy)]
+            self.busy += len(now)
+            self.waiting.extend(jobs[len(now) :])
+            return now
+
+    def release(self, take_next: bool = True) -> Waiting | None:
+        """A job left its slot: hand the slot to the next waiting job (returned, for the
+        caller to start) or free it."""
+        with self.changed:
+            following = self.waiting.popleft() if take_next and self.waiting else None
+            if following is None:
+                self.busy -= 1
             self.changed.notify_all()
+            return following
+
+    def drop_waiting(self) -> list[Waiting]:
+        """The jobs that never got a slot (a shutdown hands them back)."""
+        with self.changed:
+            dropped = list(self.waiting)
+            self.waiting.clear()
+            self.changed.notify_all()
+            return dropped
 
     def wait_for(self, predicate: Callable[[], bool]) -> None:
         with self.changed:
@@ -120,9 +158,12 @@ class Worker:
         max_memory_per_child: int = 0,
         app_spec: str | None = None,
         register: bool = True,
+        prefetch_multiplier: int = DEFAULT_PREFETCH_MULTIPLIER,
     ) -> None:
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}: choose from {', '.join(POOLS)}")
+        if prefetch_multiplier < 1:
+            raise ValueError("prefetch_multiplier must be at least 1 (1: no prefetch)")
         self.app = app
         self.queues = list(queues)
         self.concurrency = 1 if pool == "solo" else concurrency or default_concurrency(pool)
@@ -130,7 +171,7 @@ class Worker:
         self.poll_wait = poll_wait
         self._http = HttpSession(app.server, app.api_key)
         self._transport = self._make_transport(broker, redis_prefix, lease_seconds, poll_wait)
-        self._slots = Slots(self.concurrency)
+        self._slots = Slots(self.concurrency, self.concurrency * (prefetch_multiplier - 1))
         self._book = LeaseBook()
         self._outbox = Outbox()
         self._deadlines = Deadlines()
@@ -256,7 +297,7 @@ class Worker:
             while not self._stopping.is_set():
                 if self._quiet.is_set():
                     logger.info("quiet: leasing stopped (running jobs go on)")
-                free = self._slots.wait_free(self._stopping, self._quiet)
+                free = self._slots.wait_room(self._stopping, self._quiet)
                 if self._stopping.is_set():
                     break
                 try:
@@ -301,9 +342,9 @@ class Worker:
                 self._release(lease)
             return
         logger.debug("leased %d jobs", len(leases))
-        self._slots.take(len(leases))
-        for grant, lease in zip(grants, leases, strict=True):
-            self._pool.submit(grant.job, lease)
+        jobs = [(grant.job, lease) for grant, lease in zip(grants, leases, strict=True)]
+        for job, lease in self._slots.admit(jobs):
+            self._pool.submit(job, lease)
 
     def _release(self, lease: ActiveLease) -> None:
         if lease.settle():
@@ -325,7 +366,7 @@ class Worker:
         if lease.settle():
             self._outbox.put(report)
         if lease.end():
-            self._slots.release()
+            self._free_slot()
 
     def _abandon(self, lease: ActiveLease, report: Report) -> bool:
         """A job past its hard limit that its pool cannot stop: report it now and free its
@@ -334,8 +375,13 @@ class Worker:
             return False
         if lease.settle():
             self._outbox.put(report)
-        self._slots.release()
+        self._free_slot()
         return True
+
+    def _free_slot(self) -> None:
+        following = self._slots.release(take_next=not self._stopping.is_set())
+        if following is not None:
+            self._pool.submit(*following)
 
     # -- shutdown --------------------------------------------------------------------
 
@@ -346,6 +392,8 @@ class Worker:
         self._slots.wait_for(lambda: self._cold.is_set() or self._drained())
         if self._cold.is_set():
             return self._cold_shutdown()
+        for _, lease in self._slots.drop_waiting():
+            self._release(lease)  # prefetched, never started: straight back to the queue
         self._outbox.close()
         # Wait for the last reports; a second signal cuts this short too.
         self._slots.wait_for(lambda: self._cold.is_set() or self._reporter.done.is_set())
@@ -359,6 +407,7 @@ class Worker:
         return self._leaser_done.is_set() and self._slots.busy == 0
 
     def _cold_shutdown(self) -> int:
+        self._slots.drop_waiting()  # released below with the rest of the book
         unfinished = [lease for lease in self._book.snapshot() if not lease.settled]
         for lease in unfinished:
             self._release(lease)
