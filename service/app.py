@@ -83,11 +83,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in runtime.background:
+            loops = runtime.background + runtime.spawned()
+            for task in loops:
                 task.cancel()
-            await _bounded(
-                asyncio.gather(*runtime.background, return_exceptions=True), "background loops"
-            )
+            await _bounded(asyncio.gather(*loops, return_exceptions=True), "background loops")
             await _bounded(webhook_client.aclose(), "the webhook client")
             await _bounded(broker.close(), "the broker")
             db.engine.dispose()

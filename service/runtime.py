@@ -4,7 +4,7 @@ every router shares: run a unit of work, then apply its effects after commit."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -108,6 +108,16 @@ class Runtime:
             result_ttl=self.settings.result_expires_seconds or None,
         )
         self.submits = SubmitBatcher(self)
+        self._spawned: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` beyond the request that started it; cancelled at shutdown."""
+        task = asyncio.create_task(work, name=name)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    def spawned(self) -> list[asyncio.Task[Any]]:
+        return list(self._spawned)
 
     async def transact(self, work: Callable[[Session, Effects], T]) -> T:
         """Run ``work`` in one transaction, then its effects: nothing reaches the broker or

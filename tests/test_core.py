@@ -3,7 +3,11 @@ backend matrix (see conftest.py). Every test works in queues of its own."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -866,3 +870,23 @@ def test_the_service_dumps_its_stacks_on_sigusr1_and_goes_on(spawner: Spawner) -
             lambda: "most recent call first" in service.log(), timeout=10, what="the stack dump"
         )
         expect(client.http.get("/readyz"), 200)
+
+
+def test_a_long_poll_ends_with_its_client_and_does_not_hold_up_a_stop(
+    spawner: Spawner,
+) -> None:
+    """A worker that gives up on its long-poll (it stopped, or died) must not leave the
+    request waiting in the service until its 30 s run out: a stopping service would wait
+    for it (uvicorn's 3 s grace), and it would claim, then hand back, the next job."""
+    service = spawner.service()
+    body = json.dumps({"worker": "gone", "queues": ["q_gone"], "max_jobs": 1, "wait": 30})
+    poll = http.client.HTTPConnection("127.0.0.1", int(service.url.rsplit(":", 1)[1]))
+    poll.request("POST", "/leases", body, {"Content-Type": "application/json"})
+    time.sleep(0.3)  # into its wait (nothing to wait on: the request is in another process)
+    poll.sock.shutdown(socket.SHUT_WR)  # the worker's way of leaving (docs/protocol.md)
+    with contextlib.suppress(http.client.RemoteDisconnected):  # it drops the connection
+        assert json.loads(poll.getresponse().read()) == {"jobs": []}
+    poll.close()
+    started = time.monotonic()
+    assert service.stop() in (0, -signal.SIGTERM), service.log()
+    assert time.monotonic() - started < 2.0, "the stop waited for an abandoned long-poll"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -20,7 +21,7 @@ from service.leases import (
     new_token,
     settle,
 )
-from service.models import JobRow
+from service.models import JobRow, JobValues
 from service.routers.deps import content_length, get_runtime, require
 from service.routers.jobs import PROBLEMS
 from service.runtime import Runtime
@@ -72,18 +73,47 @@ async def lease_jobs(body: LeaseRequest, request: Request, runtime: RuntimeDep) 
         )
     _terms(runtime, body.worker, body.lease_seconds)  # validate before waiting
     queues = list(dict.fromkeys(body.queues))
-    rows = await runtime.broker.lease(
-        queues,
-        body.max_jobs,
-        body.wait,
-        lambda: _terms(runtime, body.worker, body.lease_seconds),
+    lease = asyncio.ensure_future(
+        runtime.broker.lease(
+            queues,
+            body.max_jobs,
+            body.wait,
+            lambda: _terms(runtime, body.worker, body.lease_seconds),
+        )
     )
+    gone = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({lease, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not lease.done():
+        # The worker gave up on this long-poll (it died, or stopped): end the request
+        # now rather than hold it (and a stopping service) until the wait runs out. The
+        # lease is not cancelled, as it may be claiming rows this very moment: whatever
+        # it claims is handed straight back.
+        runtime.spawn(_release_when_done(runtime, lease), name="celeriac-abandoned-lease")
+        return JSONResponse({"jobs": []})
+    rows = lease.result()
     if rows and await request.is_disconnected():
-        # The worker gave up on this long-poll (it died, or shut down): hand the jobs
-        # straight back rather than leave them leased to nobody until the deadline.
-        await _settle(runtime, [Settle(row["id"], row["lease_token"], "released") for row in rows])
+        # Gone just as jobs were granted: the same, hand them back rather than leave
+        # them leased to nobody until the deadline.
+        await _release(runtime, rows)
         rows = []
     return JSONResponse({"jobs": [leased_body(row) for row in rows]})
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection. The body has been read, so the
+    only message left to receive is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _release(runtime: Runtime, rows: list[JobValues]) -> None:
+    await _settle(runtime, [Settle(row["id"], row["lease_token"], "released") for row in rows])
+
+
+async def _release_when_done(runtime: Runtime, lease: asyncio.Future[list[JobValues]]) -> None:
+    if rows := await lease:
+        await _release(runtime, rows)
 
 
 @router.post(

@@ -89,8 +89,8 @@ class HttpSession:
         """End the long-polls in flight, and refuse new ones. Only our half of each
         connection is closed (SHUT_WR): the service drops the connection at once, an
         answer it had already sent (jobs it granted) still arrives whole for the worker
-        to hand back, and jobs its long-poll claims later it releases itself, seeing the
-        request gone (service/routers/leases.py). No grant goes unseen."""
+        to hand back, and a claim in progress at that moment the service releases itself,
+        seeing the request gone (service/routers/leases.py). No grant goes unseen."""
         with self._lock:
             self._waits_ended = True
             for conn in self._waiting:
