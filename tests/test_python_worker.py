@@ -400,12 +400,14 @@ def test_prefetched_jobs_wait_for_a_slot_and_go_back_at_a_warm_shutdown(
     tasks: ModuleType, server: str, workdir: Path, client: Client
 ) -> None:
     # -c 1 and the default prefetch multiplier (4): one job runs, three more are held.
-    jobs = [tasks.sleep.apply_async([1.0], queue="prefetch") for _ in range(5)]
+    jobs = [tasks.sleep.apply_async([2.0], queue="prefetch") for _ in range(5)]
     proc = start_worker(server, workdir, "-A", "pw_tasks", "-Q", "prefetch", "-c", "1")
     try:
         statuses = lambda: sorted(job.status for job in jobs)  # noqa: E731
         eventually(lambda: statuses() == ["queued"] + ["running"] * 4, what="4 jobs leased")
         proc.signal(signal.SIGTERM)
+        # The held ones go back at once, while the running one finishes.
+        eventually(lambda: statuses() == ["queued"] * 4 + ["running"], what="held jobs back")
         assert proc.wait(timeout=20) == 0, proc.log()
     finally:
         proc.stop()

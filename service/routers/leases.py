@@ -81,17 +81,18 @@ async def lease_jobs(body: LeaseRequest, request: Request, runtime: RuntimeDep) 
             lambda: _terms(runtime, body.worker, body.lease_seconds),
         )
     )
-    gone = asyncio.ensure_future(_disconnected(request))
-    await asyncio.wait({lease, gone}, return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
-    if not lease.done():
-        # The worker gave up on this long-poll (it died, or stopped): end the request
-        # now rather than hold it (and a stopping service) until the wait runs out. The
-        # lease is not cancelled, as it may be claiming rows this very moment: whatever
-        # it claims is handed straight back.
-        runtime.spawn(_release_when_done(runtime, lease), name="celeriac-abandoned-lease")
-        return JSONResponse({"jobs": []})
-    rows = lease.result()
+    if body.wait > 0:  # a long-poll: it may outlive its client
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({lease, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not lease.done():
+            # The worker gave up on this long-poll (it died, or stopped): end the request
+            # now rather than hold it (and a stopping service) until the wait runs out.
+            # The lease is not cancelled, as it may be claiming rows this very moment:
+            # whatever it claims is handed straight back.
+            runtime.spawn(_release_when_done(runtime, lease), name="celeriac-abandoned-lease")
+            return JSONResponse({"jobs": []})
+    rows = await lease
     if rows and await request.is_disconnected():
         # Gone just as jobs were granted: the same, hand them back rather than leave
         # them leased to nobody until the deadline.

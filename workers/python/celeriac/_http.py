@@ -70,15 +70,15 @@ class HttpSession:
         headers: dict[str, str] | None = None,
     ) -> Any:
         """One API call; ``wait`` is how long the service may hold it (long-poll)."""
+        conn, reused = self._connection()
         if wait <= 0:
-            return self._call(method, path, body, 0.0, headers)
-        conn, _ = self._connection()
+            return self._call(conn, reused, method, path, body, 0.0, headers)
         with self._lock:
             if self._waits_ended:
                 raise ServerUnreachable(f"{method} {path}: not sent, the long-polls were ended")
             self._waiting.add(conn)
         try:
-            return self._call(method, path, body, wait, headers)
+            return self._call(conn, reused, method, path, body, wait, headers)
         finally:
             with self._lock:
                 self._waiting.discard(conn)
@@ -100,13 +100,14 @@ class HttpSession:
 
     def _call(
         self,
+        conn: http.client.HTTPConnection,
+        reused: bool,
         method: str,
         path: str,
         body: bytes | None,
         wait: float,
         headers: dict[str, str] | None,
     ) -> Any:
-        conn, reused = self._connection()
         self._set_timeout(conn, self._timeout + wait)
         sent = {**self._headers, **headers} if headers else self._headers
         try:

@@ -255,9 +255,19 @@ class Worker:
         self._slots.wake()
         self._pool.wake()
         if first:
-            # An idle worker must not sit out its long-poll before it can leave. A thread
-            # of its own: this may run in a signal handler, which must not do I/O itself.
-            _start(self._transport.end_wait, "celeriac-end-wait")
+            # A thread of its own: this may run in a signal handler, which must not do
+            # I/O or take the outbox's lock itself.
+            _start(self._begin_stopping, "celeriac-stopping")
+
+    def _begin_stopping(self) -> None:
+        # Held jobs go back now, not after the running ones finish: another worker may
+        # run them meanwhile. And an idle worker must not sit out its long-poll.
+        self._hand_back_waiting()
+        self._transport.end_wait()
+
+    def _hand_back_waiting(self) -> None:
+        for _, lease in self._slots.drop_waiting():
+            self._release(lease)  # prefetched, never started: straight back to the queue
 
     def quiet(self) -> None:
         """Lease no more jobs; running ones finish. (The service's ``quiet`` command.)"""
@@ -392,8 +402,7 @@ class Worker:
         self._slots.wait_for(lambda: self._cold.is_set() or self._drained())
         if self._cold.is_set():
             return self._cold_shutdown()
-        for _, lease in self._slots.drop_waiting():
-            self._release(lease)  # prefetched, never started: straight back to the queue
+        self._hand_back_waiting()  # any admitted while the stop began
         self._outbox.close()
         # Wait for the last reports; a second signal cuts this short too.
         self._slots.wait_for(lambda: self._cold.is_set() or self._reporter.done.is_set())
