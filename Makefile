@@ -5,15 +5,40 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := workers/node/node_modules/.installed-stamp
 
-.PHONY: install demo test lint typecheck openapi check-openapi bench serve clean
+.PHONY: install demo test lint typecheck openapi check-openapi bench serve clean lock audit
 
-$(STAMP): pyproject.toml
+# Issue 12, finding 13: pinned, hashed dependency locks (docs/deploy.md, "Reproducible
+# installs"). requirements.lock: the service (the Dockerfile installs it);
+# requirements-dev.lock: the same pins plus the dev extras (this venv, CI).
+LOCK     := requirements.lock
+DEV_LOCK := requirements-dev.lock
+
+# Everything from the dev lock, hash-checked; then the project alone (--no-deps). The
+# check first says `make lock` when pyproject.toml asks for something the locks lack.
+$(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
+	$(PYTHON) tools/locks.py check $(LOCK) $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate both locks from pyproject.toml after changing a dependency. Pins already in
+# the locks are kept where pyproject still allows them; LOCK_ARGS=--upgrade moves every
+# pin to the newest release, LOCK_ARGS='--upgrade-package NAME' one package.
+UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --quiet --custom-compile-command 'make lock' $(LOCK_ARGS)
+# No `install` prerequisite: that refuses stale locks, which this is here to fix.
+lock:
+	test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet \
+		"uv==$$(sed -n 's/^uv==\([^ ]*\).*/\1/p' $(DEV_LOCK))"; }
+	$(UV_COMPILE) -o $(LOCK)
+	$(UV_COMPILE) --extra dev -c $(LOCK) -o $(DEV_LOCK)
+
+# Known vulnerabilities in the locked versions (CI runs it before the tests).
+audit: install
+	$(BIN)/python tools/locks.py audit $(LOCK) $(DEV_LOCK)
 
 # Node reference workers (issue 4) install from their committed lockfile.
 $(NODE_STAMP): $(wildcard workers/node/package-lock.json)

@@ -7,27 +7,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service.brokers.amqp import AmqpBroker, Layout
-from service.brokers.base import Broker, BrokerHooks
+from service.brokers.base import Broker
 from service.brokers.redis import RedisBroker
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
 from service.maintenance import maintenance_loop
 from service.results import ResultCleaner
 from service.routers import jobs, leases, ops, results, schedules, webhooks, workers
+from service.routers.problems import allowed_methods, declare_api_keys
 from service.runtime import Runtime
-from service.scheduler import start_scheduler
+from service.scheduler import load_schedules_file, start_scheduler
 from service.settings import Settings
 from service.signals import Signals
+from service.startup import start_when_reachable
 from service.webhook_delivery import Deliverer, http_client
 
 API_VERSION = "1.0.0"
@@ -66,24 +68,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         signals = Signals()
         broker = build_broker(settings, db, signals)
         runtime = Runtime(settings=settings, db=db, signals=signals, broker=broker)
-        await broker.start(BrokerHooks(now=runtime.clock.now, apply=runtime.apply))
         app.state.runtime = runtime
-        runtime.background.append(
-            asyncio.create_task(maintenance_loop(runtime), name="celeriac-maintenance")
-        )
-        runtime.background.append(await start_scheduler(runtime))
-        # Webhook deliveries and result expiry; both check their settings here,
-        # so a malformed secret or result store fails start-up, not the first delivery.
+        # Webhook deliveries, result expiry and the schedules file check their settings
+        # here, so a malformed secret, result store or file fails start-up at once.
         webhook_client = http_client(settings)
-        runtime.background += [
-            asyncio.create_task(Deliverer(runtime, webhook_client).run(), name="celeriac-webhooks"),
-            asyncio.create_task(ResultCleaner(runtime).run(), name="celeriac-results"),
-        ]
-        log.info("celeriac ready: database=%s broker=%s", db.dialect, broker.name)
+        cleaner = ResultCleaner(runtime)
+        if settings.schedules_file:
+            load_schedules_file(Path(settings.schedules_file))
+
+        async def start_loops() -> None:
+            scheduler = await start_scheduler(runtime)  # the step that needs the database
+            runtime.background += [
+                scheduler,
+                asyncio.create_task(maintenance_loop(runtime), name="celeriac-maintenance"),
+                asyncio.create_task(
+                    Deliverer(runtime, webhook_client).run(), name="celeriac-webhooks"
+                ),
+                asyncio.create_task(cleaner.run(), name="celeriac-results"),
+            ]
+
+        # The database may be down still: serve now (/healthz 200, the rest 503), and
+        # start what needs it once it answers (service/startup.py).
+        start = asyncio.create_task(
+            start_when_reachable(runtime, start_loops), name="celeriac-start"
+        )
         try:
             yield
         finally:
-            loops = runtime.background + runtime.spawned()
+            loops = [start, *runtime.background, *runtime.spawned()]
             for task in loops:
                 task.cancel()
             await _bounded(asyncio.gather(*loops, return_exceptions=True), "background loops")
@@ -96,6 +108,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         summary="A job queue: submit over HTTP, work from any language, results in SQL.",
         lifespan=lifespan,
+        # The interactive pages load their scripts from a CDN: fine on a developer's
+        # loopback service, not on one that holds API keys (a third party's script would
+        # run where keys are typed). /openapi.json stays: it is the public contract.
+        docs_url=None if settings.auth_enabled else "/docs",
+        redoc_url=None if settings.auth_enabled else "/redoc",
     )
     app.include_router(jobs.router)
     app.include_router(leases.router)
@@ -105,7 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(results.router)
     app.include_router(workers.router)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=request_body_limit(settings))
+    declare_api_keys(app)
     return app
 
 
@@ -124,18 +141,12 @@ async def _bounded(step: Awaitable[object], what: str) -> None:
         log.error("shutdown: closing %s failed: %r", what, exc)
 
 
-def request_body_limit(settings: Settings) -> int:
-    """The largest body any route accepts: a full batch of jobs at the per-job limit (up
-    to CELERIAC_MAX_REQUEST_BYTES), and never less than one job or one result needs."""
-    envelope_room = 64 * 1024
-    batch = min(settings.max_payload_bytes * settings.max_batch_jobs, settings.max_request_bytes)
-    single = max(settings.max_payload_bytes, settings.result_max_bytes) + envelope_room
-    return max(batch, single)
-
-
 def problem_response(error: errors.ProblemError) -> JSONResponse:
     return JSONResponse(
-        error.to_problem(), status_code=error.status, media_type=errors.PROBLEM_JSON
+        error.to_problem(),
+        status_code=error.status,
+        media_type=errors.PROBLEM_JSON,
+        headers=error.headers,  # Retry-After on a 503 (service/outage.py)
     )
 
 
@@ -158,14 +169,17 @@ def install_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:5])
         return problem_response(errors.ValidationFailed(summary, errors=details))
 
-    async def on_http(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         by_status: dict[int, type[errors.ProblemError]] = {
             404: errors.NotFound,
             405: errors.MethodNotAllowed,
         }
         problem_type = by_status.get(exc.status_code, errors.ProblemError)
-        error = problem_type(str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # RFC 9110: Allow lists every method of the resource
+            headers["Allow"] = allowed_methods(request, headers.get("Allow", ""))
+        error = problem_type(str(exc.detail), headers=headers or None)
         error.status = exc.status_code
         return problem_response(error)
 
@@ -177,61 +191,3 @@ def install_error_handlers(app: FastAPI) -> None:
 def _describe(error: Any) -> dict[str, Any]:
     location = ".".join(str(part) for part in error.get("loc", ()))
     return {"location": location, "message": error.get("msg", ""), "type": error.get("type")}
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes before they are read whole. A declared
-    length is checked up front; a chunked body is read up to the limit, then replayed."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.limit:
-                await self._refuse(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
-            return
-        body = await self._read_chunked(receive)
-        if body is None:
-            await self._refuse(scope, receive, send)
-            return
-        await self.app(scope, _replay(body, receive), send)
-
-    async def _read_chunked(self, receive: Receive) -> bytes | None:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return b"".join(parts)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return None
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = errors.PayloadTooLarge(f"the request body exceeds {self.limit} bytes")
-        await problem_response(error)(scope, receive, send)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()  # disconnects and the like, after the body
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay

@@ -1,38 +1,134 @@
-"""API keys with scopes, compared in constant time."""
+"""API keys: who is calling (a ``Principal``), decided from the request headers alone,
+before any body is read (service.gate). Keys are compared in constant time.
+
+A key grants scopes (``submit``, ``read``, ``work``, ``admin``; admin implies all) and may
+be restricted to queue patterns, so two teams can share one service. Everything a key
+creates that another key must not touch (idempotency keys, worker registrations, leases)
+is bound to the key's ``key_id``: a short fingerprint of the secret, never the secret."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-
-from fastapi import Request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from service import errors
-from service.settings import ApiKey, Settings
+
+SCOPES = frozenset({"submit", "read", "work", "admin"})
+MIN_KEY_LENGTH = 24
+# Shipped in examples and old .env files: a service that holds one of these would be open
+# to anyone who has read our documentation.
+PLACEHOLDER_KEYS = frozenset(
+    {
+        "change-me-admin-key",
+        "change-me-client-key",
+        "change-me-worker-key",
+        "change-me",
+        "changeme",
+    }
+)
 
 
-def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+def key_fingerprint(secret: str) -> str:
+    """A stable, non-secret id for a key: enough to tell keys apart in rows and logs."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller. ``key_id`` is "" when auth is off (one trusted tenant)."""
+
+    key_id: str
+    scopes: frozenset[str]
+    # fnmatch patterns (``emails-*``); None means every queue.
+    queues: tuple[str, ...] | None = None
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+    def allows_queue(self, queue: str) -> bool:
+        return self.queues is None or any(fnmatchcase(queue, p) for p in self.queues)
+
+    def check_queue(self, queue: str) -> None:
+        if not self.allows_queue(queue):
+            raise errors.Forbidden(f"this API key may not use queue {queue!r}")
+
+
+ANONYMOUS = Principal(key_id="", scopes=frozenset({"admin"}))
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One configured key. ``repr`` never shows the secret."""
+
+    secret: str
+    principal: Principal
+
+    def __repr__(self) -> str:
+        return f"ApiKey(id={self.principal.key_id}, scopes={sorted(self.principal.scopes)})"
+
+
+def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
+    """``secret:scope+scope[@pattern|pattern],…`` (docs/security.md). Refuses the shipped
+    placeholders and short keys: a guessable key is worse than none, as it looks safe."""
+    keys: list[ApiKey] = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        grant, _, patterns = entry.partition("@")
+        secret, _, scope_text = grant.rpartition(":")
+        if not secret:
+            raise ValueError("CELERIAC_API_KEYS entries look like 'secret:scope+scope[@queue-*]'")
+        if secret.lower() in PLACEHOLDER_KEYS:
+            raise ValueError(
+                "CELERIAC_API_KEYS holds a placeholder key from the examples; generate real "
+                "ones: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        if len(secret) < MIN_KEY_LENGTH:
+            raise ValueError(
+                f"CELERIAC_API_KEYS: every key must be at least {MIN_KEY_LENGTH} characters"
+            )
+        scopes = frozenset(s.strip() for s in scope_text.split("+") if s.strip())
+        unknown = scopes - SCOPES
+        if unknown or not scopes:
+            raise ValueError(f"CELERIAC_API_KEYS: unknown scopes {sorted(unknown)}")
+        queues = tuple(p.strip() for p in patterns.split("|") if p.strip()) or None
+        principal = Principal(key_fingerprint(secret), scopes, queues)
+        keys.append(ApiKey(secret, principal))
+    return tuple(keys)
+
+
+def _presented_key(headers: Mapping[str, str]) -> str | None:
+    header = headers.get("authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value:
             return value.strip()
-    return request.headers.get("x-api-key")
+    return headers.get("x-api-key")
 
 
 def _match(keys: tuple[ApiKey, ...], presented: str) -> ApiKey | None:
     found = None
+    presented_bytes = presented.encode("utf-8", "surrogateescape")
     for key in keys:  # check every key: timing must not reveal which one matched
-        if hmac.compare_digest(key.secret.encode(), presented.encode()):
+        if hmac.compare_digest(key.secret.encode(), presented_bytes):
             found = key
     return found
 
 
-def authorize(settings: Settings, request: Request, scope: str) -> None:
-    if not settings.auth_enabled:
-        return
-    presented = _presented_key(request)
-    key = _match(settings.parsed_api_keys, presented) if presented else None
+def authenticate(
+    keys: tuple[ApiKey, ...], headers: Mapping[str, str], scope: str | None
+) -> Principal:
+    """The caller of a route that needs ``scope`` (None: a public route). With no keys
+    configured everyone is the anonymous administrator."""
+    if not keys:
+        return ANONYMOUS
+    presented = _presented_key(headers)
+    key = _match(keys, presented) if presented else None
     if key is None:
+        if scope is None:
+            return Principal(key_id="", scopes=frozenset())
         raise errors.Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    if scope not in key.scopes and "admin" not in key.scopes:
+    if scope is not None and not key.principal.has(scope):
         raise errors.Forbidden(f"this API key lacks the {scope!r} scope")
+    return key.principal

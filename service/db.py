@@ -4,9 +4,10 @@ failing to upgrade it later)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -14,11 +15,19 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.outage import OutageTracker, is_unreachable
+
+# A server that does not answer (a host gone, a dropped route) must not hold a request,
+# or a thread, for the TCP timeout of minutes: refuse after this many seconds instead.
+CONNECT_TIMEOUT_SECONDS = 5
+
 
 def create_engine(url: str, *, pool_size: int = 20) -> sa.Engine:
     if url.startswith("sqlite"):
         return _create_sqlite_engine(url)
     options: dict[str, Any] = {}
+    if "connect_timeout" not in sa.engine.make_url(url).query:
+        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     if url.startswith(("mysql", "mariadb")):
         # InnoDB's default REPEATABLE READ takes gap locks on every index an UPDATE touches,
         # and concurrent claims and reclaims then deadlock; queue tables want READ
@@ -90,6 +99,20 @@ class Database:
         self.engine = engine
         self.sessions = create_session_factory(engine)
         self.dialect = engine.dialect.name
+        self.outage = OutageTracker("database")
+
+    @contextlib.contextmanager
+    def _watched(self) -> Iterator[None]:
+        """Turn a connection failure into ``DatabaseUnavailable`` (a 503 with Retry-After)
+        and tell the tracker, which logs an outage once, when it starts and when it ends."""
+        started = time.monotonic()
+        try:
+            yield
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+            if not is_unreachable(exc):
+                raise
+            raise self.outage.failed(exc) from exc
+        self.outage.succeeded(started)
 
     def run_sync(self, work: Callable[[Session], T]) -> T:
         """One transaction; retried from scratch when the database aborted it to break a
@@ -97,7 +120,9 @@ class Database:
         victim, including one whose statements were all correct)."""
         for attempt in range(TRANSIENT_RETRIES):
             try:
-                with self.sessions.begin() as session:
+                # A connection lost mid-transaction is not retried: its COMMIT may have
+                # landed, and only the client's Idempotency-Key can tell.
+                with self._watched(), self.sessions.begin() as session:
                     return work(session)
             except sa.exc.DBAPIError as exc:
                 if attempt == TRANSIENT_RETRIES - 1 or not is_transient(exc):
@@ -113,6 +138,6 @@ class Database:
         return await anyio.to_thread.run_sync(self._read_sync, work)
 
     def _read_sync(self, work: Callable[[Session], T]) -> T:
-        with self.sessions() as session:
+        with self._watched(), self.sessions() as session:
             session.connection(execution_options={"celeriac_readonly": True})
             return work(session)

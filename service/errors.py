@@ -14,10 +14,17 @@ class ProblemError(Exception):
     slug = "bad-request"
     title = "Bad request"
 
-    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,  # e.g. Retry-After on a 503
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors
+        self.headers = headers
 
     def to_problem(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -29,6 +36,10 @@ class ProblemError(Exception):
         if self.errors is not None:
             body["errors"] = self.errors
         return body
+
+
+class BadRequest(ProblemError):
+    status, slug, title = 400, "bad-request", "Bad request"
 
 
 class InvalidJson(ProblemError):
@@ -87,6 +98,10 @@ class ResultExpired(ProblemError):
     status, slug, title = 410, "result-expired", "The result expired and was deleted"
 
 
+class RequestTimeout(ProblemError):
+    status, slug, title = 408, "request-timeout", "The request body arrived too slowly"
+
+
 class PayloadTooLarge(ProblemError):
     status, slug, title = 413, "payload-too-large", "Payload too large"
 
@@ -99,12 +114,22 @@ class ValidationFailed(ProblemError):
     status, slug, title = 422, "validation-failed", "The request body is not valid"
 
 
+class JobNotStorable(ProblemError):
+    status, slug, title = 422, "job-not-storable", "The database refused a value of the job"
+
+
 class IdempotencyMismatch(ProblemError):
     status, slug, title = 422, "idempotency-mismatch", "Idempotency-Key reused with another body"
 
 
 class ServiceUnavailable(ProblemError):
     status, slug, title = 503, "unavailable", "A backing service is unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """SQL cannot be reached (service/outage.py): sent with Retry-After."""
+
+    slug, title = "database-unavailable", "The database is unreachable"
 
 
 class ScheduleNotFound(ProblemError):

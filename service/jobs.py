@@ -7,7 +7,8 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import errors
+from service.auth import Principal
 from service.ids import is_job_id, uuid7
 from service.models import JOBS_TABLE, JobRow, JobValues
 from service.schemas import FINISHED, JobStatus, JobSubmit, WebhookSpec
@@ -115,6 +117,7 @@ def new_job(spec: JobSubmit, now: datetime, defaults: Defaults) -> JobValues:
         lease_token=None,
         lease_worker=None,
         lease_expires_at=None,
+        lease_key=None,
         result=None,
         error=None,
         progress=None,
@@ -135,8 +138,36 @@ def insert_jobs(session: Session, rows: list[JobValues]) -> None:
     session.execute(sa.insert(JOBS_TABLE), rows)
 
 
-def find_by_idempotency_key(session: Session, key: str) -> JobRow | None:
-    return session.scalars(sa.select(JobRow).where(JobRow.idempotency_key == key)).first()
+# --- idempotency: per API key, for CELERIAC_IDEMPOTENCY_TTL_SECONDS ------------------------
+
+
+def scoped_idempotency_key(key_id: str, key: str) -> str:
+    """What the ``idempotency_key`` column holds: the client's key as it is with auth off
+    (one tenant, as before), else ``<key_id>:<sha256 of the key>`` so that two API keys'
+    identical keys are two entries and neither can see or squat the other's. Hashed
+    because key_id plus a 255-character header would not fit the 255-character column."""
+    if not key_id:
+        return key
+    return f"{key_id}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def find_by_idempotency_key(
+    session: Session, key: str, now: datetime, ttl_seconds: float
+) -> JobRow | None:
+    """The job submitted under ``key`` (scoped) within the TTL. An older one gives up
+    the key in this transaction, so the caller's insert of a new job under it succeeds
+    (0: remembered for ever)."""
+    existing = session.scalars(sa.select(JobRow).where(JobRow.idempotency_key == key)).first()
+    if existing is None:
+        return None
+    if ttl_seconds <= 0 or existing.created_at > now - timedelta(seconds=ttl_seconds):
+        return existing
+    session.execute(
+        sa.update(JOBS_TABLE)
+        .where(JOBS_TABLE.c.id == existing.id)
+        .values(idempotency_key=None, request_hash=None)
+    )
+    return None
 
 
 def replay_or_reject(existing: JobRow, body_hash: str) -> JobRow:
@@ -148,16 +179,59 @@ def replay_or_reject(existing: JobRow, body_hash: str) -> JobRow:
     return existing
 
 
-def get_job(session: Session, job_id: str, *, for_update: bool = False) -> JobRow:
+def get_job(
+    session: Session,
+    job_id: str,
+    *,
+    for_update: bool = False,
+    visible_to: Principal | None = None,
+) -> JobRow:
+    """The job; with ``visible_to``, only if that caller may use its queue (another
+    tenant's job reads as missing: its existence is not revealed)."""
     if not is_job_id(job_id):
         raise errors.JobNotFound(f"no job has id {job_id!r}")
     query = sa.select(JobRow).where(JobRow.id == job_id)
     if for_update:
         query = query.with_for_update()
     row = session.scalars(query).first()
-    if row is None:
+    if row is None or (visible_to is not None and not visible_to.allows_queue(row.queue)):
         raise errors.JobNotFound(f"no job has id {job_id!r}")
     return row
+
+
+def check_visible(session: Session, job_id: str, principal: Principal) -> None:
+    """JobNotFound unless ``principal`` may see the job. Free for an unrestricted key."""
+    if principal.queues is None:
+        return
+    queue = session.scalar(sa.select(JobRow.queue).where(JobRow.id == job_id))
+    if queue is None or not principal.allows_queue(queue):
+        raise errors.JobNotFound(f"no job has id {job_id!r}")
+
+
+def check_queues(principal: Principal, queues: Iterable[str], what: str = "jobs") -> None:
+    """403 naming the first queue (and its index) the caller's key may not use."""
+    if principal.queues is None:
+        return
+    for index, queue in enumerate(queues):
+        if not principal.allows_queue(queue):
+            raise errors.Forbidden(f"{what}[{index}]: this API key may not use queue {queue!r}")
+
+
+def queue_filter(patterns: Iterable[str]) -> sa.ColumnElement[bool]:
+    """A SQL prefilter for queues matching any of the fnmatch ``patterns``: ``*`` and
+    ``?`` become LIKE wildcards, a ``[...]`` class one ``_``. LIKE ignores case on SQLite
+    and MariaDB, so this may let through a few more: callers filter again exactly."""
+    clauses = []
+    for pattern in patterns:
+        like = []
+        for part in re.split(r"(\[[^\]]*\])", pattern):
+            if part.startswith("[") and part.endswith("]") and len(part) > 2:
+                like.append("_")
+                continue
+            escaped = part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            like.append(escaped.replace("*", "%").replace("?", "_"))
+        clauses.append(JobRow.queue.like("".join(like), escape="\\"))
+    return sa.or_(sa.false(), *clauses)
 
 
 def encode_cursor(job_id: str) -> str:
@@ -182,9 +256,18 @@ def list_jobs(
     task: str | None,
     limit: int,
     cursor: str | None,
+    principal: Principal | None = None,
 ) -> tuple[list[JobRow], str | None]:
-    """Newest first, keyset-paginated on the time-ordered id."""
+    """Newest first, keyset-paginated on the time-ordered id. For a caller restricted to
+    some queues: only jobs in those (a page may then hold fewer than ``limit`` jobs and
+    still have a next cursor, where the SQL prefilter let others through)."""
+    restricted = principal is not None and principal.queues is not None
+    if principal is not None and queue is not None:
+        principal.check_queue(queue)
     query = sa.select(JobRow).order_by(JobRow.id.desc()).limit(limit + 1)
+    if restricted and queue is None:
+        assert principal is not None and principal.queues is not None
+        query = query.where(queue_filter(principal.queues))
     if status is not None:
         query = query.where(JobRow.status == status)
     if queue is not None:
@@ -195,13 +278,21 @@ def list_jobs(
         query = query.where(JobRow.id < decode_cursor(cursor))
     rows = list(session.scalars(query))
     next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    page = rows[:limit]
+    if restricted:
+        assert principal is not None
+        page = [row for row in page if principal.allows_queue(row.queue)]
+    return page, next_cursor
 
 
 def cancel_job(
-    session: Session, job_id: str, now: datetime, effects: Effects | None = None
+    session: Session,
+    job_id: str,
+    now: datetime,
+    effects: Effects | None = None,
+    visible_to: Principal | None = None,
 ) -> JobRow:
-    row = get_job(session, job_id, for_update=True)
+    row = get_job(session, job_id, for_update=True, visible_to=visible_to)
     if row.status in FINISHED:
         raise errors.JobFinished(f"job {job_id} is already {row.status}; nothing to cancel")
     if row.status == JobStatus.running:
@@ -216,9 +307,11 @@ def cancel_job(
     return row
 
 
-def retry_job(session: Session, job_id: str, now: datetime) -> JobRow:
+def retry_job(
+    session: Session, job_id: str, now: datetime, visible_to: Principal | None = None
+) -> JobRow:
     """Queue a failed, cancelled or expired job again, with a fresh retry budget."""
-    row = get_job(session, job_id, for_update=True)
+    row = get_job(session, job_id, for_update=True, visible_to=visible_to)
     if row.status not in RETRYABLE:
         raise errors.JobNotRetryable(f"job {job_id} is {row.status}; it cannot be retried")
     row.status = JobStatus.queued
@@ -233,7 +326,8 @@ def retry_job(session: Session, job_id: str, now: datetime) -> JobRow:
     return row
 
 
-def queue_stats(session: Session) -> list[dict[str, Any]]:
+def queue_stats(session: Session, principal: Principal | None = None) -> list[dict[str, Any]]:
+    """Counts per queue (only the queues ``principal`` may use, when given)."""
     counts: dict[str, dict[str, int]] = {}
     for queue, status, count in session.execute(
         sa.select(JobRow.queue, JobRow.status, sa.func.count()).group_by(
@@ -251,4 +345,5 @@ def queue_stats(session: Session) -> list[dict[str, Any]]:
     return [
         {"name": name, "counts": counts[name], "oldest_queued_at": oldest.get(name)}
         for name in sorted(counts)
+        if principal is None or principal.allows_queue(name)
     ]

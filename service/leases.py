@@ -1,7 +1,9 @@
 """The worker protocol's domain: claim jobs under a lease, extend it, and settle it.
 
 Fencing: every write that settles or extends a lease first locks the rows and checks
-(id, token, running), so a worker whose lease was reclaimed and re-granted changes nothing.
+(id, token, running, key), so a worker whose lease was reclaimed and re-granted changes
+nothing, and a token is only accepted from the API key it was granted to (a token seen by
+another tenant, in a log or a shared job, is worth nothing to it).
 These are the hot paths, so they read only the columns they need with Core statements and
 write each batch with one statement (or one executemany), never row by row through the
 ORM. Plain functions over a Session; the caller owns the transaction."""
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.bulk import update_each
+from service.ids import is_job_id
 from service.jobs import PENDING, Dispatch
 from service.models import JOBS_TABLE, JobValues
 from service.schemas import JobStatus
@@ -33,7 +36,8 @@ CLAIM_COLUMNS = ("id", "task", "args", "kwargs", "queue", "priority", "attempt",
 # What deciding a lease's fate needs: never the (possibly large) arguments or result.
 # (webhook and result_ttl decide the outbox row and the result's expiry.)
 STATE_COLUMNS = ("id", "status", "queue", "priority", "attempt", "max_retries", "timeout",
-                 "run_at", "lease_token", "lease_worker", "cancel_requested", "backoff_base",
+                 "run_at", "lease_token", "lease_worker", "lease_key", "cancel_requested",
+                 "backoff_base",
                  "backoff_max", "backoff_jitter", "started_at",
                  "webhook", "result_ttl")  # fmt: skip
 # What settling a lease may change: one shape for every row, so one executemany.
@@ -66,6 +70,9 @@ class LeaseTerms:
     now: datetime
     lease_seconds: float | None  # None: each job's own timeout, else the default
     default_seconds: float
+    # The caller's API key (Principal.key_id): leases are granted to it and extended only
+    # for it. "" with auth off, and for the Redis protocol (no API keys there).
+    key_id: str = ""
 
     def deadline(self, row: JobValues) -> datetime:
         seconds = self.lease_seconds or row["timeout"] or self.default_seconds
@@ -101,8 +108,14 @@ def claim_from_queues(
     return claimed
 
 
-def claim_by_ids(session: Session, ids: Sequence[str], terms: LeaseTerms) -> list[JobValues]:
-    """Broker dispatch: the broker proposed these ids; SQL decides which are still ready."""
+def claim_by_ids(
+    session: Session,
+    ids: Sequence[str],
+    terms: LeaseTerms,
+    allows_queue: Callable[[str], bool] | None = None,
+) -> list[JobValues]:
+    """Broker dispatch: the broker proposed these ids; SQL decides which are still ready
+    (and, for a caller restricted to some queues, which it may have)."""
     if not ids:
         return []
     query = (
@@ -120,6 +133,8 @@ def claim_by_ids(session: Session, ids: Sequence[str], terms: LeaseTerms) -> lis
         .with_for_update()
     )
     rows = {row["id"]: row for row in _rows(session, query)}
+    if allows_queue is not None:
+        rows = {i: row for i, row in rows.items() if allows_queue(row["queue"])}
     # Keep the broker's order: it encodes priority.
     return _grant(session, [rows[i] for i in ids if i in rows], terms)
 
@@ -142,6 +157,7 @@ def _grant(session: Session, rows: list[JobValues], terms: LeaseTerms) -> list[J
                 attempt=jobs_c.attempt + 1,
                 lease_token=terms.token,
                 lease_worker=terms.worker,
+                lease_key=terms.key_id,
                 lease_expires_at=deadline,
                 started_at=terms.now,
             )
@@ -171,10 +187,14 @@ class Grant:
 def _lock_and_check(
     session: Session,
     pairs: Iterable[tuple[str, str]],
+    key_id: str,
     grants: dict[str, Grant] | None = None,
 ) -> list[LeaseCheck]:
+    """A foreign key's report reads exactly as a stale token's: it learns nothing."""
     checks = [LeaseCheck(job_id, token) for job_id, token in pairs]
-    ids = list({c.id for c in checks})
+    # An id that is no job's ("%00" in a path, 300 characters) is "not found" without a
+    # query: PostgreSQL refuses NUL in a parameter, and the query would fail the batch.
+    ids = list({c.id for c in checks if is_job_id(c.id)})
     query = _select(STATE_COLUMNS).where(jobs_c.id.in_(ids)).with_for_update()
     rows = {row["id"]: row for row in _rows(session, query)}
     for state in rows.values():
@@ -182,13 +202,17 @@ def _lock_and_check(
         if grant is not None and state["status"] == JobStatus.queued:
             # Granted and settled in one batch: record both with one write.
             state.update(status=JobStatus.running, lease_token=grant.token,
-                         lease_worker=grant.worker, started_at=grant.now,
+                         lease_worker=grant.worker, lease_key="", started_at=grant.now,
                          attempt=state["attempt"] + 1)  # fmt: skip
     for check in checks:
         row = rows.get(check.id)
         if row is None:
             check.problem = "not-found"
-        elif row["status"] != JobStatus.running or row["lease_token"] != check.token:
+        elif (
+            row["status"] != JobStatus.running
+            or row["lease_token"] != check.token
+            or row["lease_key"] not in (None, key_id)  # NULL: leased before 0005
+        ):
             check.problem = "stale-lease"
         else:
             check.row = row
@@ -213,7 +237,7 @@ def heartbeat(
     outcomes: list[HeartbeatOutcome] = []
     extended: list[JobValues] = []
     reported: list[JobValues] = []
-    for check in _lock_and_check(session, ((i, t) for i, t, _p in items)):
+    for check in _lock_and_check(session, ((i, t) for i, t, _p in items), terms.key_id):
         if check.row is None:
             outcomes.append(HeartbeatOutcome(check.id, check.problem))
             continue
@@ -273,12 +297,15 @@ def settle(
     now: datetime,
     effects: Effects,
     grants: dict[str, Grant] | None = None,
+    *,
+    key_id: str = "",
 ) -> list[SettleOutcome]:
     """Apply worker reports in one pass: lock the rows, check each token, and write all
-    new states with one executemany. ``grants``: leases to record on the way."""
+    new states with one executemany. ``grants``: leases to record on the way (Redis).
+    ``key_id``: the reporting API key; "" is the Redis protocol's (or auth off)."""
     outcomes: list[SettleOutcome] = []
     changes: list[JobValues] = []
-    checks = _lock_and_check(session, ((r.id, r.token) for r in reports), grants)
+    checks = _lock_and_check(session, ((r.id, r.token) for r in reports), key_id, grants)
     settled: set[str] = set()
     for report, check in zip(reports, checks, strict=True):
         if check.row is None or check.id in settled:  # a lease settles once per batch too
@@ -346,13 +373,55 @@ def backoff(row: JobValues) -> float:
 # --- maintenance: run by every replica; SKIP LOCKED keeps them out of each other's way ---
 
 
-def promote_due(session: Session, now: datetime, effects: Effects) -> int:
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which jobs a sweep may touch: all but ``skip`` (jobs set aside as unprocessable),
+    or ``only`` these (one job at a time, to find the one a batch failed on)."""
+
+    only: tuple[str, ...] | None = None
+    skip: frozenset[str] = frozenset()
+
+    def narrow(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        if self.only is not None:
+            query = query.where(jobs_c.id.in_(self.only))
+        if self.skip:
+            query = query.where(jobs_c.id.not_in(self.skip))
+        return query
+
+
+EVERY_JOB = Scope()
+
+
+def _is_due(now: datetime) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        jobs_c.status.in_((JobStatus.scheduled, JobStatus.retrying)), jobs_c.run_at <= now
+    )
+
+
+def _lease_is_over(now: datetime) -> sa.ColumnElement[bool]:
+    return sa.and_(jobs_c.status == JobStatus.running, jobs_c.lease_expires_at < now)
+
+
+def _is_past_expiry(now: datetime) -> sa.ColumnElement[bool]:
+    return sa.and_(jobs_c.status.in_(PENDING), jobs_c.expires_at <= now)
+
+
+def sweep_candidates(session: Session, now: datetime, scope: Scope, limit: int) -> list[str]:
+    """The jobs a sweep would touch now (no locks): what to retry one by one."""
+    query = scope.narrow(
+        sa.select(jobs_c.id)
+        .where(sa.or_(_is_due(now), _lease_is_over(now), _is_past_expiry(now)))
+        .order_by(jobs_c.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def promote_due(session: Session, now: datetime, effects: Effects, scope: Scope = EVERY_JOB) -> int:
     """Scheduled and retrying jobs whose time has come become queued."""
     rows = _rows(
         session,
-        _select(("id", "queue", "priority"))
-        .where(jobs_c.status.in_((JobStatus.scheduled, JobStatus.retrying)))
-        .where(jobs_c.run_at <= now)
+        scope.narrow(_select(("id", "queue", "priority")).where(_is_due(now)))
         .order_by(jobs_c.run_at)
         .limit(BATCH_LIMIT)
         .with_for_update(skip_locked=True),
@@ -367,13 +436,14 @@ def promote_due(session: Session, now: datetime, effects: Effects) -> int:
     return len(rows)
 
 
-def reclaim_expired_leases(session: Session, now: datetime, effects: Effects) -> int:
+def reclaim_expired_leases(
+    session: Session, now: datetime, effects: Effects, scope: Scope = EVERY_JOB
+) -> int:
     """A lease whose deadline passed means a dead or stuck worker: run the job again, or
     fail it once it has used every attempt (a job that kills its worker must not loop)."""
     rows = _rows(
         session,
-        _select(STATE_COLUMNS)
-        .where(jobs_c.status == JobStatus.running, jobs_c.lease_expires_at < now)
+        scope.narrow(_select(STATE_COLUMNS).where(_lease_is_over(now)))
         .limit(BATCH_LIMIT)
         .with_for_update(skip_locked=True),
     )
@@ -397,11 +467,12 @@ def _reclaimed(row: JobValues, now: datetime, effects: Effects) -> JobValues:
     }
 
 
-def expire_pending(session: Session, now: datetime, effects: Effects) -> int:
+def expire_pending(
+    session: Session, now: datetime, effects: Effects, scope: Scope = EVERY_JOB
+) -> int:
     rows = _rows(
         session,
-        _select(("id", "webhook"))  # webhook, for the outbox
-        .where(jobs_c.status.in_(PENDING), jobs_c.expires_at <= now)
+        scope.narrow(_select(("id", "webhook")).where(_is_past_expiry(now)))  # webhook: outbox
         .limit(BATCH_LIMIT)
         .with_for_update(skip_locked=True),
     )
@@ -419,20 +490,52 @@ def expire_pending(session: Session, now: datetime, effects: Effects) -> int:
     return len(ids)
 
 
-def next_deadline(session: Session) -> datetime | None:
-    """The earliest moment maintenance has work: a due job, an expiring lease or job."""
+def set_aside(session: Session, job_id: str, now: datetime, why: str, effects: Effects) -> bool:
+    """Fail a job no sweep can process (its stored values are refused by the database
+    when the sweep writes them), so that it stops coming due. Writes only fixed values
+    and no webhook delivery (the likely culprit). False if it was not pending or running."""
+    error = {"type": "Unprocessable", "message": f"maintenance could not process this job: {why}"}
+    done = session.execute(
+        sa.update(JOBS_TABLE)
+        .where(jobs_c.id == job_id, jobs_c.status.in_((*PENDING, JobStatus.running)))
+        .values(
+            status=JobStatus.failed,
+            error=error,
+            finished_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+        )
+    )
+    if getattr(done, "rowcount", 0) != 1:
+        return False
+    effects.finished.append(job_id)
+    return True
+
+
+def next_deadline(session: Session, skip: frozenset[str] = frozenset()) -> datetime | None:
+    """The earliest moment maintenance has work: a due job, an expiring lease or job
+    (``skip``: jobs set aside, which would otherwise always be due)."""
+    scope = Scope(skip=skip)
     candidates = [
         session.scalar(
-            sa.select(sa.func.min(jobs_c.run_at)).where(
-                jobs_c.status.in_((JobStatus.scheduled, JobStatus.retrying))
+            scope.narrow(
+                sa.select(sa.func.min(jobs_c.run_at)).where(
+                    jobs_c.status.in_((JobStatus.scheduled, JobStatus.retrying))
+                )
             )
         ),
         session.scalar(
-            sa.select(sa.func.min(jobs_c.lease_expires_at)).where(
-                jobs_c.status == JobStatus.running
+            scope.narrow(
+                sa.select(sa.func.min(jobs_c.lease_expires_at)).where(
+                    jobs_c.status == JobStatus.running
+                )
             )
         ),
-        session.scalar(sa.select(sa.func.min(jobs_c.expires_at)).where(jobs_c.status.in_(PENDING))),
+        session.scalar(
+            scope.narrow(
+                sa.select(sa.func.min(jobs_c.expires_at)).where(jobs_c.status.in_(PENDING))
+            )
+        ),
     ]
     present = [c for c in candidates if c is not None]
     return min(present) if present else None

@@ -11,18 +11,24 @@ import contextlib
 import logging
 import time
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy.orm import Session
 
 from service import workers
+from service.isolation import is_row_error, reason
 from service.leases import (
     BATCH_LIMIT,
     Effects,
+    Scope,
     expire_pending,
     next_deadline,
     promote_due,
     reclaim_expired_leases,
+    set_aside,
+    sweep_candidates,
 )
+from service.outage import log_failure
 from service.runtime import Runtime
 
 log = logging.getLogger("celeriac.maintenance")
@@ -30,47 +36,119 @@ log = logging.getLogger("celeriac.maintenance")
 CLOCK_REFRESH_SECONDS = 60.0
 
 
-def _sweep(session: Session, now: datetime, effects: Effects, retention: float) -> int:
+def _sweep(
+    session: Session, effects: Effects, now: datetime, retention: float, scope: Scope
+) -> int:
     return (
-        promote_due(session, now, effects)
+        promote_due(session, now, effects, scope)
         # A lost worker's leases end now: the next pass (at once) reclaims them.
-        + workers.mark_lost(session, now, retention)
-        + reclaim_expired_leases(session, now, effects)
-        + expire_pending(session, now, effects)
+        + (workers.mark_lost(session, now, retention) if scope.only is None else 0)
+        + reclaim_expired_leases(session, now, effects, scope)
+        + expire_pending(session, now, effects, scope)
     )
 
 
-def _next_due(session: Session) -> datetime | None:
-    due = [d for d in (next_deadline(session), workers.next_due(session)) if d is not None]
+class SetAside:
+    """Jobs no sweep could process, even alone, and that could not be failed either:
+    skipped by every later pass of this process (each is logged once)."""
+
+    def __init__(self) -> None:
+        self.ids: frozenset[str] = frozenset()
+
+    def add(self, job_id: str) -> None:
+        self.ids |= {job_id}
+
+
+def _next_due(session: Session, skip: frozenset[str]) -> datetime | None:
+    due = [d for d in (next_deadline(session, skip), workers.next_due(session)) if d is not None]
     return min(due) if due else None
 
 
-async def run_once(runtime: Runtime) -> int:
+async def run_once(runtime: Runtime, aside: SetAside | None = None) -> int:
+    aside = aside or SetAside()
     now = runtime.clock.now()
     retention = runtime.settings.worker_lost_retention_seconds
-    changed = await runtime.transact(
-        lambda session, effects: _sweep(session, now, effects, retention)
-    )
+    scope = Scope(skip=aside.ids)
+    try:
+        changed = await runtime.transact(partial(_sweep, now=now, retention=retention, scope=scope))
+    except Exception as exc:
+        if not is_row_error(exc):
+            raise  # an outage, or a bug: the pass stops and the loop backs off
+        changed = await _sweep_one_by_one(runtime, now, retention, aside)
     await runtime.broker.reconcile(now)
     return changed
+
+
+async def _sweep_one_by_one(
+    runtime: Runtime, now: datetime, retention: float, aside: SetAside
+) -> int:
+    """The batch failed on a row the database refused: sweep each job in a transaction of
+    its own, so that every other job is promoted, reclaimed or expired, and set aside the
+    job that still fails."""
+    await runtime.transact(lambda session, effects: workers.mark_lost(session, now, retention))
+    skip = aside.ids
+    ids = await runtime.db.read(
+        lambda session: sweep_candidates(session, now, Scope(skip=skip), BATCH_LIMIT)
+    )
+    changed = 0
+    for job_id in ids:
+        one = Scope(only=(job_id,))
+        try:
+            changed += await runtime.transact(
+                partial(_sweep, now=now, retention=retention, scope=one)
+            )
+        except Exception as exc:
+            if not is_row_error(exc):
+                raise
+            await _set_aside(runtime, job_id, now, exc, aside)
+    return changed
+
+
+async def _set_aside(
+    runtime: Runtime, job_id: str, now: datetime, exc: Exception, aside: SetAside
+) -> None:
+    """Fail the job, saying why; if even that is refused, skip it from now on. One log
+    line either way: it is not due again. (The job's error names only the error class:
+    the database's message may name the schema, and any read key sees the job.)"""
+    public = f"the database refused a value it holds ({type(getattr(exc, 'orig', exc)).__name__})"
+    try:
+        failed = await runtime.transact(
+            lambda session, effects: set_aside(session, job_id, now, public, effects)
+        )
+    except Exception as again:
+        if not is_row_error(again):
+            raise
+        failed = False
+    if failed:
+        log.error("job %s: maintenance could not process it (%s); marked it failed",
+                  job_id, reason(exc))  # fmt: skip
+        return
+    aside.add(job_id)
+    log.error(
+        "job %s: maintenance could not process it (%s) nor mark it failed; skipped by this "
+        "process from now on",
+        job_id,
+        reason(exc),
+    )
 
 
 async def maintenance_loop(runtime: Runtime) -> None:
     signals = runtime.signals
     interval = runtime.settings.reconcile_interval_seconds
     clock_measured = 0.0
+    aside = SetAside()
     while True:
         try:
             if time.monotonic() - clock_measured > CLOCK_REFRESH_SECONDS:
                 await runtime.db.read(runtime.clock.measure)
                 clock_measured = time.monotonic()
             signals.maintenance.clear()
-            changed = await run_once(runtime)
+            changed = await run_once(runtime, aside)
             if changed >= BATCH_LIMIT:
                 continue  # more of the same is waiting
-            upcoming = await runtime.db.read(_next_due)
+            upcoming = await runtime.db.read(partial(_next_due, skip=aside.ids))
         except Exception:
-            log.exception("maintenance pass failed; retrying")
+            log_failure(log, "maintenance pass")  # an outage: logged once, not per pass
             upcoming = None
         signals.earliest_due = upcoming
         sleep = interval

@@ -3,11 +3,18 @@ embedded SQLite default). Test databases are built only through here."""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic.config import Config
 
 from alembic import command
+from service.db import create_engine
+from service.outage import describe, is_unreachable
+
+LOG_EVERY_SECONDS = 5.0
 
 
 def _project_root() -> Path:
@@ -38,3 +45,36 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+def wait_for_database(database_url: str, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for the database to accept a connection: compose
+    and Kubernetes start ``celeriac migrate`` beside a database that may still be
+    starting. Only an unreachable database is waited for; a refusal (a missing database,
+    say) fails at once, and so does the last attempt once the time is up."""
+    if database_url.startswith("sqlite"):
+        return
+    engine = create_engine(database_url, pool_size=1)
+    deadline, delay, logged = time.monotonic() + timeout, 0.25, float("-inf")
+    try:
+        while True:
+            try:
+                with engine.connect() as connection:
+                    connection.exec_driver_sql("SELECT 1")
+                return
+            except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+                if not is_unreachable(exc) or time.monotonic() + delay > deadline:
+                    raise
+                if time.monotonic() - logged >= LOG_EVERY_SECONDS:
+                    logged = time.monotonic()
+                    left = deadline - logged
+                    print(
+                        f"celeriac migrate: waiting for the database ({describe(exc)}); "
+                        f"giving up in {left:.0f}s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    finally:
+        engine.dispose()

@@ -71,10 +71,16 @@ class JobRow(Base):
     lease_token: Mapped[str | None] = mapped_column(sa.String(64))
     lease_worker: Mapped[str | None] = mapped_column(sa.String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The API key (its ``key_id``; "" with auth off or over the Redis protocol) the lease
+    # was granted to: a token is only accepted from that key. NULL: granted before leases
+    # were bound to keys (migration 0005), accepted from any key until it is settled.
+    lease_key: Mapped[str | None] = mapped_column(sa.String(64))
     result: Mapped[Any | None] = mapped_column(sa.JSON)
     error: Mapped[Any | None] = mapped_column(sa.JSON)
     progress: Mapped[Any | None] = mapped_column(sa.JSON)
     cancel_requested: Mapped[bool] = mapped_column(sa.Boolean)
+    # Scoped to the API key that submitted it (service.jobs.scoped_idempotency_key);
+    # cleared once older than CELERIAC_IDEMPOTENCY_TTL_SECONDS and reused.
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -234,6 +240,9 @@ class WorkerRow(Base):
     last_heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     lost_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The API key that registered it ("" with auth off): only that key may heartbeat or
+    # deregister it, and losing it ends only the leases that key was granted.
+    key_id: Mapped[str] = mapped_column(sa.String(64), server_default="")
 
     __table_args__ = (
         # The maintenance loop's two questions: who is overdue, and when is the next one due.

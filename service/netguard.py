@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
+import idna
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -215,3 +218,99 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
 
 def _ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context(trust_env=False)
+
+
+# --- webhook URLs: checked whole at submit, and again before every delivery attempt ---
+
+URL_MAX_CHARS = 2000
+HOSTNAME_MAX_CHARS = 253
+LABEL_MAX_CHARS = 63
+_LDH_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+# WHATWG URL parsing reads a host whose last label is a number (decimal, octal, hex) as an
+# IPv4 address, so resolvers and proxies disagree on what "0177.0.0.1" or "0x7f.1" is.
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]*)$")
+
+
+def check_webhook_url(url: str) -> str:
+    """The URL if a delivery can be attempted to it; else ValueError naming the problem.
+    http(s) only, no user info, a port in 1..65535, and a host that is a DNS name
+    (IDNA-encodable, labels of 1..63 letters, digits and inner hyphens, 253 characters in
+    all), a canonical dotted-quad IPv4 address or a bracketed IPv6 address. Which
+    addresses are allowed is decided at connect time (``GuardedBackend``)."""
+    if len(url) > URL_MAX_CHARS:
+        raise ValueError(f"the URL is longer than {URL_MAX_CHARS} characters")
+    bad = next((c for c in url if c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise ValueError(f"the URL holds whitespace or a control character (U+{ord(bad):04X})")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise ValueError(f"the URL cannot be parsed: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("the URL must be an absolute http:// or https:// URL")
+    if "@" in parts.netloc:
+        raise ValueError("user info (user:password@) is not allowed in a webhook URL")
+    if port == 0:
+        raise ValueError("the port must be in 1..65535")
+    host = parts.netloc.rpartition(":")[0] if parts.port is not None else parts.netloc
+    if host.endswith(":"):  # "host:" with an empty port
+        host = host[:-1]
+    _check_host(host)
+    try:
+        httpx.URL(url)  # what delivery will parse: it must agree
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise ValueError(f"the URL cannot be parsed: {exc}") from None
+    return url
+
+
+def _check_host(host: str) -> None:
+    if not host:
+        raise ValueError("the URL has no host")
+    if host.startswith("["):
+        if not host.endswith("]") or "%" in host:
+            raise ValueError(f"{host!r} is not a bracketed IPv6 address")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host!r} is not a valid IPv6 address") from None
+        return
+    name = host.lower()
+    name = name[:-1] if name.endswith(".") else name
+    labels = name.split(".")
+    if _NUMERIC_LABEL.match(labels[-1]):
+        try:
+            canonical = str(ipaddress.IPv4Address(name)) == name
+        except ValueError:
+            canonical = False
+        if not canonical:
+            raise ValueError(
+                f"{host!r} looks like an IPv4 address but is not a canonical dotted quad "
+                "(four decimal numbers 0-255 without leading zeros)"
+            )
+        return
+    _check_dns_name(host, name)
+
+
+def _check_dns_name(host: str, name: str) -> None:
+    try:
+        ascii_name = name if name.isascii() else idna.encode(name).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise ValueError(f"{host!r} is not a valid internationalised host name: {exc}") from None
+    if len(ascii_name) > HOSTNAME_MAX_CHARS:
+        raise ValueError(f"the host name is longer than {HOSTNAME_MAX_CHARS} characters")
+    for label in ascii_name.split("."):
+        if not label:
+            raise ValueError(f"{host!r} has an empty label (two dots in a row, or a leading dot)")
+        if len(label) > LABEL_MAX_CHARS:
+            raise ValueError(f"{host!r} has a label longer than {LABEL_MAX_CHARS} characters")
+        if not _LDH_LABEL.match(label):
+            raise ValueError(
+                f"{host!r}: the label {label!r} may hold only letters, digits and hyphens, "
+                "and may not start or end with a hyphen"
+            )
+        if label.startswith("xn--"):
+            try:
+                idna.decode(label)
+            except (idna.IDNAError, UnicodeError) as exc:
+                raise ValueError(f"{host!r}: {label!r} is not a valid IDNA label: {exc}") from None

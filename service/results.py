@@ -34,8 +34,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import errors
+from service.ids import is_job_id
 from service.leases import Settle
 from service.models import JOBS_TABLE, JobRow, values_of
+from service.outage import log_failure
 from service.schemas import JobStatus
 from service.serialize import iso, result_fields
 from service.settings import Settings
@@ -134,30 +136,57 @@ async def place(
     inline_max = settings.max_payload_bytes if store is None else settings.result_inline_max_bytes
     if request_length is not None and request_length <= inline_max:
         return list(reports), []  # the common case: no result can be over the limit
-    placed: list[Settle] = []
+    large = {i: data for i, r in enumerate(reports) if (data := _large_result(r, inline_max))}
+    if not large:
+        return list(reports), []
+    for data in large.values():
+        _check_size(len(data), inline_max, settings, with_store=store is not None)
+    assert store is not None  # _check_size refused every large result without one
+    # A file only for a report that holds its lease: an id that is no job's (NUL, 300
+    # characters...) or a stale token never reaches the file system. Settling checks the
+    # token again, in its own transaction; a report that fails there deletes its file.
+    pairs = [(reports[i].id, reports[i].token) for i in large]
+    live = await runtime.db.read(lambda session: live_leases(session, pairs))
+    placed: list[Settle] = list(reports)
     written: list[str] = []
     try:
-        for report in reports:
-            data = _large_result(report, inline_max)
-            if data is None:
-                placed.append(report)
+        for index, data in large.items():
+            report = reports[index]
+            if (report.id, report.token) not in live:
+                placed[index] = replace(report, result=None)  # refused when it settles
                 continue
-            if store is None:
-                raise _too_large(len(data), inline_max, "CELERIAC_MAX_PAYLOAD_BYTES",
-                                 "Configure CELERIAC_RESULT_STORE for larger results, or "
-                                 "store them elsewhere and return a reference.")  # fmt: skip
-            if len(data) > settings.result_max_bytes:
-                raise _too_large(len(data), settings.result_max_bytes,
-                                 "CELERIAC_RESULT_MAX_BYTES",
-                                 "Store it elsewhere and return a reference.")  # fmt: skip
             key = store.new_key(report.id)
             await anyio.to_thread.run_sync(store.put, key, data)
             written.append(key)
-            placed.append(replace(report, result=None, result_ref=key))
+            placed[index] = replace(report, result=None, result_ref=key)
     except BaseException:
         await discard(runtime, written)
         raise
     return placed, written
+
+
+def _check_size(size: int, inline_max: int, settings: Settings, *, with_store: bool) -> None:
+    if not with_store:
+        raise _too_large(size, inline_max, "CELERIAC_MAX_PAYLOAD_BYTES",
+                         "Configure CELERIAC_RESULT_STORE for larger results, or "
+                         "store them elsewhere and return a reference.")  # fmt: skip
+    if size > settings.result_max_bytes:
+        raise _too_large(size, settings.result_max_bytes, "CELERIAC_RESULT_MAX_BYTES",
+                         "Store it elsewhere and return a reference.")  # fmt: skip
+
+
+def live_leases(session: Session, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (job id, token) pairs that hold a running job's lease right now."""
+    ids = list({job_id for job_id, _token in pairs if is_job_id(job_id)})
+    if not ids:
+        return set()
+    rows = session.execute(
+        sa.select(jobs_c.id, jobs_c.lease_token).where(
+            jobs_c.id.in_(ids), jobs_c.status == JobStatus.running
+        )
+    )
+    held = {(row.id, row.lease_token) for row in rows}
+    return {pair for pair in pairs if pair in held}
 
 
 def _large_result(report: Settle, inline_max: int) -> bytes | None:
@@ -287,7 +316,7 @@ class ResultCleaner:
                     continue
                 upcoming = await self.runtime.db.read(next_expiry)
             except Exception:
-                log.exception("result cleanup failed; retrying")
+                log_failure(log, "result cleanup")  # an outage: logged once, not per pass
             seconds = settings.result_cleanup_interval_seconds
             if upcoming is not None:
                 until = (upcoming - self.runtime.clock.now()).total_seconds()

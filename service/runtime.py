@@ -15,8 +15,10 @@ from sqlalchemy.orm import Session
 
 from service.brokers.base import Broker
 from service.db import Database
+from service.isolation import is_row_error, not_storable
 from service.jobs import Defaults, dispatch_of_values, insert_jobs
 from service.leases import Effects
+from service.longpoll import LongPolls
 from service.models import JobValues
 from service.settings import Settings
 from service.signals import Signals
@@ -72,20 +74,41 @@ class SubmitBatcher:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                rows = [row for row, _ in batch]
-                try:
-                    await self.runtime.db.run(partial(insert_jobs, rows=rows))
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-                await self.runtime.after_submit(rows)
+                committed = await self._insert(batch)
+                if committed:
+                    await self.runtime.after_submit(committed)
         finally:
             self._flushing = False
+
+    async def _insert(self, batch: list[tuple[JobValues, asyncio.Future[None]]]) -> list[JobValues]:
+        """Insert the rows of ``batch`` and settle their futures; returns the rows committed.
+        When the database refuses a row, the halves are tried apart (bisection) until the
+        refused row is alone: it gets a 422 and the others commit. An outage is no row's
+        fault: every waiter still in ``batch`` gets it."""
+        rows = [row for row, _ in batch]
+        try:
+            await self.runtime.db.run(partial(insert_jobs, rows=rows))
+        except Exception as exc:
+            if not is_row_error(exc):
+                _settle(batch, exc)
+                return []
+            if len(batch) == 1:
+                _settle(batch, not_storable(exc))
+                return []
+            middle = len(batch) // 2
+            return await self._insert(batch[:middle]) + await self._insert(batch[middle:])
+        _settle(batch, None)
+        return rows
+
+
+def _settle(batch: list[tuple[JobValues, asyncio.Future[None]]], exc: Exception | None) -> None:
+    for _, future in batch:
+        if future.done():  # its request went away (client disconnect)
+            continue
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
 
 
 @dataclass
@@ -96,6 +119,8 @@ class Runtime:
     broker: Broker
     clock: Clock = field(default_factory=Clock)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    # False until the database answered at start-up (service/startup.py): routes 503.
+    started: bool = False
 
     def __post_init__(self) -> None:
         self.defaults = Defaults(
@@ -108,6 +133,9 @@ class Runtime:
             result_ttl=self.settings.result_expires_seconds or None,
         )
         self.submits = SubmitBatcher(self)
+        self.long_polls = LongPolls(
+            self.settings.max_long_polls, self.settings.max_long_polls_per_key
+        )
         self._spawned: set[asyncio.Task[Any]] = set()
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from service import errors, schedules
+from service.outage import log_failure
 from service.runtime import Runtime
 from service.schemas import ScheduleCreate
 
@@ -81,7 +82,7 @@ async def scheduler_loop(runtime: Runtime) -> None:
             await fire_due(runtime)
             upcoming = await runtime.db.read(schedules.next_due_at)
         except Exception:
-            log.exception("scheduler pass failed; retrying")
+            log_failure(log, "scheduler pass")  # an outage: logged once, not per pass
             upcoming = None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), sleep_seconds(upcoming, runtime.clock.now(), cap))

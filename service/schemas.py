@@ -3,30 +3,138 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import re
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     StringConstraints,
-    field_validator,
 )
+
+from service.netguard import URL_MAX_CHARS, check_webhook_url
+
+# --- values every request field is held to (docs/api.md, Limits) ---------------------------
+# A value is refused at the door (422) unless every backend can store it as it is: a row
+# that fails at insert would fail the whole group commit, and one that fails later (a
+# maintenance sweep, a webhook) would fail for everyone.
+
+# Text: C0 control characters (U+0000-U+001F) and DEL are refused in one-line fields;
+# free text (an error's message, a traceback) may also hold tab, LF and CR. PostgreSQL
+# cannot store NUL at all, and a control character in a name, a header or a log line is
+# a way to forge the output of whatever displays it.
+SINGLE_LINE = r"^[^\x00-\x1f\x7f]*$"
+MULTI_LINE = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+_SINGLE_LINE_BAD = re.compile(r"[\x00-\x1f\x7f]")
+_MULTI_LINE_BAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _refuse(found: re.Match[str] | None, allowed: str) -> None:
+    if found is not None:
+        raise ValueError(
+            f"control character U+{ord(found.group()):04X} at position {found.start()}: "
+            f"{allowed} are not allowed here"
+        )
+
+
+def _single_line(value: str) -> str:
+    _refuse(_SINGLE_LINE_BAD.search(value), "control characters (U+0000-U+001F, U+007F)")
+    return value
+
+
+def _multi_line(value: str) -> str:
+    _refuse(
+        _MULTI_LINE_BAD.search(value),
+        "control characters other than tab, LF and CR (U+0000-U+001F, U+007F)",
+    )
+    return value
+
+
+LINE = (AfterValidator(_single_line), Field(json_schema_extra={"pattern": SINGLE_LINE}))
+TEXT = (AfterValidator(_multi_line), Field(json_schema_extra={"pattern": MULTI_LINE}))
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-WorkerName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-Token = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+WorkerName = Annotated[str, StringConstraints(min_length=1, max_length=200), *LINE]
+Token = Annotated[str, StringConstraints(min_length=1, max_length=64), *LINE]
+# A job id as a worker sends it back: an unknown one is "not found", never an error.
+JobRef = Annotated[str, StringConstraints(min_length=1, max_length=64), *LINE]
+# The Idempotency-Key header (a header cannot carry an annotated validator's message,
+# so this is a pattern): printable, one line, 1..255 characters.
+IDEMPOTENCY_KEY_PATTERN = r"^[^\x00-\x1f\x7f]{1,255}$"
+
+# Dates: every instant a client gives must lie in [DATE_MIN, DATE_MAX] once converted to
+# UTC. Year 9999 with a negative offset (or year 1 with a positive one) overflows Python's
+# datetime on conversion, MariaDB's DATETIME holds years 1000-9999, and deadlines are
+# computed as instant + seconds: the margin keeps every such sum representable.
+DATE_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+DATE_MAX = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _date_text(value: Any) -> Any:
+    # RFC 3339 text only (a bare number would be read as a Unix time).
+    if not isinstance(value, str | datetime):
+        raise ValueError("give an RFC 3339 date-time string with an offset")
+    return value
+
+
+def _date_in_range(value: datetime) -> datetime:
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not DATE_MIN <= utc <= DATE_MAX:
+        raise ValueError(
+            f"the date must lie between {DATE_MIN:%Y-%m-%dT%H:%M:%SZ} and "
+            f"{DATE_MAX:%Y-%m-%dT%H:%M:%SZ} (UTC)"
+        )
+    return value
+
+
+SafeDatetime = Annotated[AwareDatetime, BeforeValidator(_date_text), AfterValidator(_date_in_range)]
+
+# Numbers: JSON booleans are not numbers (strict: true/false never become 1/0, nor "1"
+# a 1); an integer is a number. A float that is added to a date is bounded where it is
+# declared, so now + value never overflows.
+Int = StrictInt
+Float = StrictFloat
+Bool = StrictBool
+# Progress a worker reports is stored in the row and served with the job.
+PROGRESS_MAX_BYTES = 64 * 1024
+
+
+def _progress_size(value: Any) -> Any:
+    if value is not None:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > PROGRESS_MAX_BYTES:
+            raise ValueError(
+                f"progress is {size} bytes of JSON; the limit is {PROGRESS_MAX_BYTES}. "
+                "Report a summary; put large data in the result."
+            )
+    return value
+
+
+Progress = Annotated[Any, AfterValidator(_progress_size)]
+PROGRESS = f"any JSON, at most {PROGRESS_MAX_BYTES} bytes; shown as the job's progress"
+LEASE_SECONDS = "seconds the lease lasts (at most CELERIAC_MAX_LEASE_SECONDS)"
+# Integer columns are 32-bit signed.
+PID_MAX = 2**31 - 1
 
 
 class Strict(BaseModel):
-    """Unknown fields are an error, not silently dropped."""
+    """Unknown fields are an error, not silently dropped; floats are finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class JobStatus(StrEnum):
@@ -46,35 +154,39 @@ FINISHED = frozenset(
 
 
 class RetryBackoff(Strict):
-    base: float = Field(1.0, ge=0, le=86400, description="seconds before the first retry")
-    max: float = Field(300.0, ge=0, le=7 * 86400, description="cap on any one backoff")
-    jitter: bool = Field(True, description="randomise each backoff in [0.5, 1] x its value")
+    base: Float = Field(1.0, ge=0, le=86400, description="seconds before the first retry")
+    max: Float = Field(300.0, ge=0, le=7 * 86400, description="cap on any one backoff")
+    jitter: Bool = Field(True, description="randomise each backoff in [0.5, 1] x its value")
 
 
 WebhookEvent = Literal["succeeded", "failed", "cancelled", "expired"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "cancelled", "expired")
 
 
+# Checked whole (service.netguard.check_webhook_url), as delivery will parse it: a URL
+# that cannot be delivered to is refused at submit, not retried for days.
+WebhookUrl = Annotated[
+    str,
+    StringConstraints(min_length=8, max_length=URL_MAX_CHARS),
+    AfterValidator(check_webhook_url),
+    Field(json_schema_extra={"pattern": r"^[^\x00-\x20\x7f]*$"}),
+]
+
+
 class WebhookSpec(Strict):
     """Where to POST a signed callback when the job reaches one of ``events``
     (docs/webhooks.md)."""
 
-    url: Annotated[str, StringConstraints(min_length=8, max_length=2000)] = Field(
-        description="http:// or https:// URL; private addresses are refused unless allowed"
+    url: WebhookUrl = Field(
+        description="http:// or https:// URL with a valid DNS host name, a dotted-quad IPv4 "
+        "or a bracketed IPv6 address, no user info; private addresses are refused at "
+        "delivery unless allowed"
     )
     events: list[WebhookEvent] = Field(
         default_factory=lambda: list(WEBHOOK_EVENTS),
         min_length=1,
         description="final statuses that trigger a callback (default: all of them)",
     )
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("the webhook url must be an absolute http:// or https:// URL")
-        return value
 
 
 class JobSubmit(Strict):
@@ -84,19 +196,19 @@ class JobSubmit(Strict):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     queue: Name = "default"
-    priority: int = Field(0, ge=0, le=9, description="0-9, higher runs first within a queue")
-    delay: float | None = Field(None, ge=0, le=366 * 86400, description="seconds from now")
-    run_at: AwareDatetime | None = Field(None, description="RFC 3339; exclusive with delay")
-    expires_at: AwareDatetime | None = Field(None, description="never start after this")
-    max_retries: int | None = Field(None, ge=0, le=1000)
+    priority: Int = Field(0, ge=0, le=9, description="0-9, higher runs first within a queue")
+    delay: Float | None = Field(None, ge=0, le=366 * 86400, description="seconds from now")
+    run_at: SafeDatetime | None = Field(None, description="RFC 3339; exclusive with delay")
+    expires_at: SafeDatetime | None = Field(None, description="never start after this")
+    max_retries: Int | None = Field(None, ge=0, le=1000)
     retry_backoff: RetryBackoff | None = None
-    timeout: float | None = Field(
+    timeout: Float | None = Field(
         None, gt=0, le=86400, description="seconds a lease lasts before it must be extended"
     )
     webhook: WebhookSpec | None = Field(
         None, description="signed callback on completion (default: the queue's, if any)"
     )
-    result_ttl: float | None = Field(
+    result_ttl: Float | None = Field(
         None,
         ge=0,
         le=366 * 86400,
@@ -106,9 +218,9 @@ class JobSubmit(Strict):
 
 
 class ErrorInfo(Strict):
-    type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    message: Annotated[str, StringConstraints(max_length=65536)] = ""
-    traceback: Annotated[str, StringConstraints(max_length=262144)] | None = None
+    type: Annotated[str, StringConstraints(min_length=1, max_length=200), *LINE]
+    message: Annotated[str, StringConstraints(max_length=65536), *TEXT] = ""
+    traceback: Annotated[str, StringConstraints(max_length=262144), *TEXT] | None = None
 
 
 class Job(BaseModel):
@@ -160,9 +272,12 @@ class JobPage(BaseModel):
 class LeaseRequest(Strict):
     worker: WorkerName
     queues: list[Name] = Field(default_factory=lambda: ["default"], min_length=1, max_length=64)
-    max_jobs: int = Field(1, ge=1)
-    wait: float = Field(0, ge=0, description="long-poll seconds while nothing is ready")
-    lease_seconds: float | None = Field(None, gt=0)
+    max_jobs: Int = Field(1, ge=1, description="at most CELERIAC_MAX_LEASE_JOBS")
+    wait: Float = Field(
+        0, ge=0, description="long-poll seconds while nothing is ready (at most "
+        "CELERIAC_MAX_LEASE_WAIT_SECONDS)",
+    )  # fmt: skip
+    lease_seconds: Float | None = Field(None, gt=0, description=LEASE_SECONDS)
 
 
 class LeaseClaim(Strict):
@@ -170,10 +285,8 @@ class LeaseClaim(Strict):
     the id a RabbitMQ message carried)."""
 
     worker: WorkerName
-    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
-        min_length=1, max_length=1000
-    )
-    lease_seconds: float | None = Field(None, gt=0)
+    ids: list[JobRef] = Field(min_length=1, max_length=1000)
+    lease_seconds: Float | None = Field(None, gt=0, description=LEASE_SECONDS)
 
 
 class Lease(BaseModel):
@@ -199,8 +312,8 @@ class LeaseResponse(BaseModel):
 
 class Heartbeat(Strict):
     token: Token
-    progress: Any = None
-    lease_seconds: float | None = Field(None, gt=0)
+    progress: Progress = Field(None, description=PROGRESS)
+    lease_seconds: Float | None = Field(None, gt=0, description=LEASE_SECONDS)
 
 
 class HeartbeatResponse(BaseModel):
@@ -216,8 +329,8 @@ class Complete(Strict):
 class Fail(Strict):
     token: Token
     error: ErrorInfo
-    retry: bool = Field(True, description="false: fail now whatever retries are left")
-    retry_in: float | None = Field(None, ge=0, le=366 * 86400, description="override backoff")
+    retry: Bool = Field(True, description="false: fail now whatever retries are left")
+    retry_in: Float | None = Field(None, ge=0, le=366 * 86400, description="override backoff")
 
 
 class Release(Strict):
@@ -225,14 +338,14 @@ class Release(Strict):
 
 
 class LeaseRef(Strict):
-    id: str
+    id: JobRef
     token: Token
-    progress: Any = None
+    progress: Progress = Field(None, description=PROGRESS)
 
 
 class HeartbeatBatch(Strict):
     leases: list[LeaseRef] = Field(min_length=1)
-    lease_seconds: float | None = Field(None, gt=0)
+    lease_seconds: Float | None = Field(None, gt=0, description=LEASE_SECONDS)
 
 
 class HeartbeatBatchItem(BaseModel):
@@ -248,13 +361,13 @@ class HeartbeatBatchResponse(BaseModel):
 
 
 class Report(Strict):
-    id: str
+    id: JobRef
     token: Token
     outcome: Literal["succeeded", "failed", "released"]
     result: Any = None
     error: ErrorInfo | None = None
-    retry: bool = True
-    retry_in: float | None = Field(None, ge=0, le=366 * 86400)
+    retry: Bool = True
+    retry_in: Float | None = Field(None, ge=0, le=366 * 86400)
 
 
 class ReportBatch(Strict):
@@ -324,8 +437,8 @@ class Problem(BaseModel):
 
 # --- schedules (periodic jobs) -----------------------------------------------------------
 
-CronText = Annotated[str, StringConstraints(min_length=1, max_length=255)]
-ZoneName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+CronText = Annotated[str, StringConstraints(min_length=1, max_length=255), *LINE]
+ZoneName = Annotated[str, StringConstraints(min_length=1, max_length=64), *LINE]
 EVERY_MAX = 366 * 86400
 
 
@@ -345,13 +458,13 @@ class JobTemplate(Strict):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     queue: Name = "default"
-    priority: int = Field(0, ge=0, le=9, description="0-9, higher runs first within a queue")
-    max_retries: int | None = Field(None, ge=0, le=1000)
+    priority: Int = Field(0, ge=0, le=9, description="0-9, higher runs first within a queue")
+    max_retries: Int | None = Field(None, ge=0, le=1000)
     retry_backoff: RetryBackoff | None = None
-    timeout: float | None = Field(
+    timeout: Float | None = Field(
         None, gt=0, le=86400, description="seconds a lease lasts before it must be extended"
     )
-    expires_after: float | None = Field(
+    expires_after: Float | None = Field(
         None, gt=0, le=366 * 86400, description="a job not started this many seconds after "
         "its tick fired expires (so a backlog of ticks does not pile up)",
     )  # fmt: skip
@@ -365,26 +478,26 @@ class ScheduleCreate(Strict):
         None, description="5 fields (minute hour day-of-month month day-of-week), names like "
         "MON-FRI and JAN, or @hourly/@daily/@weekly/@monthly/@yearly",
     )  # fmt: skip
-    every: int | None = Field(None, ge=1, le=EVERY_MAX, description="seconds between ticks")
+    every: Int | None = Field(None, ge=1, le=EVERY_MAX, description="seconds between ticks")
     timezone: ZoneName = Field("UTC", description="IANA zone the cron fields are read in")
     job: JobTemplate
-    enabled: bool = True
+    enabled: Bool = True
     catch_up: CatchUp = CatchUp.skip
-    start_at: AwareDatetime | None = Field(None, description="no tick before this")
-    end_at: AwareDatetime | None = Field(None, description="no tick after this")
+    start_at: SafeDatetime | None = Field(None, description="no tick before this")
+    end_at: SafeDatetime | None = Field(None, description="no tick after this")
 
 
 class ScheduleUpdate(Strict):
     """Only the fields given change. Setting ``cron`` clears ``every`` and vice versa."""
 
     cron: CronText | None = None
-    every: int | None = Field(None, ge=1, le=EVERY_MAX)
+    every: Int | None = Field(None, ge=1, le=EVERY_MAX)
     timezone: ZoneName | None = None
     job: JobTemplate | None = None
-    enabled: bool | None = None
+    enabled: Bool | None = None
     catch_up: CatchUp | None = None
-    start_at: AwareDatetime | None = None
-    end_at: AwareDatetime | None = None
+    start_at: SafeDatetime | None = None
+    end_at: SafeDatetime | None = None
 
 
 class Schedule(BaseModel):
@@ -410,7 +523,7 @@ class ScheduleList(BaseModel):
 
 # --- the worker registry -----------------------------------------------------------------
 
-ShortText = Annotated[str, StringConstraints(max_length=64)]
+ShortText = Annotated[str, StringConstraints(max_length=64), *LINE]
 WorkerCommandName = Literal["quiet", "shutdown"]
 
 
@@ -418,10 +531,10 @@ class WorkerRegister(Strict):
     """What a worker process says about itself when it starts."""
 
     name: WorkerName = Field(description="the name it leases jobs under (`worker` of /leases)")
-    hostname: Annotated[str, StringConstraints(min_length=1, max_length=255)]
-    pid: int = Field(ge=0)
+    hostname: Annotated[str, StringConstraints(min_length=1, max_length=255), *LINE]
+    pid: Int = Field(ge=1, le=PID_MAX, description="the process id (a 32-bit signed integer)")
     queues: list[Name] = Field(min_length=1, max_length=64)
-    concurrency: int = Field(ge=1, le=100_000)
+    concurrency: Int = Field(ge=1, le=100_000)
     pool: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = Field(
         description="threads, processes, async, solo, or a name of the worker's own"
     )
@@ -437,7 +550,7 @@ class WorkerRegistered(BaseModel):
 
 
 class WorkerHeartbeat(Strict):
-    running: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+    running: list[JobRef] = Field(
         default_factory=list, max_length=100_000, description="ids of the jobs it holds"
     )
 

@@ -8,9 +8,8 @@ from functools import cached_property
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.auth import ApiKey, parse_api_keys
 from service.schemas import WebhookSpec
-
-SCOPES = frozenset({"submit", "read", "work", "admin"})
 
 
 def normalise_database_url(url: str) -> str:
@@ -29,19 +28,6 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
-class ApiKey:
-    """One configured key and the scopes it grants (``admin`` implies all)."""
-
-    __slots__ = ("scopes", "secret")
-
-    def __init__(self, secret: str, scopes: frozenset[str]) -> None:
-        self.secret = secret
-        self.scopes = scopes
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"ApiKey(scopes={sorted(self.scopes)})"
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELERIAC_", env_file=".env", extra="ignore")
 
@@ -56,20 +42,32 @@ class Settings(BaseSettings):
     # with priorities unless quorum queues are asked for (see docs/protocol.md, AMQP).
     amqp_prefix: str = "celeriac"
     amqp_quorum: bool = False
-    # "secret:scope+scope,secret2:scope" — see docs/api.md. Empty: auth off.
+    # "secret:scope+scope[@queue-pattern|…],…" — see docs/security.md. Empty: auth off.
     api_keys: str = Field(default="", repr=False)
 
     max_payload_bytes: int = 1024 * 1024
     max_batch_jobs: int = 1000
     # Cap on any request body (a full batch at the per-job limit would be 1 GiB).
     max_request_bytes: int = 64 * 1024 * 1024
+    # A request body must arrive whole within this many seconds (a client that declares
+    # 60 MB and sends 1 KB must not hold a connection for ever): 408 after it.
+    body_read_timeout_seconds: float = Field(10.0, gt=0, le=600)
     max_lease_jobs: int = 1000
     default_lease_seconds: float = 30.0
     max_lease_seconds: float = 3600.0
     max_lease_wait_seconds: float = 30.0
     max_result_wait_seconds: float = 60.0
+    # Long-polls (POST /leases with wait > 0, GET /jobs/{id}?wait=) held at once, in all and
+    # per API key (docs/api.md, Limits); more are answered at once with Retry-After. The
+    # HTTP server answers 503 beyond limit_concurrency connections (default: the long-poll
+    # cap + 1000; `celeriac serve --limit-concurrency`).
+    max_long_polls: int = Field(1000, ge=1)
+    max_long_polls_per_key: int = Field(200, ge=1)
+    limit_concurrency: int | None = Field(None, ge=1)
     default_max_retries: int = 3
-    idempotency_ttl_seconds: float = 24 * 3600.0
+    # How long an Idempotency-Key is remembered (per API key) after its job was submitted;
+    # reused later, it makes a new job. 0 = for ever.
+    idempotency_ttl_seconds: float = Field(24 * 3600.0, ge=0)
     # Background loops: how often the reconciler re-checks the dispatch index, and the
     # fallback wake-up for SQL dispatch on a database without notifications (MariaDB).
     reconcile_interval_seconds: float = 5.0
@@ -118,19 +116,15 @@ class Settings(BaseSettings):
     def _normalise(cls, value: str) -> str:
         return normalise_database_url(value)
 
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_keys(cls, value: str) -> str:
+        parse_api_keys(value)  # refuse placeholders, short keys and unknown scopes at start
+        return value
+
     @cached_property
     def parsed_api_keys(self) -> tuple[ApiKey, ...]:
-        keys: list[ApiKey] = []
-        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
-            secret, _, scope_text = entry.rpartition(":")
-            if not secret:
-                raise ValueError("CELERIAC_API_KEYS entries look like 'secret:scope+scope'")
-            scopes = frozenset(s.strip() for s in scope_text.split("+") if s.strip())
-            unknown = scopes - SCOPES
-            if unknown or not scopes:
-                raise ValueError(f"CELERIAC_API_KEYS: unknown scopes {sorted(unknown)}")
-            keys.append(ApiKey(secret, scopes))
-        return tuple(keys)
+        return parse_api_keys(self.api_keys)
 
     @property
     def auth_enabled(self) -> bool:

@@ -19,6 +19,9 @@ class Signals:
         self.schedules = asyncio.Event()
         # Set after a commit that wrote webhook deliveries: the delivery loop wakes.
         self.webhooks = asyncio.Event()
+        # Set when any long-poll waiter registers: a broker whose events cannot reach
+        # other processes re-checks SQL for all waiters at once while it is set.
+        self.waiting = asyncio.Event()
 
     # A waiter registers *before* it checks the database, so a wake-up that lands between
     # its check and its wait is never lost.
@@ -26,11 +29,20 @@ class Signals:
         event = asyncio.Event()
         for queue in queues:
             self._ready.setdefault(queue, set()).add(event)
+        self.waiting.set()
         return event
 
     def drop_ready_waiter(self, queues: Iterable[str], event: asyncio.Event) -> None:
         for queue in queues:
             _discard(self._ready, queue, event)
+
+    def waited_queues(self) -> list[str]:
+        """The queues some lease in this process is waiting on."""
+        return list(self._ready)
+
+    def waited_jobs(self) -> list[str]:
+        """The job ids some ``GET /jobs/{id}?wait=`` in this process is waiting on."""
+        return list(self._finished)
 
     def queues_ready(self, queues: Iterable[str]) -> None:
         for queue in set(queues):
@@ -40,6 +52,7 @@ class Signals:
     def finished_waiter(self, job_id: str) -> asyncio.Event:
         event = asyncio.Event()
         self._finished.setdefault(job_id, set()).add(event)
+        self.waiting.set()
         return event
 
     def drop_finished_waiter(self, job_id: str, event: asyncio.Event) -> None:

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import random
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -29,7 +30,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from service import webhooks
-from service.netguard import AddressPolicy, AddressRefused, GuardedTransport
+from service.netguard import AddressPolicy, AddressRefused, GuardedTransport, check_webhook_url
+from service.outage import log_failure
 from service.serialize import iso, values_body
 from service.settings import Settings
 from service.webhooks import Claim, Outcome
@@ -43,6 +45,9 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 USER_AGENT = "celeriac-webhooks/1"
 RESPONSE_READ_LIMIT = 64 * 1024  # read this much of an answer (keep-alive), no more
 MIN_SECRET_BYTES = 16
+# An attempt's error goes into a text column and the log: no control characters (an
+# exception's text may quote the URL, and PostgreSQL refuses NUL outright).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --- signing (https://www.standardwebhooks.com) --------------------------------------------
@@ -114,7 +119,7 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -142,7 +147,9 @@ def decide(
         settings.webhook_retry_base_seconds * 2 ** min(attempt - 1, 62),
     ) * random.uniform(0.5, 1.0)
     if status_code in (429, 503) and retry_after is not None:
-        delay = retry_after
+        # The receiver's number, capped just past the window (a Retry-After of 10**20
+        # seconds must not overflow the date): a wait beyond it gives up now.
+        delay = min(retry_after, settings.webhook_retry_window_seconds + 1.0)
     next_attempt = now + timedelta(seconds=delay)
     give_up_at = claim.created_at + timedelta(seconds=settings.webhook_retry_window_seconds)
     if next_attempt > give_up_at:
@@ -201,7 +208,7 @@ class Deliverer:
                 failures = 0
             except Exception:
                 failures += 1
-                log.exception("webhook delivery pass failed; retrying")
+                log_failure(log, "webhook delivery pass")  # an outage: logged once
                 upcoming = self.runtime.clock.now() + timedelta(seconds=min(2**failures, 30))
             await self._sleep(upcoming)
 
@@ -251,7 +258,7 @@ class Deliverer:
             raise
         except Exception:
             # The claim's hold runs out and the delivery is tried again.
-            log.exception("webhook delivery %s: could not record the attempt", claim.id)
+            log_failure(log, f"webhook delivery {claim.id}: recording the attempt")
             return
         # A retry due before the loop means to wake (it slept towards this attempt's
         # claim, or longer): wake it now.
@@ -263,13 +270,14 @@ class Deliverer:
             log.warning(
                 "webhook delivery %s to %s gave up (%s): %s",
                 claim.id,
-                urlsplit(claim.url).hostname,
+                _host_of(claim.url),
                 outcome.status,
                 outcome.error,
             )
 
     async def attempt(self, claim: Claim) -> Outcome:
-        """One POST. Never raises for anything the receiver or the network did."""
+        """One POST. Never raises: whatever went wrong is this attempt's recorded error,
+        and the delivery's retry window applies to it like to any other failure."""
         at = self.runtime.clock.now()
         started = time.monotonic()
         status_code: int | None = None
@@ -277,17 +285,20 @@ class Deliverer:
         error: str | None = None
         refused = False
         try:
-            if claim.job is None:
-                raise LookupError("the job no longer exists")
+            _check_target(claim)
             status_code, retry_after, error = await self._post(claim)
-        except AddressRefused as exc:
-            refused, error = True, str(exc)
-        except LookupError as exc:
+        except (AddressRefused, LookupError) as exc:
             refused, error = True, str(exc)
         except TimeoutError:
             error = f"no complete answer within {self.timeout:g}s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except Exception as exc:  # a bug, or a URL the checks missed: one line, no traceback
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("webhook delivery %s: attempt failed unexpectedly: %s", claim.id,
+                        _CONTROL.sub("?", error)[: webhooks.ERROR_MAX_CHARS])  # fmt: skip
+        if error is not None:
+            error = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", error)
         latency_ms = int((time.monotonic() - started) * 1000)
         now = self.runtime.clock.now()
         if refused:  # permanent: the same URL would be refused again
@@ -319,3 +330,22 @@ class Deliverer:
         if 300 <= code < 400:
             error += " (redirects are not followed: point the webhook at the final URL)"
         return code, retry_after, error
+
+
+def _check_target(claim: Claim) -> None:
+    """Refuse (for good) a delivery that can never succeed: its job is gone, or its URL is
+    not one a request can be made to (rows written before URLs were checked at submit,
+    or written by hand)."""
+    if claim.job is None:
+        raise LookupError("the job no longer exists")
+    try:
+        check_webhook_url(claim.url)
+    except ValueError as exc:
+        raise AddressRefused(f"invalid webhook URL: {exc}") from None
+
+
+def _host_of(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"

@@ -12,6 +12,7 @@ This module must not import ``service.jobs`` or ``service.leases``: they import 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,6 +32,10 @@ DELIVERED = "delivered"
 FAILED = "failed"  # gave up: retries exhausted, or the address was refused
 GONE = "gone"  # the receiver answered 410: it wants no more
 ERROR_MAX_CHARS = 1000
+URL_MAX_CHARS = 2000  # webhook_deliveries.url
+# What no text column of PostgreSQL can hold (NUL), with the other C0 controls, DEL and
+# lone surrogates (not encodable as UTF-8), which no URL may contain either.
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 deliveries_c = DELIVERIES_TABLE.c
 attempts_c = ATTEMPTS_TABLE.c
@@ -43,20 +48,38 @@ class Wakes(Protocol):
     deliveries: int
 
 
-def _delivery(job_id: str, status: str, url: str, now: datetime) -> dict[str, Any]:
+def _delivery(job_id: str, status: str, url: object, now: datetime) -> dict[str, Any]:
+    stored, refused = storable_url(url)
     return {
         "id": uuid7(),
         "job_id": job_id,
         "event": f"job.{status}",
-        "url": url,
-        "status": PENDING,
+        "url": stored,
+        # A URL the outbox cannot hold could never be delivered: recorded as given up,
+        # rather than failing the transaction that finishes the job (and every other
+        # job of its batch or sweep).
+        "status": PENDING if refused is None else FAILED,
         "attempts": 0,
-        "next_attempt_at": now,
+        "next_attempt_at": now if refused is None else None,
         "last_status_code": None,
-        "last_error": None,
+        "last_error": refused,
         "created_at": now,
         "updated_at": now,
     }
+
+
+def storable_url(url: object) -> tuple[str, str | None]:
+    """The webhook URL as the outbox can store it (no control characters, which
+    PostgreSQL refuses in text, at most the column's length), and why it cannot be
+    delivered (None: it can). Only a URL stored before submits refused these gets here."""
+    if not isinstance(url, str):
+        return repr(url)[:URL_MAX_CHARS], "the webhook URL is not a string"
+    escaped = _UNSTORABLE.sub(lambda m: f"%{ord(m.group()):02X}", url)
+    if escaped != url:
+        return escaped[:URL_MAX_CHARS], "the webhook URL contains control characters"
+    if len(url) > URL_MAX_CHARS:
+        return url[:URL_MAX_CHARS], f"the webhook URL is longer than {URL_MAX_CHARS} characters"
+    return url, None
 
 
 def record_finished(
@@ -69,7 +92,9 @@ def record_finished(
     for change in changes:
         hook = change.get("webhook")
         status = str(change["status"])
-        if hook and status in FINISHED and status in hook.get("events", ()):
+        if not isinstance(hook, dict):  # none (or, stored by hand, not an object)
+            continue
+        if status in FINISHED and status in hook.get("events", ()):
             rows.append(_delivery(change["id"], status, hook["url"], now))
     if rows:
         session.execute(sa.insert(DELIVERIES_TABLE), rows)

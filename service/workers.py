@@ -7,6 +7,11 @@ deadline passed as lost. Losing a worker ends its leases at once — their deadl
 to now, so the ordinary reclaim (``service.leases.reclaim_expired_leases``) requeues or
 fails the jobs on its next pass, exactly as if the leases had run out. SQL stays the
 authority: a Redis-leased job is reclaimed in SQL and taken out of Redis by the re-publish.
+
+A registration belongs to the API key that made it (``key_id``): another key's heartbeat
+or deregistration finds no such worker (404, existence not revealed), and a lost worker
+ends only leases granted to its own key under its name, so registering someone else's
+name and falling silent ends nothing of theirs. With auth off every key_id is "".
 Plain functions over a Session; the caller owns the transaction."""
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import errors
+from service.auth import Principal
 from service.ids import uuid7
 from service.models import JOBS_TABLE, WORKERS_TABLE
 from service.schemas import JobStatus, WorkerRegister
@@ -35,11 +41,16 @@ def _deadline(now: datetime, interval: float) -> datetime:
     return now + timedelta(seconds=MISSED_BEATS * interval)
 
 
-def register(session: Session, spec: WorkerRegister, now: datetime, interval: float) -> str:
+def register(
+    session: Session, spec: WorkerRegister, principal: Principal, now: datetime, interval: float
+) -> str:
+    for queue in spec.queues:  # it could not lease from them anyway: say so now
+        principal.check_queue(queue)
     worker_id = uuid7()
     session.execute(
         sa.insert(WORKERS_TABLE).values(
             id=worker_id,
+            key_id=principal.key_id,
             **spec.model_dump(),
             status=ONLINE,
             command=None,
@@ -54,14 +65,19 @@ def register(session: Session, spec: WorkerRegister, now: datetime, interval: fl
 
 
 def heartbeat(
-    session: Session, worker_id: str, running: Sequence[str], now: datetime, interval: float
+    session: Session,
+    worker_id: str,
+    key_id: str,
+    running: Sequence[str],
+    now: datetime,
+    interval: float,
 ) -> str | None:
     """Record a heartbeat; returns the command waiting for the worker. A worker marked lost
     that beats again is online again (its old leases stay reclaimed: their reports will
     be refused as stale)."""
     result = session.execute(
         sa.update(WORKERS_TABLE)
-        .where(workers_c.id == worker_id)
+        .where(workers_c.id == worker_id, workers_c.key_id == key_id)
         .values(
             status=ONLINE,
             lost_at=None,
@@ -78,16 +94,23 @@ def heartbeat(
     return command
 
 
-def deregister(session: Session, worker_id: str) -> None:
+def deregister(session: Session, worker_id: str, key_id: str) -> None:
     """A worker that shut down cleanly: it holds nothing, so it is simply forgotten."""
-    result = session.execute(sa.delete(WORKERS_TABLE).where(workers_c.id == worker_id))
+    result = session.execute(
+        sa.delete(WORKERS_TABLE).where(workers_c.id == worker_id, workers_c.key_id == key_id)
+    )
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise _not_found(worker_id)
 
 
-def send_command(session: Session, worker_id: str, command: str) -> dict[str, Any]:
-    """Leave ``command`` for the worker's next heartbeat. A shutdown outranks a quiet."""
+def send_command(
+    session: Session, worker_id: str, command: str, principal: Principal
+) -> dict[str, Any]:
+    """Leave ``command`` for the worker's next heartbeat. A shutdown outranks a quiet.
+    An administrator restricted to some queues commands only workers serving just those."""
     row = _get(session, worker_id)
+    if not serves_only_allowed(row, principal):
+        raise _not_found(worker_id)
     if row["command"] != "shutdown":
         session.execute(
             sa.update(WORKERS_TABLE).where(workers_c.id == worker_id).values(command=command)
@@ -96,9 +119,16 @@ def send_command(session: Session, worker_id: str, command: str) -> dict[str, An
     return row
 
 
-def list_workers(session: Session) -> list[dict[str, Any]]:
+def list_workers(session: Session, principal: Principal) -> list[dict[str, Any]]:
     query = sa.select(WORKERS_TABLE).order_by(workers_c.name, workers_c.id)
-    return [dict(row._mapping) for row in session.execute(query)]
+    rows = (dict(row._mapping) for row in session.execute(query))
+    return [row for row in rows if serves_only_allowed(row, principal)]
+
+
+def serves_only_allowed(row: dict[str, Any], principal: Principal) -> bool:
+    """Whether every queue the worker serves is one ``principal`` may use: a key
+    restricted to some queues sees (and commands) only such workers."""
+    return principal.queues is None or all(principal.allows_queue(q) for q in row["queues"])
 
 
 def _get(session: Session, worker_id: str) -> dict[str, Any]:
@@ -145,7 +175,7 @@ def mark_lost(session: Session, now: datetime, retention_seconds: float) -> int:
     """Workers past their deadline become lost, and the leases they held end now; lost
     workers older than the retention are purged. Returns how many were lost."""
     rows = session.execute(
-        sa.select(workers_c.id, workers_c.name, workers_c.running)
+        sa.select(workers_c.id, workers_c.name, workers_c.key_id, workers_c.running)
         .where(workers_c.status == ONLINE, workers_c.expires_at < now)
         .with_for_update(skip_locked=True)
     ).all()
@@ -164,18 +194,24 @@ def mark_lost(session: Session, now: datetime, retention_seconds: float) -> int:
 
 
 def _end_leases(session: Session, lost: Sequence[Any], now: datetime) -> None:
-    """Jobs are leased under the worker's name. Another live worker may use the same name
-    (names are chosen by workers): then only the jobs in the lost one's last heartbeat go."""
+    """Jobs are leased under the worker's name, by its API key: a lost worker ends only
+    leases its own key holds under that name (another key may use the same name; names are
+    chosen by workers). Another live worker of the same key may use the same name too:
+    then only the jobs in the lost one's last heartbeat go."""
     names = {row.name for row in lost}
     shared = set(
-        session.scalars(
-            sa.select(workers_c.name).where(workers_c.status == ONLINE, workers_c.name.in_(names))
-        )
+        session.execute(
+            sa.select(workers_c.name, workers_c.key_id).where(
+                workers_c.status == ONLINE, workers_c.name.in_(names)
+            )
+        ).tuples()
     )
     held = []
     for row in lost:
-        mine = jobs_c.lease_worker == row.name
-        if row.name in shared:
+        # Leases of other keys, and (auth on) Redis-protocol leases, which belong to no
+        # key, run to their own deadlines instead.
+        mine = sa.and_(jobs_c.lease_worker == row.name, jobs_c.lease_key == row.key_id)
+        if (row.name, row.key_id) in shared:
             mine = sa.and_(mine, jobs_c.id.in_(list(row.running) or [""]))
         held.append(mine)
     session.execute(

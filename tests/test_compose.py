@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -37,8 +38,22 @@ DOCKERIGNORE = REPO / ".dockerignore"
 COMPOSE_SCHEMA = REPO.parent / "shared" / "compose-spec" / "compose-spec.json"
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# What an operator must fill in: .env.example ships these empty.
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "CELERIAC_API_KEYS",
+    "CELERIAC_WORKER_API_KEY",
+    "REDIS_PASSWORD",
+    "REDIS_WORKER_PASSWORD",
+)
+# What older versions of .env.example shipped: the api refuses them (service/auth.py).
+OLD_PLACEHOLDERS = (
+    "change-me-admin-key",
+    "change-me-client-key",
+    "change-me-worker-key",
+    "change-me-postgres-password",
+)
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
-REDIS_DB = 13  # unlikely to collide with other tests' databases
 LONG_RUNNING = ("postgres", "redis", "api", "worker", "proxy")
 
 
@@ -134,9 +149,21 @@ def raw_compose() -> dict[str, Any]:
     return data
 
 
+def operator_env() -> dict[str, str]:
+    """.env as the operator leaves it: .env.example with every secret generated."""
+    env = read_env_file(ENV_EXAMPLE)
+    for name in SECRETS:
+        env[name] = secrets.token_urlsafe(32)
+    env["CELERIAC_API_KEYS"] = (
+        f"{secrets.token_urlsafe(32)}:admin,{secrets.token_urlsafe(32)}:submit+read"
+    )
+    return env
+
+
 def compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The compose model as docker compose sees it after `cp .env.example .env`."""
-    result = interpolate(raw_compose(), read_env_file(ENV_EXAMPLE) if env is None else env)
+    """The compose model as docker compose sees it after `cp .env.example .env` and
+    filling in the secrets."""
+    result = interpolate(raw_compose(), operator_env() if env is None else env)
     assert isinstance(result, dict)
     return result
 
@@ -207,12 +234,24 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
 
 
 def test_compose_needs_a_complete_env_file() -> None:
-    """Secrets have no defaults: without them compose refuses to start."""
-    env = read_env_file(ENV_EXAMPLE)
-    for secret in ("POSTGRES_PASSWORD", "CELERIAC_API_KEYS", "CELERIAC_WORKER_API_KEY"):
-        without = {k: v for k, v in env.items() if k != secret}
-        with pytest.raises(KeyError, match=secret):
-            compose(without)
+    """Secrets have no defaults: without them compose refuses to start. And the example
+    ships none: `cp .env.example .env && docker compose up` stops at the first empty one
+    instead of starting with keys everyone who read the file knows (issue 12, finding 8)."""
+    shipped = read_env_file(ENV_EXAMPLE)
+    for secret in SECRETS:
+        assert shipped[secret] == "", f".env.example ships a value for {secret}"
+    with pytest.raises(KeyError, match="required variable"):
+        compose(shipped)
+    env = operator_env()
+    compose(env)
+    for secret in SECRETS:
+        for missing in ({k: v for k, v in env.items() if k != secret}, env | {secret: ""}):
+            with pytest.raises(KeyError, match=secret):
+                compose(missing)
+    text = ENV_EXAMPLE.read_text()
+    for placeholder in OLD_PLACEHOLDERS:
+        assert placeholder not in text
+    assert "secrets.token_urlsafe(32)" in text, "say how to generate a secret"
 
 
 def test_compose_services_are_production_shaped() -> None:
@@ -271,6 +310,86 @@ def test_compose_services_are_production_shaped() -> None:
     assert node["image"].split("/")[-1].startswith("celeriac-node-worker:")
 
 
+def redis_users(redis_service: dict[str, Any]) -> dict[str, list[str]]:
+    """The ACL rules of each `--user` on the redis command line."""
+    users: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for arg in as_argv(redis_service["command"]):
+        if arg.startswith("--"):
+            current = [] if arg == "--user" else None
+            if current is not None:
+                users[f"#{len(users)}"] = current
+        elif current is not None:
+            current.append(arg)
+    return {rules[0]: rules[1:] for rules in users.values()}
+
+
+def option_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_compose_hardening() -> None:
+    """Issue 12, finding 8: no container can gain privileges or write its image; the
+    proxy stays on loopback until the operator opts in; Redis needs a password, and the
+    worker's Redis user is the restricted one."""
+    env = operator_env()
+    services = compose(env)["services"]
+    for name, service in services.items():
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert set(service.get("cap_add", [])) <= (
+            {"NET_BIND_SERVICE"} if name == "proxy" else set()
+        )
+        assert not service.get("privileged"), name
+        assert service.get("read_only") is True, f"{name}: root filesystem must be read-only"
+        assert "/tmp" in service.get("tmpfs", []), f"{name}: /tmp as a tmpfs"
+    # Their entrypoints chown and switch users when started as root: that needs
+    # capabilities, so they start as the image's own unprivileged user instead.
+    assert services["postgres"]["user"] == "postgres"
+    assert services["redis"]["user"] == "redis"
+    assert "/var/run/postgresql" in services["postgres"]["tmpfs"]
+    assert "/config" in services["proxy"]["tmpfs"]
+    assert any(str(v).endswith(":/data") for v in services["proxy"]["volumes"])
+
+    # Plain HTTP on loopback unless CELERIAC_PUBLIC_BIND says otherwise.
+    assert [str(p) for p in services["proxy"]["ports"]] == ["127.0.0.1:8000:8000"]
+    opened = compose(env | {"CELERIAC_PUBLIC_BIND": "0.0.0.0"})["services"]["proxy"]
+    assert [str(p) for p in opened["ports"]] == ["0.0.0.0:8000:8000"]
+
+    users = redis_users(services["redis"])
+    assert set(users) == {"default", "celeriac", "celeriac-worker"}
+    # Without a login a connection may PING (the healthcheck) and nothing else.
+    assert [r for r in users["default"] if r[0] in "+~&%"] == ["+ping"]
+    assert "-@all" in users["default"]
+    for user, password in (
+        ("celeriac", "REDIS_PASSWORD"),
+        ("celeriac-worker", "REDIS_WORKER_PASSWORD"),
+    ):
+        assert users[user][0] == "on" and f">{env[password]}" in users[user], user
+        assert "nopass" not in users[user], user
+    assert env["REDIS_PASSWORD"] != env["REDIS_WORKER_PASSWORD"]
+    worker_rules = users["celeriac-worker"]
+    tag = "{" + env["CELERIAC_REDIS_PREFIX"] + "}"
+    assert "-@all" in worker_rules and "resetchannels" in worker_rules
+    assert not [r for r in worker_rules if r.startswith(("+@", "&", "allkeys", "allcommands"))]
+    patterns = [r for r in worker_rules if r.startswith(("~", "%"))]
+    assert patterns and all(r.startswith(f"~{tag}:") for r in patterns), patterns
+    assert {r for r in worker_rules if r.startswith("+fcall")} == {
+        f"+fcall|celeriac_v1_{op}" for op in ("lease", "heartbeat", "complete", "fail", "release")
+    }
+
+    for name in ("api", "migrate"):
+        url = as_mapping(services[name]["environment"])["CELERIAC_BROKER_URL"]
+        assert url == f"redis://celeriac:{env['REDIS_PASSWORD']}@redis:6379/0", name
+    worker_argv = as_argv(services["worker"]["command"])
+    assert option_value(worker_argv, "--broker") == (
+        f"redis://celeriac-worker:{env['REDIS_WORKER_PASSWORD']}@redis:6379/0"
+    )
+    assert option_value(worker_argv, "--redis-prefix") == env["CELERIAC_REDIS_PREFIX"]
+    assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "redis" not in json.dumps(services["node-worker"]), "the Node worker speaks HTTP"
+
+
 def test_env_example_documents_every_setting() -> None:
     from service.settings import Settings
 
@@ -297,8 +416,10 @@ def test_env_example_documents_every_setting() -> None:
                 assert float(value) == float(default), f"{key}: {value} != default {default}"
     # Secrets are interpolated, never written into the compose file.
     text = COMPOSE_FILE.read_text()
-    for secret in ("POSTGRES_PASSWORD", "CELERIAC_API_KEYS", "CELERIAC_WORKER_API_KEY"):
-        assert env[secret].split(":")[0] not in text
+    for secret in SECRETS:
+        assert f"${{{secret}:?" in text, f"{secret} must be required (${{{secret}:?...}})"
+    for placeholder in OLD_PLACEHOLDERS:
+        assert placeholder not in text
 
 
 # --------------------------------------------------------------------------------------
@@ -380,14 +501,25 @@ def test_dockerfile_rules() -> None:
         ins == "RUN" and "pip install" in args for ins, args in builder[pyproject_at:first_source]
     ), "install dependencies between copying pyproject.toml and the source"
 
+    # The dependencies come from the lock file, hash-checked (issue 12, finding 13), and
+    # the project itself adds nothing unpinned.
+    copies = [args.split() for ins, args in builder[:first_source] if ins == "COPY"]
+    assert any("requirements.lock" in c for c in copies), "COPY the lock file before installing"
+    installs = [args for ins, args in builder if ins == "RUN" and "pip install" in args]
+    assert any("--require-hashes" in a and "-r requirements.lock" in a for a in installs), (
+        "install the locked dependencies with --require-hashes"
+    )
+    for args in installs:
+        if re.search(r"pip install[^&]* \.(\s|$)", args):
+            assert "--no-deps" in args, f"the project install must not resolve anything: {args}"
+
     # No secrets or settings baked in.
-    secrets = read_env_file(ENV_EXAMPLE)
     text = DOCKERFILE.read_text()
     for ins, args in ((ins, args) for _, ins, args in instructions):
         if ins in ("ENV", "ARG"):
             assert not re.search(r"KEY|SECRET|PASSWORD|TOKEN|CELERIAC_", args.upper()), args
-    for name in ("POSTGRES_PASSWORD", "CELERIAC_API_KEYS", "CELERIAC_WORKER_API_KEY"):
-        assert secrets[name].split(":")[0] not in text
+    for placeholder in OLD_PLACEHOLDERS:
+        assert placeholder not in text
 
 
 def hadolint_binary() -> str | None:
@@ -498,22 +630,148 @@ def scratch_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class ComposeRedis:
+    """The compose `redis` service's own command line, run natively on a spare port:
+    the same users, passwords and ACL rules as in the container."""
+
+    def __init__(self, model: dict[str, Any], port: int) -> None:
+        self.model = model
+        self.port = port
+
+    def local(self, url: str) -> str:
+        assert "@redis:6379/" in url, url
+        return url.replace("@redis:6379/", f"@127.0.0.1:{self.port}/")
+
+    @property
+    def service_url(self) -> str:
+        return as_mapping(self.model["services"]["api"]["environment"])["CELERIAC_BROKER_URL"]
+
+    @property
+    def worker_url(self) -> str:
+        return option_value(as_argv(self.model["services"]["worker"]["command"]), "--broker")
+
+
 @pytest.fixture
-def scratch_redis() -> Iterator[str]:
+def compose_redis(tmp_path: Path) -> Iterator[ComposeRedis]:
     import redis
 
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        unavailable("redis-server is not installed")
+    model = compose()
+    argv = as_argv(model["services"]["redis"]["command"])
+    assert argv[0] == "redis-server"
+    port = free_port()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    log = tmp_path / "redis.log"
+    argv = [str(binary), *argv[1:], "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--dir", str(data), "--save", "", "--daemonize", "no", "--logfile", str(log)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+    anonymous = redis.Redis(port=port, socket_connect_timeout=1)
     try:
-        client.flushdb()
-    except Exception as exc:
-        client.close()
-        unavailable(f"Redis is not reachable on 127.0.0.1:6379: {exc}")
-    try:
-        yield url
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, f"redis-server exited: {log.read_text()}"
+            try:
+                anonymous.ping()  # what the healthcheck does, without a password
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, (
+                    f"redis-server never answered: {log.read_text()}"
+                )
+                time.sleep(0.05)
+        yield ComposeRedis(model, port)
     finally:
-        client.flushdb()
-        client.close()
+        anonymous.close()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_redis_worker_user_runs_the_protocol_and_nothing_else(compose_redis: ComposeRedis) -> None:
+    """Issue 12, finding 8: a task that reads the worker's Redis URL can speak the worker
+    protocol (as its worker may anyway), but cannot flush, reconfigure, list or reach
+    keys outside the protocol's, nor load or call other code."""
+    import redis
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    model = compose_redis.model
+    prefix = option_value(as_argv(model["services"]["worker"]["command"]), "--redis-prefix")
+    tag = "{" + prefix + "}"
+    service = redis.Redis.from_url(compose_redis.local(compose_redis.service_url))
+    worker = redis.Redis.from_url(compose_redis.local(compose_redis.worker_url))
+    anonymous = redis.Redis(port=compose_redis.port)
+    events, ready, wake = f"{tag}:events", f"{tag}:ready:default", f"{tag}:wake:default"
+    try:
+        # The service may do anything: it loads the functions and publishes jobs.
+        lua = (REPO / "service" / "lua" / "celeriac.lua").read_text()
+        service.function_load(lua, replace=True)
+        for job_id in ("j1", "j2", "j3"):
+            service.zadd(ready, {job_id: 1})
+            service.hset(f"{tag}:job:{job_id}", "env", json.dumps({"id": job_id, "task": "t"}))
+
+        # The worker protocol, call by call as docs/protocol.md gives it.
+        def call(op: str, job_id: str, *args: Any) -> Any:
+            job = f"{tag}:job:{job_id}"
+            return worker.execute_command(
+                "FCALL", f"celeriac_v1_{op}", 2, events, job, 1, job_id, *args
+            )
+
+        granted = worker.execute_command(
+            "FCALL", "celeriac_v1_lease", 2, events, ready, 1, "w1", 3, 30_000
+        )
+        tokens = {json.loads(j)["id"]: json.loads(j)["lease"]["token"] for j in granted}
+        assert set(tokens) == {"j1", "j2", "j3"}
+        assert call("heartbeat", "j1", tokens["j1"], 30_000, '{"pct": 5}')[1] == 0
+        assert call("complete", "j1", tokens["j1"], "5") == b"OK"
+        assert call("fail", "j2", tokens["j2"], '{"type": "E", "message": "m"}', 1, "") == b"OK"
+        assert call("release", "j3", tokens["j3"]) == b"OK"
+        with pytest.raises(ResponseError, match="STALE"):
+            call("complete", "j1", tokens["j1"], "5")
+        service.lpush(wake, "1")
+        assert worker.blpop([wake, f"{tag}:wake-worker:w1:1"], timeout=1) is not None
+        own = f"{tag}:wake-worker:w1:1:ab"
+        assert worker.rpush(own, "stop") == 1 and worker.expire(own, 60)
+        assert worker.ping()
+        assert service.xlen(events) == 7  # L x3, H, C, F, R: what the service applies to SQL
+
+        service.set("other-app:secret", "x")
+        service.function_load(
+            "#!lua name=evil\nredis.register_function('celeriac_v1_evil', "
+            "function() return redis.call('FLUSHALL') end)"
+        )
+        denied: list[tuple[Any, ...]] = [
+            ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("CONFIG", "SET", "dir", "/tmp"),
+            ("KEYS", "*"), ("SCAN", "0"), ("INFO",), ("ACL", "LIST"),
+            ("CLIENT", "KILL", "TYPE", "normal"), ("EVAL", "return 1", "0"),
+            ("FUNCTION", "FLUSH"), ("FUNCTION", "DELETE", "celeriac_v1"),
+            ("FUNCTION", "LOAD", "REPLACE", lua), ("FCALL", "celeriac_v1_evil", "0"),
+            ("FCALL_RO", "celeriac_v1_lease", "0"), ("SUBSCRIBE", f"{tag}:events:pubsub"),
+            ("GET", "other-app:secret"), ("DEL", "other-app:secret"),
+            ("HGETALL", f"{tag}:job:j9"), ("XRANGE", events, "-", "+"),
+            ("ZADD", ready, "0", "forged"), ("SET", f"{tag}:epoch", "1"),
+            # the protocol's functions on keys that are not the protocol's
+            ("FCALL", "celeriac_v1_complete", "2", "other-app:events", "other-app:secret",
+             "1", "x", "t", "1"),
+            ("FCALL", "celeriac_v1_lease", "2", f"{tag}:epoch", ready, "1", "w", "1", "1000"),
+        ]  # fmt: skip
+        allowed = []
+        for command in denied:
+            try:
+                worker.execute_command(*command)
+                allowed.append(command[:2])
+            except NoPermissionError:
+                pass
+        assert not allowed, f"the worker's Redis user may run {allowed}"
+        for command in [("GET", "other-app:secret"), ("FCALL", "celeriac_v1_lease", "0")]:
+            with pytest.raises(NoPermissionError):
+                anonymous.execute_command(*command)
+        assert anonymous.ping()
+        assert service.get("other-app:secret") == b"x" and service.dbsize() > 1
+        assert service.function_list(library="celeriac_v1")
+    finally:
+        for client in (service, worker, anonymous):
+            client.close()
 
 
 CONSOLE_SCRIPT = (
@@ -592,7 +850,7 @@ class Native:
         env["PYTHONPATH"] = str(self.site)
         for key, value in as_mapping(service.get("environment")).items():
             mapped = self.map_value(value)
-            assert not re.search(r"@postgres:|//redis:|//api:", mapped), f"unmapped {key}"
+            assert not re.search(r"@postgres:|[/@]redis:|//api:", mapped), f"unmapped {key}"
             env[key] = mapped
         return env
 
@@ -657,16 +915,17 @@ def wait_ready(client: httpx.Client, api: subprocess.Popen[bytes], native: Nativ
 
 @pytest.mark.timeout(90)
 def test_compose_services_run_natively(
-    tmp_path: Path, scratch_database: str, scratch_redis: str
+    tmp_path: Path, scratch_database: str, compose_redis: ComposeRedis
 ) -> None:
-    services = compose()["services"]
+    """The api as the Redis user `celeriac`, the worker leasing over the Redis protocol
+    as `celeriac-worker`, against compose's own Redis ACL: the rules are enough."""
+    services = compose_redis.model["services"]
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     database_url = as_mapping(services["api"]["environment"])["CELERIAC_DATABASE_URL"]
-    broker_url = as_mapping(services["api"]["environment"])["CELERIAC_BROKER_URL"]
     mapping = {
         database_url: scratch_database,
-        broker_url: scratch_redis,
+        "@redis:6379/": f"@127.0.0.1:{compose_redis.port}/",
         "http://api:8000": base_url,
     }
 

@@ -23,7 +23,9 @@ MAX_PAYLOAD = 1024
 MAX_BATCH = 100
 RESULT_MAX = 4096  # keeps the service's request-body limit small, too
 HUGE = 2 * 1024 * 1024  # over any request-body limit these settings can give
-KEYS = {"s1": "submit", "r1": "read", "w1": "work", "a1": "admin"}
+# Keys must be at least 24 characters (service.auth.MIN_KEY_LENGTH).
+S1, R1, W1, A1 = (f"{name}-test-key-0123456789abcdef" for name in ("s1", "r1", "w1", "a1"))
+KEYS = {S1: "submit", R1: "read", W1: "work", A1: "admin"}
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +453,7 @@ def guarded_api(guarded: Service) -> Iterator[Api]:
 @pytest.fixture(scope="module")
 def guarded_job(guarded_api: Api) -> str:
     response = guarded_api.http.post(
-        "/jobs", json={"task": "t", "queue": "q_auth_target"}, headers=key_headers("a1")
+        "/jobs", json={"task": "t", "queue": "q_auth_target"}, headers=key_headers(A1)
     )
     return str(expect(response, 202)["id"])
 
@@ -473,7 +475,7 @@ def call(
 def test_auth_scopes(
     guarded_api: Api, guarded_job: str, method: str, path: str, body: Any, scope: str
 ) -> None:
-    admin = key_headers("a1")
+    admin = key_headers(A1)
 
     def total_jobs() -> int:
         queues = expect(guarded_api.http.get("/queues", headers=admin), 200)["queues"]
@@ -495,7 +497,7 @@ def test_auth_scopes(
     assert status() == "queued", "a refused request changed the job"
 
     right = next(secret for secret, granted in KEYS.items() if granted == scope)
-    for secret, header in ((right, "bearer"), (right, "x-api-key"), ("a1", "bearer")):
+    for secret, header in ((right, "bearer"), (right, "x-api-key"), (A1, "bearer")):
         response = call(guarded_api, method, path, body, guarded_job, key_headers(secret, header))
         assert response.status_code not in (401, 403), response.text
         assert response.status_code < 500, response.text
@@ -513,10 +515,10 @@ def test_auth_other_schemes_are_refused(guarded_api: Api) -> None:
     for headers in (
         {"Authorization": "Basic czE6"},
         {"Authorization": "Bearer"},
-        {"Authorization": "s1"},
+        {"Authorization": S1},
         {"X-API-Key": ""},
-        {"Authorization": "Bearer a1x"},
-        {"Authorization": "Bearer A1"},
+        {"Authorization": f"Bearer {A1}x"},
+        {"Authorization": f"Bearer {A1.upper()}"},
     ):
         assert_problem(guarded_api.http.get("/queues", headers=headers), 401, "unauthorized")
 

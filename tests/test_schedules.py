@@ -501,14 +501,15 @@ def test_invalid_changes_are_422_and_change_nothing(sapi: Api) -> None:
 
 
 def test_scopes(spawner: Spawner) -> None:
-    keys = "reader:read,admin:admin,submitter:submit"
+    reader, admin, submitter = (f"{n}-schedule-test-key-0123456789" for n in ("r", "a", "s"))
+    keys = f"{reader}:read,{admin}:admin,{submitter}:submit"
     service = spawner.service(extra={"CELERIAC_API_KEYS": keys})
     body = {"name": "scoped", "every": 3600, "job": {"task": "sched.scoped"}}
-    for key, status in (("reader", 403), ("submitter", 403), ("admin", 201)):
+    for key, status in ((reader, 403), (submitter, 403), (admin, 201)):
         with Api(service.url, headers={"Authorization": f"Bearer {key}"}) as api:
             response = api.http.post("/schedules", json=body)
             assert response.status_code == status, response.text
-    with Api(service.url, headers={"Authorization": "Bearer reader"}) as api:
+    with Api(service.url, headers={"Authorization": f"Bearer {reader}"}) as api:
         expect(api.http.get("/schedules/scoped"), 200)
         expect(api.http.get("/schedules"), 200)
         assert_problem(api.http.post("/schedules/scoped/trigger"), 403)

@@ -382,6 +382,7 @@ class AmqpBroker(Broker):
                 await self._supervisor
         if self._link is not None:
             await self._link.close()
+        await self.fallback.close()  # its shared poll, if leases ever fell back to SQL
 
     async def _supervise(self) -> None:
         delay, failures = BACKOFF_MIN, 0

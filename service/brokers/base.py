@@ -46,8 +46,10 @@ class BrokerHooks:
 class Broker(ABC):
     name: str
 
-    # False when events cannot reach other processes: waiters then also re-check SQL
-    # every ``sql_poll_fallback_seconds``.
+    # False when events cannot reach other processes. Waiters never re-check SQL on a
+    # timer of their own: such a broker must itself wake this process's lease waiters
+    # and result waiters (``Signals``) for changes made elsewhere, as the SQL broker's
+    # one shared poll per ``sql_poll_fallback_seconds`` does.
     @property
     def cross_process(self) -> bool:
         return True

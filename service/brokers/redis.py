@@ -101,11 +101,17 @@ class RedisBroker(Broker):
         return self._redis
 
     async def start(self, hooks: BrokerHooks) -> None:
-        self._redis = aioredis.from_url(self.url, decode_responses=True)
+        # A worker can write any bytes into the event stream: undecodable ones become
+        # U+FFFD (and the event is refused) rather than failing the whole read.
+        self._redis = aioredis.from_url(self.url, decode_responses=True, encoding_errors="replace")
         # Long-polls hold a connection each for their whole wait: keep them off the pool
         # that publishes and reconciles.
         self._blocking = aioredis.from_url(
-            self.url, decode_responses=True, max_connections=2000, socket_timeout=None
+            self.url,
+            decode_responses=True,
+            encoding_errors="replace",
+            max_connections=2000,
+            socket_timeout=None,
         )
         self._pop_ready = self._redis.register_script(_script("pop_ready.lua"))
         self._reindex = self._redis.register_script(_script("reindex.lua"))

@@ -12,12 +12,12 @@ longer queued, a second report finds the lease already settled)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from importlib import resources
 from itertools import groupby
 from operator import itemgetter
@@ -28,7 +28,11 @@ import sqlalchemy as sa
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.orm import Session
 
+from service import errors
+from service.brokers import redis_events
+from service.brokers.redis_events import Event
 from service.db import Database
+from service.isolation import is_row_error, reason
 from service.jobs import Dispatch, envelope
 from service.leases import Effects, Grant, LeaseTerms, Settle, heartbeat, jobs_c, settle
 from service.models import JOBS_TABLE
@@ -96,9 +100,17 @@ class EventIngest:
                         await self._apply(cast(list[Any], answer)[0][1])
                     else:
                         await self._drain_abandoned()
+            except errors.DatabaseUnavailable:
+                # Logged once by service/outage.py; the batch stays unacknowledged and is
+                # claimed again (_drain_abandoned) once SQL answers.
+                await asyncio.sleep(1.0)
             except RedisError as exc:
                 log.warning("Redis event stream unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+            except Exception:
+                # Never let the consumer die: its events would wait for a restart.
+                log.exception("applying Redis worker events failed; retrying in 5s")
+                await asyncio.sleep(5.0)
 
     async def _ensure_group(self) -> None:
         try:
@@ -121,10 +133,8 @@ class EventIngest:
                 return
 
     async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        now = self.now()
-        events = [fields for _id, fields in entries if fields]
-        effects = Effects()
-        await self.db.run(lambda session: apply_events(session, events, now, effects))
+        events = redis_events.decode_all(entries)  # malformed ones dropped, logged once
+        effects = await self._apply_events(events, self.now())
         reported = [f"{self.tag}:job:{e['id']}" for e in events if e["k"] in ("C", "F", "R")]
         if reported:  # SQL has the reports now: the tombstones may go
             await self.forget(keys=reported)
@@ -135,10 +145,42 @@ class EventIngest:
             pipe.xdel(self.stream, *ids)
             await pipe.execute()
 
+    async def _apply_events(self, events: list[Event], now: datetime) -> Effects:
+        """The batch in one transaction; if the database refuses a row of it, each event
+        in a transaction of its own (stream order), dropping the ones it still refuses.
+        An outage propagates: the batch stays unacknowledged and is read again."""
+        try:
+            return await self.db.run(partial(_applied, events=events, now=now))
+        except Exception as exc:
+            if not is_row_error(exc):
+                raise
+        effects = Effects()
+        for event in events:
+            try:
+                _merge(effects, await self.db.run(partial(_applied, events=[event], now=now)))
+            except Exception as exc:
+                if not is_row_error(exc):
+                    raise
+                log.warning("Redis worker event %s for job %s dropped: the database refused it"
+                            " (%s)", event["k"], event["id"], reason(exc))  # fmt: skip
+        return effects
 
-def apply_events(
-    session: Session, events: list[dict[str, str]], now: datetime, effects: Effects
-) -> None:
+
+def _applied(session: Session, events: list[Event], now: datetime) -> Effects:
+    effects = Effects()  # fresh for each try: a retried transaction starts over
+    apply_events(session, events, now, effects)
+    return effects
+
+
+def _merge(into: Effects, part: Effects) -> None:
+    into.dispatch += part.dispatch
+    into.finished += part.finished
+    into.deliveries += part.deliveries
+    if part.earliest_due is not None:
+        into.due_at(part.earliest_due)
+
+
+def apply_events(session: Session, events: list[Event], now: datetime, effects: Effects) -> None:
     """Apply a batch: every lease first, then heartbeats, then reports, each as one
     batch. Per job this keeps stream order, because a job's lease event always precedes
     its heartbeats and report, and it can only be leased again after SQL applied that
@@ -155,7 +197,7 @@ def apply_events(
         settle(session, reports, now, effects, grants)
 
 
-def _grant(session: Session, events: list[dict[str, str]], now: datetime) -> None:
+def _grant(session: Session, events: list[Event], now: datetime) -> None:
     """Mirror Redis leases into SQL. A job that SQL no longer has queued (cancelled,
     expired) is not granted: its worker's report will be refused as stale."""
     for (token, worker, lease_ms), run in groupby(events, key=itemgetter("t", "w", "ms")):
@@ -168,32 +210,33 @@ def _grant(session: Session, events: list[dict[str, str]], now: datetime) -> Non
                 attempt=jobs_c.attempt + 1,
                 lease_token=token,
                 lease_worker=worker,
+                # No API keys on the Redis protocol: only it (or auth off) may settle.
+                lease_key="",
                 lease_expires_at=now + timedelta(milliseconds=int(lease_ms)),
                 started_at=now,
             )
         )
 
 
-def _extend(session: Session, events: list[dict[str, str]], now: datetime) -> None:
+def _extend(session: Session, events: list[Event], now: datetime) -> None:
     for lease_ms, run in groupby(sorted(events, key=itemgetter("ms")), key=itemgetter("ms")):
-        terms = LeaseTerms("", "", now, int(lease_ms) / 1000, 0.0)
-        items = [(e["id"], e["t"], json.loads(e["p"]) if e.get("p") else None) for e in run]
-        heartbeat(session, items, terms)
+        terms = LeaseTerms("", "", now, lease_ms / 1000, 0.0)
+        heartbeat(session, [(e["id"], e["t"], e["p"]) for e in run], terms)
 
 
-def _report(kind: str, event: dict[str, str]) -> Settle:
+def _report(kind: str, event: Event) -> Settle:
+    """Events come decoded and checked (``redis_events.decode``)."""
     if kind == "C":
-        return Settle(event["id"], event["t"], "succeeded", result=json.loads(event["r"]))
+        return Settle(event["id"], event["t"], "succeeded", result=event["r"])
     if kind == "R":
         return Settle(event["id"], event["t"], "released")
-    retry_in = event.get("in") or None
     return Settle(
         event["id"],
         event["t"],
         "failed",
-        error=json.loads(event["e"]),
-        retry=event.get("retry", "1") != "0",
-        retry_in=None if retry_in is None else float(retry_in),
+        error=event["e"],
+        retry=event["retry"],
+        retry_in=event["retry_in"],
     )
 
 

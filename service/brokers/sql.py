@@ -3,8 +3,10 @@
 Claims use ``SELECT … FOR UPDATE SKIP LOCKED`` (PostgreSQL, MariaDB) or SQLite's single
 writer. Waiting workers wake on in-process signals; on PostgreSQL, LISTEN/NOTIFY carries
 them between service replicas. On a database without notifications (MariaDB, or several
-processes on one SQLite file) a waiting lease also re-checks every
-``sql_poll_fallback_seconds``, the only timer-driven read, and only while a worker waits."""
+processes on one SQLite file) one shared poll per process re-checks SQL every
+``sql_poll_fallback_seconds`` for all waiters at once (lease waiters and result waiters):
+the only timer-driven read, and only while something waits. Waiters never query on a
+timer of their own, so 500 idle long-polls cost one query per interval, not 500."""
 
 from __future__ import annotations
 
@@ -13,21 +15,25 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 
 import sqlalchemy as sa
 
+from service import errors
 from service.brokers.base import Broker, BrokerHooks
 from service.db import Database
 from service.jobs import Dispatch
 from service.leases import LeaseTerms, claim_from_queues
-from service.models import JobValues
+from service.models import JOBS_TABLE, JobValues
+from service.schemas import FINISHED, JobStatus
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.broker.sql")
 
 CHANNEL = "celeriac"
 _PAYLOAD_LIMIT = 7900  # NOTIFY payloads must stay under 8000 bytes
+_IN_CHUNK = 500  # values per IN (...) list in the shared poll
 
 
 class SqlBroker(Broker):
@@ -37,17 +43,26 @@ class SqlBroker(Broker):
         super().__init__(db, signals)
         self.fallback_seconds = fallback_seconds
         self._listener: _PgListener | None = None
+        self._poll: _SharedPoll | None = None
+        self._now: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     @property
     def cross_process(self) -> bool:
         return self._listener is not None
 
     async def start(self, hooks: BrokerHooks) -> None:
+        self._now = hooks.now
         if self.db.dialect == "postgresql":
             self._listener = _PgListener(self.db.engine.url, self.signals)
             self._listener.start(asyncio.get_running_loop())
+        else:
+            # As the app's broker it also wakes result waiters (GET /jobs/{id}?wait=)
+            # for jobs other processes finished.
+            self._poll = _SharedPoll(self, finished=True)
 
     async def close(self) -> None:
+        if self._poll is not None:
+            await self._poll.stop()
         if self._listener is not None:
             await asyncio.to_thread(self._listener.stop)
 
@@ -65,7 +80,10 @@ class SqlBroker(Broker):
     async def _notify(self, messages: list[str]) -> None:
         if self._listener is None or not messages:
             return
-        await self.db.run(lambda session: _pg_notify(session, messages))
+        # Best effort after a commit: an outage must not turn a committed change into an
+        # error (nor stop group commit); the listeners' reconnect wakes every waiter anyway.
+        with contextlib.suppress(errors.DatabaseUnavailable):
+            await self.db.run(lambda session: _pg_notify(session, messages))
 
     async def lease(
         self,
@@ -76,6 +94,9 @@ class SqlBroker(Broker):
     ) -> list[JobValues]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        if wait > 0 and self._poll is None and not self.cross_process:
+            # Never started (the AMQP broker's fallback): its lease waiters still need it.
+            self._poll = _SharedPoll(self, finished=False)
         while True:
             event = self.signals.ready_waiter(queues)
             try:
@@ -85,8 +106,7 @@ class SqlBroker(Broker):
                 remaining = deadline - loop.time()
                 if rows or remaining <= 0:
                     return rows
-                if not self.cross_process:
-                    remaining = min(remaining, self.fallback_seconds)
+                # Woken by a local publish, NOTIFY, or the shared poll: never a timer here.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), remaining)
             finally:
@@ -100,6 +120,78 @@ class SqlBroker(Broker):
 
     async def ping(self) -> None:
         await self.db.read(lambda session: session.execute(sa.text("SELECT 1")).scalar())
+
+
+class _SharedPoll:
+    """One re-check of SQL per ``fallback_seconds`` for every waiter of this process, on a
+    database whose changes cannot be heard from other processes (SQLite, MariaDB): which
+    waited-on queues have a queued job, and which waited-on jobs finished. Only their
+    waiters are woken, and they alone query. Idle (no query) while nothing waits."""
+
+    def __init__(self, broker: SqlBroker, *, finished: bool) -> None:
+        self.broker = broker
+        self.signals = broker.signals
+        self.finished = finished
+        self._failing = False
+        self._task = asyncio.create_task(self._run(), name="celeriac-sql-poll")
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self.signals.waiting.wait()
+            await asyncio.sleep(self.broker.fallback_seconds)
+            queues = self.signals.waited_queues()
+            ids = self.signals.waited_jobs() if self.finished else []
+            if not queues and not ids:
+                self.signals.waiting.clear()  # no await since the check: none can be missed
+                continue
+            await self._poll_once(queues, ids)
+
+    async def _poll_once(self, queues: list[str], ids: list[str]) -> None:
+        work = partial(_ready_and_finished, queues=queues, ids=ids, now=self.broker._now())
+        try:
+            ready, finished = await self.broker.db.read(work)
+        except Exception as exc:  # an outage: waiters still end at their deadline
+            if not self._failing:
+                log.warning("shared wake-up poll failed (%s); retrying", type(exc).__name__)
+                self._failing = True
+            return
+        self._failing = False
+        self.signals.queues_ready(ready)
+        self.signals.jobs_finished(finished)
+
+
+def _ready_and_finished(
+    session: sa.orm.Session, queues: list[str], ids: list[str], now: datetime
+) -> tuple[list[str], list[str]]:
+    """The shared poll's two cheap index reads: queues with a job ready to lease (the
+    partial index on queued jobs), and finished jobs among ``ids`` (the primary key)."""
+    jobs_c = JOBS_TABLE.c
+    ready: list[str] = []
+    for chunk in _slices(queues):
+        query = (
+            sa.select(jobs_c.queue)
+            .where(
+                jobs_c.queue.in_(chunk),
+                jobs_c.status == JobStatus.queued,
+                sa.or_(jobs_c.expires_at.is_(None), jobs_c.expires_at > now),
+            )
+            .distinct()
+        )
+        ready += session.execute(query).scalars()
+    finished: list[str] = []
+    for chunk in _slices(ids):
+        query = sa.select(jobs_c.id).where(jobs_c.id.in_(chunk), jobs_c.status.in_(FINISHED))
+        finished += session.execute(query).scalars()
+    return ready, finished
+
+
+def _slices(values: list[str]) -> list[list[str]]:
+    return [values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK)]
 
 
 def _pg_notify(session: sa.orm.Session, messages: list[str]) -> None:
@@ -149,15 +241,21 @@ class _PgListener:
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         import psycopg
 
+        lost = False  # logged once per outage, not once per reconnect attempt
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    if lost:
+                        log.warning("LISTEN connection back")
+                        lost = False
                     # A reconnect may have missed messages: wake everyone to re-check.
                     loop.call_soon_threadsafe(self.signals.due_at, None)
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             loop.call_soon_threadsafe(dispatch_message, self.signals, note.payload)
             except psycopg.Error as exc:
-                log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
+                if not lost:
+                    log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
+                    lost = True
                 self._stop.wait(1.0)

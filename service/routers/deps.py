@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
 
 from service import errors
-from service.auth import authorize
+from service.auth import Principal
+from service.gate import BodyKind, GuardedRoute, require
 from service.runtime import Runtime
+from service.startup import starting
+
+__all__ = ["BodyKind", "GuardedRoute", "get_principal", "get_runtime", "require"]
 
 
 # Dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the
 # thread pool, a thread hop per request for what is a dictionary lookup.
 async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
+    if not runtime.started:  # the database has not answered yet (service/startup.py)
+        raise starting(runtime)
     return runtime
 
 
-def require(scope: str) -> Callable[[Request], Coroutine[Any, Any, None]]:
-    async def check(request: Request) -> None:
-        authorize(request.app.state.runtime.settings, request, scope)
-
-    check.__name__ = f"require_{scope}"
-    return check
+async def get_principal(request: Request) -> Principal:
+    """The caller, as the gate authenticated it (service.gate)."""
+    principal: Principal = request.state.principal
+    return principal
 
 
 def content_length(request: Request) -> int | None:

@@ -12,51 +12,65 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import errors, jobs, results
+from service.auth import Principal
+from service.isolation import refusing_unstorable
 from service.leases import Effects
+from service.longpoll import RETRY_AFTER
 from service.models import JobRow, JobValues, values_of
-from service.routers.deps import check_payload_size, get_runtime, require
+from service.routers.deps import (
+    BodyKind,
+    GuardedRoute,
+    check_payload_size,
+    get_principal,
+    get_runtime,
+    require,
+)
+from service.routers.problems import PROBLEMS, SUBMIT
 from service.runtime import Runtime
 from service.schemas import (
     FINISHED,
+    IDEMPOTENCY_KEY_PATTERN,
     Job,
     JobBatchResult,
     JobBatchSubmit,
     JobPage,
     JobStatus,
     JobSubmit,
-    Problem,
 )
 from service.serialize import job_body, values_body
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(route_class=GuardedRoute, tags=["jobs"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-PROBLEMS: dict[int | str, dict[str, object]] = {
-    status: {"model": Problem, "content": {"application/problem+json": {}}}
-    for status in (400, 401, 403, 404, 409, 413, 422)
-}
+# Who is calling: its queue patterns and its idempotency keys (docs/security.md).
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 @router.post(
     "/jobs",
     status_code=202,
     response_model=Job,
-    responses=PROBLEMS,
-    dependencies=[Depends(require("submit"))],
+    responses=SUBMIT,
+    dependencies=[Depends(require("submit", BodyKind.job))],
     summary="Submit a job",
 )
 async def submit_job(
     spec: JobSubmit,
     request: Request,
     runtime: RuntimeDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    principal: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=255, pattern=IDEMPOTENCY_KEY_PATTERN)
+    ] = None,
 ) -> JSONResponse:
+    principal.check_queue(spec.queue)
     check_payload_size(request, "args and kwargs", spec.args, spec.kwargs)
     row = jobs.new_job(spec, runtime.clock.now(), runtime.defaults)
     if idempotency_key is None:
         await runtime.submits.submit(row)
         replayed = False
     else:
-        row, replayed = await _submit_idempotent(runtime, row, idempotency_key, spec)
+        key = jobs.scoped_idempotency_key(principal.key_id, idempotency_key)
+        row, replayed = await _submit_idempotent(runtime, row, key, spec)
     headers = {"Location": f"/jobs/{row['id']}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -68,18 +82,20 @@ async def _submit_idempotent(
 ) -> tuple[JobValues, bool]:
     body_hash = jobs.request_hash(spec)
     row.update(idempotency_key=key, request_hash=body_hash)
+    ttl = runtime.settings.idempotency_ttl_seconds
 
     def work(session: Session) -> tuple[JobValues, bool]:
-        existing = jobs.find_by_idempotency_key(session, key)
+        existing = jobs.find_by_idempotency_key(session, key, row["created_at"], ttl)
         if existing is not None:
             return values_of(jobs.replay_or_reject(existing, body_hash)), True
         jobs.insert_jobs(session, [row])
         return row, False
 
-    try:
-        stored, replayed = await runtime.db.run(work)
-    except IntegrityError:  # a concurrent request with the same key won the insert
-        stored, replayed = await runtime.db.run(work)
+    with refusing_unstorable():  # a value the database refuses: 422, not 500 (issue 12)
+        try:
+            stored, replayed = await runtime.db.run(work)
+        except IntegrityError:  # a concurrent request with the same key won the insert
+            stored, replayed = await runtime.db.run(work)
     if not replayed:
         await runtime.after_submit([stored])
     return stored, replayed
@@ -90,11 +106,11 @@ async def _submit_idempotent(
     status_code=202,
     response_model=JobBatchResult,
     responses=PROBLEMS,
-    dependencies=[Depends(require("submit"))],
+    dependencies=[Depends(require("submit", BodyKind.batch))],
     summary="Submit up to max_batch_jobs jobs in one transaction",
 )
 async def submit_batch(
-    batch: JobBatchSubmit, request: Request, runtime: RuntimeDep
+    batch: JobBatchSubmit, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> JSONResponse:
     limit = runtime.settings.max_batch_jobs
     if len(batch.jobs) > limit:
@@ -102,6 +118,7 @@ async def submit_batch(
             f"the batch has {len(batch.jobs)} jobs; the limit is {limit} "
             "(CELERIAC_MAX_BATCH_JOBS). Split it into several requests."
         )
+    jobs.check_queues(principal, (spec.queue for spec in batch.jobs))
     now = runtime.clock.now()
     rows = []
     for index, spec in enumerate(batch.jobs):
@@ -111,7 +128,8 @@ async def submit_batch(
         except errors.ProblemError as exc:
             exc.detail = f"jobs[{index}]: {exc.detail}"
             raise
-    await runtime.db.run(lambda session: jobs.insert_jobs(session, rows))
+    with refusing_unstorable("a job of the batch"):  # 422, not 500 (issue 12)
+        await runtime.db.run(lambda session: jobs.insert_jobs(session, rows))
     await runtime.after_submit(rows)
     return JSONResponse({"jobs": [values_body(row) for row in rows]}, status_code=202)
 
@@ -126,13 +144,23 @@ async def submit_batch(
 async def get_job(
     job_id: str,
     runtime: RuntimeDep,
+    principal: PrincipalDep,
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
 ) -> JSONResponse:
-    row = await _wait_for_finish(
-        runtime, job_id, min(wait, runtime.settings.max_result_wait_seconds)
-    )
+    if principal.queues is not None:  # another tenant's job is not found (nor waited on)
+        await runtime.db.read(lambda session: jobs.check_visible(session, job_id, principal))
+    wait = min(wait, runtime.settings.max_result_wait_seconds)
+    # Over a long-poll cap (service/longpoll.py): the job as it is now, and Retry-After.
+    admitted = wait > 0 and runtime.long_polls.try_enter(principal.key_id)
+    try:
+        row = await _wait_for_finish(runtime, job_id, wait if admitted else 0.0)
+    finally:
+        if admitted:
+            runtime.long_polls.leave(principal.key_id)
+    refused = wait > 0 and not admitted and row.status not in FINISHED
     # A result kept in the result store is read back into the body.
-    return JSONResponse(await results.inline_stored(runtime, row, job_body(row)))
+    body = await results.inline_stored(runtime, row, job_body(row))
+    return JSONResponse(body, headers=RETRY_AFTER if refused else None)
 
 
 async def _wait_for_finish(runtime: Runtime, job_id: str, wait: float) -> JobRow:
@@ -148,8 +176,9 @@ async def _wait_for_finish(runtime: Runtime, job_id: str, wait: float) -> JobRow
             remaining = deadline - loop.time()
             if row.status in FINISHED or remaining <= 0:
                 return row
-            if not runtime.broker.cross_process:
-                remaining = min(remaining, runtime.settings.sql_poll_fallback_seconds)
+            # No re-read on a timer: a finish anywhere sets the event (this process's
+            # commits, NOTIFY or pub/sub, or the SQL broker's one shared poll for all
+            # waiters on a database without notifications, service/brokers/sql.py).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
     finally:
@@ -165,6 +194,7 @@ async def _wait_for_finish(runtime: Runtime, job_id: str, wait: float) -> JobRow
 )
 async def list_jobs(
     runtime: RuntimeDep,
+    principal: PrincipalDep,
     status: JobStatus | None = None,
     queue: Annotated[str | None, Query(max_length=128)] = None,
     task: Annotated[str | None, Query(max_length=128)] = None,
@@ -173,7 +203,13 @@ async def list_jobs(
 ) -> JSONResponse:
     rows, next_cursor = await runtime.db.read(
         lambda session: jobs.list_jobs(
-            session, status=status, queue=queue, task=task, limit=limit, cursor=cursor
+            session,
+            status=status,
+            queue=queue,
+            task=task,
+            limit=limit,
+            cursor=cursor,
+            principal=principal,
         )
     )
     return JSONResponse({"jobs": [job_body(row) for row in rows], "next_cursor": next_cursor})
@@ -186,9 +222,9 @@ async def list_jobs(
     dependencies=[Depends(require("admin"))],
     summary="Cancel a job (a running one is told at its next heartbeat)",
 )
-async def cancel_job(job_id: str, runtime: RuntimeDep) -> JSONResponse:
+async def cancel_job(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
     def work(session: Session, effects: Effects) -> JobRow:
-        row = jobs.cancel_job(session, job_id, runtime.clock.now(), effects)
+        row = jobs.cancel_job(session, job_id, runtime.clock.now(), effects, principal)
         if row.status == JobStatus.cancelled:
             effects.finished.append(row.id)
         return row
@@ -206,9 +242,9 @@ async def cancel_job(job_id: str, runtime: RuntimeDep) -> JSONResponse:
     dependencies=[Depends(require("admin"))],
     summary="Queue a failed, cancelled or expired job again",
 )
-async def retry_job(job_id: str, runtime: RuntimeDep) -> JSONResponse:
+async def retry_job(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
     def work(session: Session, effects: Effects) -> JobRow:
-        row = jobs.retry_job(session, job_id, runtime.clock.now())
+        row = jobs.retry_job(session, job_id, runtime.clock.now(), principal)
         effects.dispatch.append(jobs.dispatch_of(row))
         return row
 

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-import logging
+import asyncio
+from collections.abc import Awaitable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from service import jobs
-from service.routers.deps import get_runtime, require
+from service.auth import Principal
+from service.routers.deps import GuardedRoute, get_principal, get_runtime, require
+from service.routers.problems import GATE
 from service.runtime import Runtime
 from service.schemas import Health, QueueList
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(route_class=GuardedRoute, tags=["operations"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-log = logging.getLogger("celeriac.ready")
+READY_TIMEOUT_SECONDS = 2.0
 
 
-@router.get("/queues", response_model=QueueList, dependencies=[Depends(require("read"))])
-async def list_queues(runtime: RuntimeDep) -> JSONResponse:
+@router.get(
+    "/queues", response_model=QueueList, responses=GATE, dependencies=[Depends(require("read"))]
+)
+async def list_queues(
+    runtime: RuntimeDep, principal: Annotated[Principal, Depends(get_principal)]
+) -> JSONResponse:
     now = runtime.clock.now()
-    stats = await runtime.db.read(jobs.queue_stats)
+    # Only the queues the caller's key may use (docs/security.md).
+    stats = await runtime.db.read(lambda session: jobs.queue_stats(session, principal))
     return JSONResponse(
         {
             "queues": [
@@ -49,22 +58,39 @@ async def healthz() -> JSONResponse:
     responses={503: {"model": Health}},
     summary="Readiness: SQL and the broker answer",
 )
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    checks: dict[str, str] = {}
-    try:
-        await runtime.broker.ping()
-        checks["broker"] = "ok"
-    except Exception as exc:  # readiness reports any failure; it must not raise
-        log.warning("broker not ready: %s", type(exc).__name__)
-        checks["broker"] = f"unavailable: {type(exc).__name__}"
-    try:
-        await runtime.db.read(lambda session: session.connection().exec_driver_sql("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        log.warning("database not ready: %s", type(exc).__name__)
-        checks["database"] = f"unavailable: {type(exc).__name__}"
-    ready = all(value == "ok" for value in checks.values())
+async def readyz(request: Request) -> JSONResponse:
+    # Not RuntimeDep: that answers a problem while the service starts; this reports why.
+    runtime: Runtime = request.app.state.runtime
+    database, broker = await asyncio.gather(
+        _probe(runtime.db.read(_select_one)),
+        _probe(runtime.broker.ping()) if runtime.started else _waiting(),
+    )
+    checks = {"database": database, "broker": broker}
+    ready = runtime.started and database == broker == "ok"
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+def _select_one(session: Session) -> object:
+    return session.connection().exec_driver_sql("SELECT 1").scalar()
+
+
+async def _waiting() -> str:
+    return "starting: waiting for the database and the broker"
+
+
+async def _probe(check: Awaitable[object]) -> str:
+    """One check, given ``READY_TIMEOUT_SECONDS``: a database that does not answer makes
+    the service unready at once, instead of holding the probe (and a thread) until the
+    kubelet gives up. Not logged: an outage is logged once, by service/outage.py."""
+    task = asyncio.ensure_future(check)
+    # Not wait_for: it waits for the cancellation, which a thread cannot honour.
+    done, _ = await asyncio.wait({task}, timeout=READY_TIMEOUT_SECONDS)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+        return f"unavailable: no answer within {READY_TIMEOUT_SECONDS}s"
+    exc = task.exception()
+    return "ok" if exc is None else f"unavailable: {type(exc).__name__}"

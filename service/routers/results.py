@@ -8,17 +8,17 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response, StreamingResponse
 
 from service import jobs, results
-from service.routers.deps import get_runtime, require
-from service.routers.jobs import PROBLEMS
+from service.auth import Principal
+from service.routers.deps import GuardedRoute, get_principal, get_runtime, require
+from service.routers.problems import PROBLEMS, problem_responses
 from service.runtime import Runtime
-from service.schemas import Problem
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(route_class=GuardedRoute, tags=["jobs"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **PROBLEMS,
     200: {"content": {"application/json": {"schema": {}}}, "description": "the result's JSON"},
-    410: {"model": Problem, "content": {"application/problem+json": {}}},
+    **problem_responses(410),
 }
 
 
@@ -29,8 +29,11 @@ RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
     dependencies=[Depends(require("read"))],
     summary="A succeeded job's result (410 once it expired)",
 )
-async def get_result(job_id: str, runtime: RuntimeDep) -> Response:
-    row = await runtime.db.read(lambda session: jobs.get_job(session, job_id))
+async def get_result(
+    job_id: str, runtime: RuntimeDep, principal: Annotated[Principal, Depends(get_principal)]
+) -> Response:
+    # Another tenant's job is not found (docs/security.md).
+    row = await runtime.db.read(lambda session: jobs.get_job(session, job_id, visible_to=principal))
     found = await results.open_result(runtime, row)
     headers = {"content-length": str(found.size)}
     if found.chunks is not None:

@@ -10,15 +10,34 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import errors, schedules
+from service.auth import Principal
 from service.models import JobValues, ScheduleRow
-from service.routers.deps import check_payload_size, get_runtime, require
-from service.routers.jobs import PROBLEMS
+from service.routers.deps import (
+    GuardedRoute,
+    check_payload_size,
+    get_principal,
+    get_runtime,
+    require,
+)
+from service.routers.problems import PROBLEMS
 from service.runtime import Runtime
 from service.schemas import Job, Schedule, ScheduleCreate, ScheduleList, ScheduleUpdate
 from service.serialize import values_body
 
-router = APIRouter(tags=["schedules"])
+router = APIRouter(route_class=GuardedRoute, tags=["schedules"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def _unrestricted(principal: Principal) -> None:
+    """Schedules are service-wide, so only a key without queue patterns changes them; a
+    restricted key reads those submitting to its queues (docs/security.md)."""
+    if principal.queues is not None:
+        raise errors.Forbidden("only an API key without queue patterns may change schedules")
+
+
+def _visible(principal: Principal, row: ScheduleRow) -> bool:
+    return principal.allows_queue(str(row.job.get("queue", "default")))
 
 
 def _changed(runtime: Runtime) -> None:
@@ -36,8 +55,9 @@ def _changed(runtime: Runtime) -> None:
     summary="Create a schedule",
 )
 async def create_schedule(
-    spec: ScheduleCreate, request: Request, runtime: RuntimeDep
+    spec: ScheduleCreate, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> JSONResponse:
+    _unrestricted(principal)
     check_payload_size(request, "job args and kwargs", spec.job.args, spec.job.kwargs)
 
     def work(session: Session) -> ScheduleRow:
@@ -59,9 +79,10 @@ async def create_schedule(
     dependencies=[Depends(require("read"))],
     summary="List schedules by name",
 )
-async def list_schedules(runtime: RuntimeDep) -> JSONResponse:
+async def list_schedules(runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
     rows = await runtime.db.read(schedules.list_schedules)
-    return JSONResponse({"schedules": [schedules.schedule_body(row) for row in rows]})
+    shown = [schedules.schedule_body(row) for row in rows if _visible(principal, row)]
+    return JSONResponse({"schedules": shown})
 
 
 @router.get(
@@ -71,8 +92,10 @@ async def list_schedules(runtime: RuntimeDep) -> JSONResponse:
     dependencies=[Depends(require("read"))],
     summary="Read a schedule",
 )
-async def get_schedule(name: str, runtime: RuntimeDep) -> JSONResponse:
+async def get_schedule(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
     row = await runtime.db.read(lambda session: schedules.get_schedule(session, name))
+    if not _visible(principal, row):
+        raise errors.ScheduleNotFound(f"no schedule is named {name!r}")
     return JSONResponse(schedules.schedule_body(row))
 
 
@@ -84,8 +107,13 @@ async def get_schedule(name: str, runtime: RuntimeDep) -> JSONResponse:
     summary="Change a schedule; a new timing applies from the next tick",
 )
 async def update_schedule(
-    name: str, update: ScheduleUpdate, request: Request, runtime: RuntimeDep
+    name: str,
+    update: ScheduleUpdate,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: PrincipalDep,
 ) -> JSONResponse:
+    _unrestricted(principal)
     if update.job is not None:
         check_payload_size(request, "job args and kwargs", update.job.args, update.job.kwargs)
 
@@ -105,7 +133,8 @@ async def update_schedule(
     dependencies=[Depends(require("admin"))],
     summary="Delete a schedule (jobs it already submitted are kept)",
 )
-async def delete_schedule(name: str, runtime: RuntimeDep) -> Response:
+async def delete_schedule(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> Response:
+    _unrestricted(principal)
     await runtime.db.run(lambda session: schedules.delete_schedule(session, name))
     _changed(runtime)
     return Response(status_code=204)
@@ -119,7 +148,9 @@ async def delete_schedule(name: str, runtime: RuntimeDep) -> Response:
     dependencies=[Depends(require("admin"))],
     summary="Submit the schedule's job now, outside its ticks",
 )
-async def trigger_schedule(name: str, runtime: RuntimeDep) -> JSONResponse:
+async def trigger_schedule(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
+    _unrestricted(principal)
+
     def work(session: Session) -> JobValues:
         return schedules.trigger_schedule(session, name, runtime.clock.now(), runtime.defaults)
 

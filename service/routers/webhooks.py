@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
-from service import webhooks
-from service.routers.deps import get_runtime, require
-from service.routers.jobs import PROBLEMS
+from service import jobs, webhooks
+from service.auth import Principal
+from service.leases import Effects
+from service.routers.deps import GuardedRoute, get_principal, get_runtime, require
+from service.routers.problems import PROBLEMS
 from service.runtime import Runtime
 from service.schemas import Delivery, DeliveryList
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(route_class=GuardedRoute, tags=["webhooks"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+# Another tenant's job is not found (docs/security.md).
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 @router.get(
@@ -24,8 +29,14 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
     dependencies=[Depends(require("read"))],
     summary="A job's webhook deliveries, each with its attempts",
 )
-async def list_deliveries(job_id: str, runtime: RuntimeDep) -> JSONResponse:
-    found = await runtime.db.read(lambda session: webhooks.list_deliveries(session, job_id))
+async def list_deliveries(
+    job_id: str, runtime: RuntimeDep, principal: PrincipalDep
+) -> JSONResponse:
+    def work(session: Session) -> list[dict[str, Any]]:
+        jobs.check_visible(session, job_id, principal)
+        return webhooks.list_deliveries(session, job_id)
+
+    found = await runtime.db.read(work)
     return JSONResponse({"deliveries": found})
 
 
@@ -37,9 +48,12 @@ async def list_deliveries(job_id: str, runtime: RuntimeDep) -> JSONResponse:
     dependencies=[Depends(require("admin"))],
     summary="Queue a new delivery (new webhook-id) of a finished job's event, due now",
 )
-async def redeliver(job_id: str, runtime: RuntimeDep) -> JSONResponse:
+async def redeliver(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
     now = runtime.clock.now()
-    delivery = await runtime.transact(
-        lambda session, effects: webhooks.redeliver(session, job_id, now, effects)
-    )
+
+    def work(session: Session, effects: Effects) -> dict[str, Any]:
+        jobs.check_visible(session, job_id, principal)
+        return webhooks.redeliver(session, job_id, now, effects)
+
+    delivery = await runtime.transact(work)
     return JSONResponse(delivery, status_code=202)

@@ -50,7 +50,7 @@ log() { echo "[$(date -u +%H:%M:%S) $NAME] $*" >&2; }
 api() {
   printf '%s' "$3" >"$io.req"
   curl -sS -K "$tmp/curlrc" -X "$1" -H 'Content-Type: application/json' \
-    --max-time $((WAIT + 30)) --data-binary @"$io.req" -o "$io.res" -w '%{http_code}' \
+    --max-time $((WAIT + 30)) --data-binary @"$io.req" -o "$io.res" -D "$io.hdr" -w '%{http_code}' \
     "$SERVER$2" 2>"$io.err" || true
 }
 
@@ -147,7 +147,12 @@ log "leasing from $QUEUES at $SERVER"
 while [ "$stop" = 0 ]; do
   status=$(api POST /leases "$lease")
   case $status in
-    200) [ "$(jq '.jobs | length' "$io.res")" = 1 ] && run_job ;;
+    200)
+      if [ "$(jq '.jobs | length' "$io.res")" = 1 ]; then run_job; else
+        # Nothing, with Retry-After: the service is at its long-poll cap (docs/protocol.md).
+        pause=$(sed -n 's/^[Rr]etry-[Aa]fter: *\([0-9][0-9]*\).*/\1/p' "$io.hdr")
+        if [ -n "$pause" ]; then sleep "$pause"; fi
+      fi ;;
     401 | 403 | 422) log "the service refuses this worker: $(cat "$io.res")"; exit 1 ;;
     *) log "lease: HTTP $status $(cat "$io.res" "$io.err" 2>/dev/null), retrying in 5s"; sleep 5 ;;
   esac

@@ -17,6 +17,7 @@ from .context import JobContext, current_job, get_current_job
 from .errors import (
     Cancelled,
     CeleriacError,
+    ConnectFailed,
     JobFailed,
     Retry,
     ServerUnreachable,
@@ -33,6 +34,7 @@ __all__ = [
     "Celeriac",
     "CeleriacError",
     "Client",
+    "ConnectFailed",
     "JobContext",
     "JobFailed",
     "JobHandle",

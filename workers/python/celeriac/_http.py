@@ -5,7 +5,10 @@ a minute, and at low concurrency a request's client-side CPU is most of a job's 
 1 ms with httpx, a few hundred microseconds here (bench/worker.py measures both). Each
 calling thread (leaser, heartbeat, reporter, registry) gets its own connection, because an
 ``HTTPConnection`` carries one request at a time. Same errors as ``Client``: an error
-answer raises ``CeleriacError``, no answer ``ServerUnreachable``.
+answer raises ``CeleriacError``, no answer ``ServerUnreachable`` (``ConnectFailed`` when
+the connection could not be opened, so nothing was sent). The session itself retries
+nothing but a kept-alive connection the service had closed; ``Client`` adds its retries
+(_retry.py) on top, and the worker runtime has its own.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import select
 import socket
 import threading
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from ._retry import parse_retry_after
 from .client import resolve_api_key, resolve_server
-from .errors import CeleriacError, ServerUnreachable
+from .errors import CeleriacError, ConnectFailed, ServerUnreachable
 
 # The service closes idle keep-alive connections (uvicorn: after 5 s); a request that
 # finds its connection closed that way is sent again once, on a new one.
@@ -68,17 +73,25 @@ class HttpSession:
         *,
         wait: float = 0.0,
         headers: dict[str, str] | None = None,
+        resend: bool = True,
     ) -> Any:
-        """One API call; ``wait`` is how long the service may hold it (long-poll)."""
+        """One API call; ``wait`` is how long the service may hold it (long-poll).
+
+        ``resend=False`` for a request that must not reach the service twice (a batch
+        submit): a kept-alive connection the service has closed is replaced before the
+        request goes out instead of being found dead after, when it would take a resend."""
         conn, reused = self._connection()
+        if not resend and reused and _peer_closed(conn):
+            conn.close()
+            reused = False
         if wait <= 0:
-            return self._call(conn, reused, method, path, body, 0.0, headers)
+            return self._call(conn, reused, method, path, body, 0.0, headers, resend)
         with self._lock:
             if self._waits_ended:
                 raise ServerUnreachable(f"{method} {path}: not sent, the long-polls were ended")
             self._waiting.add(conn)
         try:
-            return self._call(conn, reused, method, path, body, wait, headers)
+            return self._call(conn, reused, method, path, body, wait, headers, resend)
         finally:
             with self._lock:
                 self._waiting.discard(conn)
@@ -107,24 +120,30 @@ class HttpSession:
         body: bytes | None,
         wait: float,
         headers: dict[str, str] | None,
+        resend: bool,
     ) -> Any:
         self._set_timeout(conn, self._timeout + wait)
         sent = {**self._headers, **headers} if headers else self._headers
         try:
-            status, reason, data = self._exchange(conn, method, path, body, sent)
+            answer = self._exchange(conn, method, path, body, sent)
+        except ConnectFailed:
+            raise
         except STALE_CONNECTION as exc:
             conn.close()
-            if not reused or (wait > 0 and self._waits_ended):  # an ended long-poll: no retry
+            # Not after an ended long-poll, nor for a request that must not arrive twice.
+            if not (reused and resend) or (wait > 0 and self._waits_ended):
                 raise self._unreachable(method, path, exc) from exc
             try:
-                status, reason, data = self._exchange(conn, method, path, body, sent)
+                # A ConnectFailed now is a plain ServerUnreachable: the first send may
+                # have arrived.
+                answer = self._exchange(conn, method, path, body, sent)
             except (OSError, http.client.HTTPException) as again:
                 conn.close()
                 raise self._unreachable(method, path, again) from again
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise self._unreachable(method, path, exc) from exc
-        return _decode(status, reason, data)
+        return _decode(*answer)
 
     def close(self) -> None:
         with self._lock:
@@ -139,9 +158,13 @@ class HttpSession:
         path: str,
         body: bytes | None,
         headers: dict[str, str],
-    ) -> tuple[int, str, bytes]:
+    ) -> tuple[int, str, bytes, str | None]:
         if conn.sock is None:
-            conn.connect()
+            try:
+                conn.connect()
+            except OSError as exc:  # nothing was sent
+                conn.close()
+                raise ConnectFailed(self._describe(method, path, exc)) from exc
             # Headers and body go out in one write (http.client joins them), but a
             # report right after a lease must not wait for a delayed ACK either.
             cast(socket.socket, conn.sock).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -150,7 +173,7 @@ class HttpSession:
         data = response.read()
         if response.will_close:
             conn.close()
-        return response.status, response.reason, data
+        return response.status, response.reason, data, response.getheader("Retry-After")
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
@@ -170,10 +193,29 @@ class HttpSession:
             conn.sock.settimeout(seconds)
 
     def _unreachable(self, method: str, path: str, exc: BaseException) -> ServerUnreachable:
-        return ServerUnreachable(f"{method} {self.server}{path}: {type(exc).__name__}: {exc}")
+        return ServerUnreachable(self._describe(method, path, exc))
+
+    def _describe(self, method: str, path: str, exc: BaseException) -> str:
+        return f"{method} {self.server}{path}: {type(exc).__name__}: {exc}"
 
 
-def _decode(status: int, reason: str, data: bytes) -> Any:
+def _peer_closed(conn: http.client.HTTPConnection) -> bool:
+    """Whether the service has closed this idle kept-alive connection: it is readable
+    (an end of file, or bytes no request asked for) when nothing is in flight."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def _decode(status: int, reason: str, data: bytes, retry_after: str | None = None) -> Any:
     if 200 <= status < 300:
         return json.loads(data) if data else None
     try:
@@ -184,4 +226,5 @@ def _decode(status: int, reason: str, data: bytes) -> Any:
         # Not from the service itself (a proxy, a crash page): keep a readable excerpt.
         problem = {"title": reason, "detail": data[:500].decode(errors="replace")}
     title = str(problem.get("title") or "Error")
-    raise CeleriacError(status, title, str(problem.get("detail") or ""), problem)
+    detail = str(problem.get("detail") or "")
+    raise CeleriacError(status, title, detail, problem, retry_after=parse_retry_after(retry_after))

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +15,9 @@ from ._http import HttpSession
 from ._transport import BeatAnswer, BeatItem, Grant, Settled, release_all
 
 MAX_LEASE_JOBS = 1000  # the API's limit on one POST /leases
+# How long to hold off after the service refused to hold a long-poll (it answers at once,
+# with nothing and Retry-After, when it holds its cap of them: docs/protocol.md).
+REFUSED_BACKOFF = 5.0
 
 
 class HttpTransport:
@@ -32,6 +37,7 @@ class HttpTransport:
         self._queues = list(queues)
         self._lease_seconds = lease_seconds
         self._poll_wait = poll_wait
+        self._ended = threading.Event()
 
     def lease(self, max_jobs: int) -> list[Grant]:
         body: dict[str, Any] = {
@@ -42,7 +48,12 @@ class HttpTransport:
         }
         if self._lease_seconds:
             body["lease_seconds"] = self._lease_seconds
+        started = time.monotonic()
         answer = self._http.call("POST", "/leases", _encode(body), wait=self._poll_wait)
+        if not answer["jobs"] and time.monotonic() - started < self._poll_wait / 2:
+            # Nothing, long before the wait ran out: the service did not hold the poll
+            # (its long-poll cap). Asking again at once would be a polling loop.
+            self._ended.wait(REFUSED_BACKOFF)
         left = _LeaseClock()
         return [
             Grant(job, job["lease"]["token"], left(job["lease"]["expires_at"]), self._lease_seconds)
@@ -80,6 +91,7 @@ class HttpTransport:
         return release_all(self, grants)
 
     def end_wait(self) -> None:
+        self._ended.set()
         self._http.end_waits()
 
     def close(self) -> None:

@@ -62,16 +62,23 @@ class Celeriac:
 
     ``server`` defaults to ``$CELERIAC_SERVER_URL`` (else http://127.0.0.1:8000) and
     ``api_key`` to ``$CELERIAC_API_KEY``; both are read when the first request is made,
-    not at import.
+    not at import. ``client_retries`` is the clients' ``retries`` (default
+    ``$CELERIAC_CLIENT_RETRIES``, else 5; 0: a blip fails ``.delay()`` at once).
     """
 
     def __init__(
-        self, main: str | None = None, *, server: str | None = None, api_key: str | None = None
+        self,
+        main: str | None = None,
+        *,
+        server: str | None = None,
+        api_key: str | None = None,
+        client_retries: int | None = None,
     ) -> None:
         self.main = main
         self.tasks: dict[str, AnyTask] = {}
         self._server = server
         self._api_key = api_key
+        self._retries = client_retries
         self._lock = threading.Lock()
         self._client: Client | None = None
         # httpx async connections belong to one event loop: one AsyncClient per loop.
@@ -101,19 +108,20 @@ class Celeriac:
         """The app's blocking client, created on first use and shared by all threads."""
         with self._lock:
             if self._client is None:
-                self._client = Client(self._server, self._api_key)
+                self._client = Client(self._server, self._api_key, retries=self._retries)
             return self._client
 
     def new_client(self) -> Client:
         """A separate blocking client with the app's server and key (the worker's own)."""
-        return Client(self._server, self._api_key)
+        return Client(self._server, self._api_key, retries=self._retries)
 
     def async_client(self) -> AsyncClient:
         """The app's asyncio client for the running event loop."""
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
-            client = self._async_clients[loop] = AsyncClient(self._server, self._api_key)
+            client = AsyncClient(self._server, self._api_key, retries=self._retries)
+            self._async_clients[loop] = client
         return client
 
     def close(self) -> None:

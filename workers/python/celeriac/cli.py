@@ -76,14 +76,22 @@ def serve(
             "--migrate/--no-migrate", help="Upgrade the schema first (default: on for SQLite)."
         ),
     ] = None,
+    limit_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Connections per process beyond which requests get 503 (default: "
+            "$CELERIAC_LIMIT_CONCURRENCY, else CELERIAC_MAX_LONG_POLLS + 1000).",
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP service (settings from CELERIAC_* environment variables)."""
     import uvicorn
 
     from service.settings import Settings
 
-    settings = Settings()
-    try:
+    try:  # a bad setting (placeholder or short API keys…) is a message, not a traceback
+        settings = Settings()
         auth_enabled = settings.auth_enabled
     except ValueError as exc:
         raise _fail(str(exc)) from None
@@ -93,18 +101,30 @@ def serve(
             "run jobs. Set CELERIAC_API_KEYS, listen on 127.0.0.1, or pass --insecure."
         )
     if settings.database_url.startswith("sqlite") if migrate is None else migrate:
-        from service.migrate import upgrade
+        from service.migrate import upgrade, wait_for_database
 
+        wait_for_database(settings.database_url, 60.0)  # compose may start us first
         upgrade(settings.database_url)
     _dump_stacks_on_sigusr1()
+    from service.http_server import BoundedHttpToolsProtocol
+
     uvicorn.run(
         "service.app:create_app",
         factory=True,
+        http=BoundedHttpToolsProtocol,  # httptools, with a cap on the request head
         host=host,
         port=port,
         workers=workers,
         log_level=(log_level or settings.log_level).lower(),
         access_log=False,
+        # Beyond this many connections (idle keep-alives included) or requests in flight,
+        # uvicorn answers 503 at once instead of letting a flood exhaust memory. Above the
+        # long-poll cap, so capped long-polls still get their quick Retry-After answer.
+        limit_concurrency=limit_concurrency
+        or settings.limit_concurrency
+        or settings.max_long_polls + 1000,
+        # An idle kept-alive connection is closed after this (uvicorn's default, explicit).
+        timeout_keep_alive=5,
         # Long-polls (leases, ?wait=) may hold a request for up to a minute; at shutdown
         # their workers get a dropped connection after this, and simply lease again.
         timeout_graceful_shutdown=3,
@@ -116,12 +136,17 @@ def migrate(
     downgrade: Annotated[
         str | None, typer.Option(help="Go down to this revision instead, e.g. base.")
     ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds to wait for an unreachable database to come up."),
+    ] = 60.0,
 ) -> None:
     """Upgrade the database schema (CELERIAC_DATABASE_URL) to the latest revision."""
     from service import migrate as migrations
     from service.settings import Settings
 
     database_url = Settings().database_url
+    migrations.wait_for_database(database_url, wait)
     if downgrade:
         migrations.downgrade(database_url, downgrade)
     else:

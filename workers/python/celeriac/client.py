@@ -5,13 +5,21 @@
 about a tenth of the client CPU that httpx takes. ``AsyncClient`` keeps one
 ``httpx.AsyncClient``. Every error answer becomes a ``CeleriacError``; no answer at all
 becomes ``ServerUnreachable``.
+
+Both retry a blip (_retry.py): reads and submits on no answer and on 429/502/503/504,
+anything else only when the connection could not be opened. Every ``submit`` carries an
+``Idempotency-Key``, the caller's or a random one kept across its retries, so a submit
+whose answer was lost and that is sent again gives back the job it created instead of a
+second one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json as json_module
 import os
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Self, TypedDict, Unpack
@@ -19,7 +27,14 @@ from urllib.parse import quote, urlencode
 
 import httpx
 
-from .errors import CeleriacError, ServerUnreachable
+from ._retry import (
+    RetryPolicy,
+    is_safe,
+    monotonic_deadline,
+    note_retry,
+    parse_retry_after,
+)
+from .errors import CeleriacError, ConnectFailed, ServerUnreachable
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 FINISHED = frozenset({"succeeded", "failed", "cancelled", "expired"})
@@ -89,7 +104,11 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
-def _idempotency(key: str | None) -> dict[str, str] | None:
+def _idempotency(key: str | None, policy: RetryPolicy) -> dict[str, str] | None:
+    """The submit's Idempotency-Key: the caller's as given; else, when retries are on, a
+    fresh random one that all retries of this submit share."""
+    if not key and policy.enabled:
+        key = str(uuid.uuid4())
     return {"Idempotency-Key": key} if key else None
 
 
@@ -111,16 +130,20 @@ def decode(response: httpx.Response) -> Any:
     if not isinstance(problem, dict):
         # Not from the service itself (a proxy, a crash page): keep a readable excerpt.
         problem = {"title": response.reason_phrase, "detail": response.text[:500]}
-    return _raise(response.status_code, problem)
-
-
-def _raise(status: int, problem: dict[str, Any]) -> Any:
     title = str(problem.get("title") or "Error")
-    raise CeleriacError(status, title, str(problem.get("detail") or ""), problem)
+    raise CeleriacError(
+        response.status_code, title, str(problem.get("detail") or ""), problem,
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )  # fmt: skip
+
+
+# httpx raises these before a byte of the request is written.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def _unreachable(request: httpx.Request, exc: httpx.TransportError) -> ServerUnreachable:
-    return ServerUnreachable(
+    kind = ConnectFailed if isinstance(exc, NOT_SENT) else ServerUnreachable
+    return kind(
         f"{request.method} {request.url.copy_with(query=None)}: {type(exc).__name__}: {exc}"
     )
 
@@ -142,14 +165,24 @@ def _wait_over(job: Job, deadline: float | None, job_id: str) -> bool:
 class Client:
     """Blocking client. ``server`` defaults to ``$CELERIAC_SERVER_URL``, then
     http://127.0.0.1:8000; ``api_key`` to ``$CELERIAC_API_KEY``. ``timeout`` bounds every
-    request (long-polls get their wait on top)."""
+    request (long-polls get their wait on top). ``retries`` (default
+    ``$CELERIAC_CLIENT_RETRIES``, else 5; 0 turns retrying and the automatic
+    Idempotency-Key off) and ``retry_budget`` (seconds, default
+    ``$CELERIAC_CLIENT_RETRY_BUDGET``, else 10) bound the retries of one call."""
 
     def __init__(
-        self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int | None = None,
+        retry_budget: float | None = None,
     ) -> None:
         from ._http import HttpSession  # it imports this module's resolve_* helpers
 
         self.server = resolve_server(server)
+        self.retry_policy = RetryPolicy.resolve(retries, retry_budget)
         self._http = HttpSession(
             self.server, api_key, timeout=timeout, user_agent="celeriac-python-client"
         )
@@ -169,14 +202,26 @@ class Client:
         wait: float = 0.0,
     ) -> Any:
         """One API call; ``wait`` is how long the service may hold it (long-poll). Safe
-        to call from several threads at once."""
+        to call from several threads at once. Retried as the module docstring says."""
         if json is not None:
             content = json_module.dumps(json, separators=(",", ":")).encode()
         if params:
             path = f"{path}?{urlencode(params)}"
-        return self._http.call(
-            method, path, content, wait=wait, headers=dict(headers) if headers else None
-        )
+        sent = dict(headers) if headers else None
+        safe = is_safe(method, sent)
+        policy = self.retry_policy
+        deadline = monotonic_deadline(policy)
+        retry = 0
+        while True:
+            try:
+                return self._http.call(method, path, content, wait=wait, headers=sent, resend=safe)
+            except (CeleriacError, ServerUnreachable) as exc:
+                pause = policy.wait_before(retry, exc, safe=safe, deadline=deadline)
+                if pause is None:
+                    raise
+                note_retry(f"{method} {path}", exc, retry, policy, pause)
+            time.sleep(pause)
+            retry += 1
 
     def submit(
         self,
@@ -188,11 +233,15 @@ class Client:
         **options: Unpack[SubmitOptions],
     ) -> Job:
         body = job_spec(task, args, kwargs, **options)
-        job: Job = self.request("POST", "/jobs", json=body, headers=_idempotency(idempotency_key))
+        headers = _idempotency(idempotency_key, self.retry_policy)
+        job: Job = self.request("POST", "/jobs", json=body, headers=headers)
         return job
 
     def submit_batch(self, jobs: Iterable[Mapping[str, Any]]) -> JobList:
-        """Submit many jobs in one transaction; items are ``job_spec(...)`` dicts."""
+        """Submit many jobs in one transaction; items are ``job_spec(...)`` dicts. The
+        service has no Idempotency-Key for batches: a batch is sent again only when its
+        connection could not be opened, and a ``ServerUnreachable`` otherwise leaves it
+        unknown whether the batch was committed."""
         answer = self.request("POST", "/jobs/batch", json={"jobs": [dict(j) for j in jobs]})
         result: JobList = answer["jobs"]
         return result
@@ -254,10 +303,17 @@ class AsyncClient:
     loop only (its connections belong to that loop)."""
 
     def __init__(
-        self, server: str | None = None, api_key: str | None = None, *, timeout: float = 30.0
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int | None = None,
+        retry_budget: float | None = None,
     ) -> None:
         self.server = resolve_server(server)
         self._timeout = timeout
+        self.retry_policy = RetryPolicy.resolve(retries, retry_budget)
         self._http = httpx.AsyncClient(
             base_url=self.server, headers=_headers(resolve_api_key(api_key)), timeout=timeout
         )
@@ -280,6 +336,22 @@ class AsyncClient:
             method, path, json=json, content=content, params=params, headers=headers,
             timeout=self._timeout + wait,
         )  # fmt: skip
+        safe = is_safe(method, headers)
+        policy = self.retry_policy
+        deadline = monotonic_deadline(policy)
+        retry = 0
+        while True:
+            try:
+                return await self._send(request)
+            except (CeleriacError, ServerUnreachable) as exc:
+                pause = policy.wait_before(retry, exc, safe=safe, deadline=deadline)
+                if pause is None:
+                    raise
+                note_retry(f"{method} {path}", exc, retry, policy, pause)
+            await asyncio.sleep(pause)
+            retry += 1
+
+    async def _send(self, request: httpx.Request) -> Any:
         try:
             response = await self._http.send(request)
         except httpx.TransportError as exc:
@@ -296,11 +368,12 @@ class AsyncClient:
         **options: Unpack[SubmitOptions],
     ) -> Job:
         body = job_spec(task, args, kwargs, **options)
-        headers = _idempotency(idempotency_key)
+        headers = _idempotency(idempotency_key, self.retry_policy)
         job: Job = await self.request("POST", "/jobs", json=body, headers=headers)
         return job
 
     async def submit_batch(self, jobs: Iterable[Mapping[str, Any]]) -> JobList:
+        """As ``Client.submit_batch``: sent again only when its connection failed."""
         answer = await self.request("POST", "/jobs/batch", json={"jobs": [dict(j) for j in jobs]})
         result: JobList = answer["jobs"]
         return result

@@ -12,12 +12,22 @@ class CeleriacError(Exception):
     (``type``, and ``errors`` for validation failures).
     """
 
-    def __init__(self, status: int, title: str, detail: str, problem: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        problem: dict[str, Any],
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
         self.status = status
         self.title = title
         self.detail = detail
         self.problem = problem
+        # Seconds, from a Retry-After header (429, 503): when trying again may succeed.
+        self.retry_after = retry_after
 
     @property
     def type(self) -> str:
@@ -31,6 +41,11 @@ class CeleriacError(Exception):
 
 class ServerUnreachable(ConnectionError):
     """No HTTP answer at all: connection refused, reset, or timed out."""
+
+
+class ConnectFailed(ServerUnreachable):
+    """The connection could not be opened (refused, no route, name not resolved, connect
+    timeout, TLS handshake): the request was never sent, so sending it again is safe."""
 
 
 class JobFailed(Exception):

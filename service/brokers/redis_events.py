@@ -1,0 +1,128 @@
+"""Strict decoding of the Redis worker protocol's events (docs/protocol.md, "Redis
+protocol"). Any client that can reach Redis can append to the stream, so an event is
+input like an HTTP body: checked field by field, its JSON parsed strictly (no NaN or
+Infinity, no duplicate keys, no NUL, bounded depth: the request gate's parser). An event
+that cannot be read is dropped; a report whose payload cannot be read becomes a failure
+report saying so (its job runs again per its retry policy instead of waiting for its
+lease to run out). Neither stops the other events of the batch."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from service import errors, gate
+from service.ids import is_job_id
+
+log = logging.getLogger("celeriac.redis.protocol")
+
+Event = dict[str, Any]
+KINDS = frozenset({"L", "H", "C", "F", "R"})
+TOKEN_MAX, WORKER_MAX = 64, 200  # the lease_token and lease_worker columns
+LEASE_MS_MAX = 7 * 86400 * 1000
+RETRY_IN_MAX = 366 * 86400.0
+WHY_CHARS = 200
+
+
+class BadEvent(ValueError):
+    """An event that cannot be applied: what is wrong with it."""
+
+
+def strict_json(text: str) -> Any:
+    """One JSON value, as strictly as an HTTP body (``service.gate.strict_loads``)."""
+    try:
+        return gate.strict_loads(text.encode("utf-8", "replace"))
+    except errors.InvalidJson as exc:
+        raise BadEvent(exc.detail) from None
+
+
+def _text(fields: dict[str, str], name: str, limit: int) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise BadEvent(f"field {name!r} must be 1-{limit} characters")
+    if not value.isprintable():
+        raise BadEvent(f"field {name!r} holds control characters")
+    return value
+
+
+def _lease_ms(fields: dict[str, str]) -> int:
+    raw = fields.get("ms", "")
+    if not raw.isdigit() or not 0 < int(raw) <= LEASE_MS_MAX:
+        raise BadEvent(f"field 'ms' must be an integer in 1..{LEASE_MS_MAX}")
+    return int(raw)
+
+
+def _retry_in(raw: str) -> float | None:
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadEvent("field 'in' is not a number") from None
+    if not math.isfinite(value) or not 0 <= value <= RETRY_IN_MAX:
+        raise BadEvent(f"field 'in' must be a number of seconds in 0..{RETRY_IN_MAX:g}")
+    return value
+
+
+def _error(raw: str) -> dict[str, Any]:
+    value = strict_json(raw)
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise BadEvent("field 'e' must be a JSON object with a string 'type'")
+    return value
+
+
+def decode(fields: dict[str, str]) -> Event:
+    """One event from its stream fields, every value checked and parsed; BadEvent when it
+    cannot be applied at all."""
+    kind = fields.get("k")
+    if kind not in KINDS:
+        raise BadEvent(f"unknown event kind {str(kind)[:20]!r}")
+    job_id = fields.get("id", "")
+    if not is_job_id(job_id):
+        raise BadEvent("field 'id' is not a job id")
+    event: Event = {"k": kind, "id": job_id, "t": _text(fields, "t", TOKEN_MAX)}
+    if kind == "L":
+        event.update(w=_text(fields, "w", WORKER_MAX), ms=_lease_ms(fields))
+    elif kind == "H":
+        raw = fields.get("p") or ""
+        event.update(ms=_lease_ms(fields), p=strict_json(raw) if raw else None)
+    elif kind in ("C", "F"):
+        try:
+            event.update(_report_fields(kind, fields))
+        except BadEvent as exc:  # the report arrived: record it as a failure, saying why
+            message = f"the worker's report could not be read: {exc}"[:WHY_CHARS]
+            event.update(k="F", e={"type": "InvalidReport", "message": message}, retry=True,
+                         retry_in=None)  # fmt: skip
+    return event
+
+
+def _report_fields(kind: str, fields: dict[str, str]) -> Event:
+    if kind == "C":
+        return {"r": strict_json(fields.get("r", ""))}
+    return {
+        "e": _error(fields.get("e", "")),
+        "retry": fields.get("retry", "1") != "0",
+        "retry_in": _retry_in(fields.get("in") or ""),
+    }
+
+
+def decode_all(entries: list[tuple[str, dict[str, str]]]) -> list[Event]:
+    """The batch's events that can be applied, in stream order; the others are dropped
+    with one log line for the batch (a flood of bad events must not flood the log)."""
+    events: list[Event] = []
+    dropped: list[str] = []
+    for entry_id, fields in entries:
+        if not fields:
+            continue
+        try:
+            events.append(decode(fields))
+        except BadEvent as exc:
+            dropped.append(f"{entry_id}: {exc}"[:WHY_CHARS])
+    if dropped:
+        log.warning(
+            "dropped %d Redis worker event(s) that cannot be applied (first: %s)",
+            len(dropped),
+            dropped[0],
+        )
+    return events

@@ -1,0 +1,93 @@
+"""Issue 12 (isolation): the Redis worker protocol's event stream is input. Events that
+cannot be read (bad JSON, NaN, an unknown kind, a NUL, bytes that are not UTF-8) and
+events the database refuses are dropped or recorded, one log line each batch or event,
+and never stop the other events of their batch nor the stream consumer.
+
+Good events are made by the protocol's own functions (FCALL); the bad ones are written
+straight into the stream with redis-py, as any client with Redis access could."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import Api, Service, Spawner, redis_client
+
+from service.db import create_engine
+
+POISON = {
+    # The database refuses one job's completion, as it would refuse a bad value.
+    "postgres": "ALTER TABLE jobs ADD CONSTRAINT poison CHECK (id <> '{id}' OR status <> "
+    "'succeeded')",
+    "sqlite": "CREATE TRIGGER poison BEFORE UPDATE OF status ON jobs WHEN NEW.id = '{id}' "
+    "AND NEW.status = 'succeeded' BEGIN SELECT RAISE(ABORT, 'poison row'); END",
+}
+
+
+def fcall(client: Any, tag: str, name: str, job_id: str, *args: str) -> Any:
+    return client.fcall(f"celeriac_v1_{name}", 2, f"{tag}:events", f"{tag}:job:{job_id}", "1",
+                        job_id, *args)  # fmt: skip
+
+
+def lease_all(client: Any, tag: str, queue: str, count: int) -> dict[str, str]:
+    """job id -> lease token, leased straight from Redis as a Redis worker would."""
+    tokens: dict[str, str] = {}
+    deadline = time.monotonic() + 10
+    while len(tokens) < count and time.monotonic() < deadline:
+        answer = client.fcall("celeriac_v1_lease", 2, f"{tag}:events", f"{tag}:ready:{queue}",
+                              "1", "events-test", str(count), "30000")  # fmt: skip
+        for raw in answer:
+            job = json.loads(raw)
+            tokens[job["id"]] = job["lease"]["token"]
+        if not answer:
+            client.blpop([f"{tag}:wake:{queue}"], 0.2)  # the service wakes us on publish
+    assert len(tokens) == count, tokens
+    return tokens
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_bad_events_do_not_stop_the_good_ones(spawner: Spawner, queue: str, database: str) -> None:
+    backend = spawner.backend(database, "redis")
+    service: Service = spawner.service(backend)
+    api: Api = spawner.api(service.url)
+    tag = "{" + backend.redis_prefix + "}"
+    jobs = [api.submit(queue=queue, max_retries=0)["id"] for _ in range(6)]
+    good, nan, unknown, nul, refused, after = jobs
+    engine = create_engine(backend.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(POISON[database].format(id=refused)))
+    engine.dispose()
+    client = redis_client(backend.redis_db)
+    try:
+        tokens = lease_all(client, tag, queue, 6)
+        with client.pipeline(transaction=False) as pipe:
+            fcall(pipe, tag, "complete", good, tokens[good], "5")
+            stream = f"{tag}:events"
+            pipe.xadd(stream, {"k": "C", "id": nan, "t": tokens[nan], "r": "[NaN]"})
+            pipe.xadd(stream, {"k": "Z", "id": unknown, "t": tokens[unknown]})
+            pipe.xadd(stream, {"k": "F", "id": nul, "t": tokens[nul], "retry": "1", "in": "",
+                               "e": '{"type": "Boom", "message": "a\\u0000b"}'})  # fmt: skip
+            pipe.xadd(stream, {"k": b"C\xff\xfe", "id": b"\xff" * 36, "t": "x"})
+            pipe.xadd(stream, {"k": "H", "id": good, "t": tokens[good], "ms": "nan", "p": ""})
+            fcall(pipe, tag, "complete", refused, tokens[refused], "1")
+            pipe.execute()
+        done = api.wait_finished(good, 10)
+        assert done["status"] == "succeeded" and done["result"] == 5, done
+        # A report that cannot be read is recorded as the job's failure, saying why.
+        for job_id in (nan, nul):
+            failed = api.wait_finished(job_id, 10)
+            assert failed["error"]["type"] == "InvalidReport", failed
+        # The consumer goes on: a later event is applied too.
+        fcall(client, tag, "complete", after, tokens[after], '{"ok": true}')
+        assert api.wait_finished(after, 10)["result"] == {"ok": True}
+        # Dropped, not applied: the unknown kind's job and the refused one still run.
+        assert api.get(unknown)["status"] in ("queued", "running")
+        assert api.get(refused)["status"] in ("queued", "running")
+    finally:
+        client.close()
+    log = service.log(10**6)
+    assert "Traceback" not in log, log
+    assert len([line for line in log.splitlines() if refused in line]) <= 1, log
