@@ -12,7 +12,9 @@ import logging
 import math
 from typing import Any
 
-from service import errors, gate
+from pydantic import TypeAdapter, ValidationError
+
+from service import errors, gate, schemas
 from service.ids import is_job_id
 
 log = logging.getLogger("celeriac.redis.protocol")
@@ -23,6 +25,7 @@ TOKEN_MAX, WORKER_MAX = 64, 200  # the lease_token and lease_worker columns
 LEASE_MS_MAX = 7 * 86400 * 1000
 RETRY_IN_MAX = 366 * 86400.0
 WHY_CHARS = 200
+_PROGRESS: TypeAdapter[Any] = TypeAdapter(schemas.Progress)
 
 
 class BadEvent(ValueError):
@@ -66,10 +69,26 @@ def _retry_in(raw: str) -> float | None:
 
 
 def _error(raw: str) -> dict[str, Any]:
+    """The same rules as an HTTP report's error (sizes, no control characters): what is
+    stored must render back through the API's own schema."""
     value = strict_json(raw)
-    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise BadEvent("field 'e' must be a JSON object with a string 'type'")
-    return value
+    try:
+        return schemas.ErrorInfo.model_validate(value).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise BadEvent(f"field 'e' is not a valid error ({where}: {first['msg']})") from None
+
+
+def _progress(raw: str) -> Any:
+    """A heartbeat's progress; one that breaks the HTTP rules (size) is dropped, and the
+    heartbeat still extends the lease."""
+    if not raw:
+        return None
+    try:
+        return _PROGRESS.validate_python(strict_json(raw))
+    except (BadEvent, ValidationError):
+        return None
 
 
 def decode(fields: dict[str, str]) -> Event:
@@ -85,8 +104,7 @@ def decode(fields: dict[str, str]) -> Event:
     if kind == "L":
         event.update(w=_text(fields, "w", WORKER_MAX), ms=_lease_ms(fields))
     elif kind == "H":
-        raw = fields.get("p") or ""
-        event.update(ms=_lease_ms(fields), p=strict_json(raw) if raw else None)
+        event.update(ms=_lease_ms(fields), p=_progress(fields.get("p") or ""))
     elif kind in ("C", "F"):
         try:
             event.update(_report_fields(kind, fields))

@@ -154,6 +154,19 @@ def _wait_chunk(deadline: float | None) -> float:
     return max(0.0, min(LONG_POLL_CHUNK, deadline - time.monotonic()))
 
 
+# A long-poll answered well before its wait with the job unfinished means the service
+# would not hold it (its long-poll cap, answered with Retry-After): pause before asking
+# again rather than loop at full speed.
+CAPPED_WAIT_PAUSE = 1.0
+
+
+def _capped_pause(asked: float, started: float, deadline: float | None) -> float:
+    if asked < 1.0 or time.monotonic() - started >= asked / 2:
+        return 0.0
+    left = CAPPED_WAIT_PAUSE if deadline is None else deadline - time.monotonic()
+    return max(0.0, min(CAPPED_WAIT_PAUSE, left))
+
+
 def _wait_over(job: Job, deadline: float | None, job_id: str) -> bool:
     if job["status"] in FINISHED:
         return True
@@ -257,9 +270,11 @@ class Client:
         """Block until the job is finished; ``TimeoutError`` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.get(job_id, wait=_wait_chunk(deadline))
+            asked, started = _wait_chunk(deadline), time.monotonic()
+            job = self.get(job_id, wait=asked)
             if _wait_over(job, deadline, job_id):
                 return job
+            time.sleep(_capped_pause(asked, started, deadline))
 
     def cancel(self, job_id: str) -> Job:
         job: Job = self.request("POST", _job_path(job_id, "cancel"))
@@ -388,9 +403,11 @@ class AsyncClient:
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:  # noqa: ASYNC109
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = await self.get(job_id, wait=_wait_chunk(deadline))
+            asked, started = _wait_chunk(deadline), time.monotonic()
+            job = await self.get(job_id, wait=asked)
             if _wait_over(job, deadline, job_id):
                 return job
+            await asyncio.sleep(_capped_pause(asked, started, deadline))
 
     async def cancel(self, job_id: str) -> Job:
         job: Job = await self.request("POST", _job_path(job_id, "cancel"))
