@@ -176,17 +176,17 @@ async def parse_json(body: bytes) -> Any:
 
 
 # A ``\u0000`` escape, not preceded by an odd number of backslashes (which would make it
-# the literal text "\u0000").
+# the literal text "\u0000"). Searched only where a plain find says it may be: a
+# regex with a look-behind cannot skip ahead, and is 50 times slower on a large body.
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 
 
 def strict_loads(body: bytes) -> Any:
     """Parse ``body`` as strict JSON or raise ``InvalidJson`` saying what is wrong."""
-    if _NUL_ESCAPE.search(body):
+    if b"\\u0000" in body and _NUL_ESCAPE.search(body):
         raise errors.InvalidJson("the body holds a NUL character (\\u0000), which is refused")
     if _too_deep(body):
         raise errors.InvalidJson(f"the body nests JSON deeper than {MAX_JSON_DEPTH} levels")
@@ -201,7 +201,7 @@ def strict_loads(body: bytes) -> Any:
         raise errors.InvalidJson(str(exc)) from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
         raise errors.InvalidJson(f"the body is not valid JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(body):
+    if (b"\\ud" in body or b"\\uD" in body) and _SURROGATE_ESCAPE.search(body):
         _refuse_lone_surrogates(value)
     return value
 
@@ -231,12 +231,16 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _too_deep(body: bytes) -> bool:
-    """Whether containers nest deeper than ``MAX_JSON_DEPTH``, without parsing: strip
-    strings and everything but brackets, then peel innermost pairs level by level (at
-    most MAX_JSON_DEPTH + 1 passes, each at C speed)."""
+    """Whether containers nest deeper than ``MAX_JSON_DEPTH``, without parsing, at C
+    speed: drop escaped backslashes and quotes, keep only quotes and brackets, drop what
+    lies between quotes (string contents), then peel innermost pairs level by level (at
+    most MAX_JSON_DEPTH passes)."""
     if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
         return False
-    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    if b"\\" in body:  # escapes: an escaped backslash, then an escaped quote
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = body.translate(None, _NOT_STRUCTURE)
+    brackets = b"".join(structure.split(b'"')[::2])
     for _ in range(MAX_JSON_DEPTH):
         peeled = _EMPTY_PAIR.sub(b"", brackets)
         if peeled == brackets:  # nothing left, or not balanced (the parser says why)

@@ -47,8 +47,10 @@ class Settings(BaseSettings):
 
     max_payload_bytes: int = 1024 * 1024
     max_batch_jobs: int = 1000
-    # Cap on any request body (a full batch at the per-job limit would be 1 GiB).
-    max_request_bytes: int = 64 * 1024 * 1024
+    # Cap on batch bodies (jobs/batch, leases/report): a full batch at the per-job limit
+    # would be 1 GiB. 16 MiB parses in about 0.1 s, which bounds how long one request can
+    # hold the interpreter (docs/security.md).
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
     # A request body must arrive whole within this many seconds (a client that declares
     # 60 MB and sends 1 KB must not hold a connection for ever): 408 after it.
     body_read_timeout_seconds: float = Field(10.0, gt=0, le=600)
