@@ -34,12 +34,15 @@ WORKDIR /src
 COPY pyproject.toml requirements.lock ./
 RUN pip install --require-hashes -r requirements.lock
 
-# 2. The project itself (a regular, non-editable install). --no-deps: nothing
-#    outside the lock gets in.
+# 2. The two distributions (regular, non-editable installs): the worker SDK
+#    (workers/python: the `celeriac` package and command) and the service (this
+#    directory, celeriac-server: serve, migrate, demo). --no-deps: nothing outside
+#    the lock gets in.
 COPY README.md ./
-COPY service/ service/
+COPY workers/python/pyproject.toml workers/python/README.md workers/python/
 COPY workers/python/celeriac/ workers/python/celeriac/
-RUN pip install --no-deps .
+COPY service/ service/
+RUN pip install --no-deps ./workers/python .
 
 # ---------------------------------------------------------------------------
 # node-worker: the reference Node.js worker (compose profile "node").

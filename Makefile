@@ -13,22 +13,27 @@ NODE_STAMP := workers/node/node_modules/.installed-stamp
 LOCK     := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-# Everything from the dev lock, hash-checked; then the project alone (--no-deps). The
-# check first says `make lock` when pyproject.toml asks for something the locks lack.
-$(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
+# Everything from the dev lock, hash-checked; then the two distributions alone (--no-deps):
+# the worker SDK (workers/python) and the service (this directory). The check first says
+# `make lock` when either pyproject.toml asks for something the locks lack.
+SDK := workers/python
+$(STAMP): pyproject.toml $(SDK)/pyproject.toml $(LOCK) $(DEV_LOCK)
 	$(PYTHON) tools/locks.py check $(LOCK) $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --no-deps -e ./$(SDK) -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # Regenerate both locks from pyproject.toml after changing a dependency. Pins already in
 # the locks are kept where pyproject still allows them; LOCK_ARGS=--upgrade moves every
-# pin to the newest release, LOCK_ARGS='--upgrade-package NAME' one package.
+# pin to the newest release, LOCK_ARGS='--upgrade-package NAME' one package. The SDK's
+# own dependencies come in through the service's; the SDK itself is this checkout
+# ([tool.uv.sources]), not a pin.
 UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
-	--generate-hashes --quiet --custom-compile-command 'make lock' $(LOCK_ARGS)
+	--generate-hashes --quiet --custom-compile-command 'make lock' \
+	--no-emit-package celeriac $(LOCK_ARGS)
 # No `install` prerequisite: that refuses stale locks, which this is here to fix.
 lock:
 	test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet \
@@ -66,7 +71,7 @@ test: install $(NODE_STAMP) lint check-openapi
 bench:  # side by side with Celery, Dramatiq, Huey, RQ: peers only in .bench-venv (docs/benchmarks.md)
 	test -x .bench-venv/bin/python || $(PYTHON) -m venv .bench-venv
 	.bench-venv/bin/pip install --quiet --upgrade pip
-	.bench-venv/bin/pip install --quiet -e . -r bench/requirements.txt
+	.bench-venv/bin/pip install --quiet -e ./$(SDK) -e . -r bench/requirements.txt
 	.bench-venv/bin/python bench/run.py $(BENCH_ARGS)
 
 serve: install

@@ -1,5 +1,5 @@
 """The app factory and its lifespan: the one place that creates the engine, the broker
-and the background loops."""
+and the background plugins."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,12 +22,13 @@ from service.brokers.base import Broker
 from service.brokers.redis import RedisBroker
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
-from service.maintenance import maintenance_loop
+from service.loops import Plugin, launch
+from service.maintenance import ClockRefresh, Maintenance
 from service.results import ResultCleaner
 from service.routers import jobs, leases, ops, results, schedules, webhooks, workers
 from service.routers.problems import allowed_methods, declare_api_keys
 from service.runtime import Runtime
-from service.scheduler import load_schedules_file, start_scheduler
+from service.scheduler import Scheduler, load_schedules_file, prepare_scheduler
 from service.settings import Settings
 from service.signals import Signals
 from service.startup import start_when_reachable
@@ -54,9 +56,20 @@ def build_broker(settings: Settings, db: Database, signals: Signals) -> Broker:
             url=settings.broker_url,
             layout=Layout(settings.amqp_prefix, settings.amqp_quorum),
             reconcile_age_seconds=settings.reconcile_interval_seconds,
-            fallback_seconds=settings.sql_poll_fallback_seconds,
         )
     return SqlBroker(db, signals, fallback_seconds=settings.sql_poll_fallback_seconds)
+
+
+def background_plugins(runtime: Runtime, webhook_client: httpx.AsyncClient) -> list[Plugin]:
+    """What every replica runs in the background, one loop each (service/loops.py;
+    docs/architecture.md, "Background plugins")."""
+    return [
+        Maintenance(runtime),
+        ClockRefresh(),
+        Scheduler(runtime),
+        Deliverer(runtime, webhook_client),
+        ResultCleaner(runtime),
+    ]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -72,20 +85,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Webhook deliveries, result expiry and the schedules file check their settings
         # here, so a malformed secret, result store or file fails start-up at once.
         webhook_client = http_client(settings)
-        cleaner = ResultCleaner(runtime)
+        plugins = background_plugins(runtime, webhook_client)
         if settings.schedules_file:
             load_schedules_file(Path(settings.schedules_file))
 
         async def start_loops() -> None:
-            scheduler = await start_scheduler(runtime)  # the step that needs the database
-            runtime.background += [
-                scheduler,
-                asyncio.create_task(maintenance_loop(runtime), name="celeriac-maintenance"),
-                asyncio.create_task(
-                    Deliverer(runtime, webhook_client).run(), name="celeriac-webhooks"
-                ),
-                asyncio.create_task(cleaner.run(), name="celeriac-results"),
-            ]
+            await prepare_scheduler(runtime)  # the step that needs the database
+            runtime.background += launch(runtime, plugins)
 
         # The database may be down still: serve now (/healthz 200, the rest 503), and
         # start what needs it once it answers (service/startup.py).

@@ -11,34 +11,21 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import errors
 from service.auth import Principal
+from service.effects import Dispatch, Effects
 from service.ids import is_job_id, uuid7
 from service.models import JOBS_TABLE, JobRow, JobValues
 from service.schemas import FINISHED, JobStatus, JobSubmit, WebhookSpec
 from service.webhooks import record_finished
 
-if TYPE_CHECKING:
-    from service.leases import Effects
-
 PENDING = (JobStatus.scheduled, JobStatus.queued, JobStatus.retrying)
 RETRYABLE = (JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """What a broker needs to index a ready job."""
-
-    id: str
-    queue: str
-    priority: int
-    # The Redis worker protocol's job envelope, when the publisher already has it.
-    envelope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,28 +40,8 @@ def dispatch_of(row: JobRow) -> Dispatch:
     return Dispatch(row.id, row.queue, row.priority)
 
 
-def envelope(values: JobValues) -> str:
-    """The job as a Redis worker receives it: like an HTTP lease without the lease, which
-    the lease function splices in. ``attempt`` is the attempt this run will be."""
-    return json.dumps(
-        {
-            "id": values["id"],
-            "task": values["task"],
-            "args": values["args"],
-            "kwargs": values["kwargs"],
-            "queue": values["queue"],
-            "priority": values["priority"],
-            "attempt": values["attempt"] + 1,
-            "max_retries": values["max_retries"],
-            "timeout": values["timeout"],
-        },
-        separators=(",", ":"),
-    )
-
-
-def dispatch_of_values(values: JobValues, with_envelope: bool = False) -> Dispatch:
-    env = envelope(values) if with_envelope else None
-    return Dispatch(values["id"], values["queue"], values["priority"], env)
+def dispatch_of_values(values: JobValues) -> Dispatch:
+    return Dispatch(values["id"], values["queue"], values["priority"], values)
 
 
 def request_hash(spec: JobSubmit) -> str:
@@ -297,6 +264,8 @@ def cancel_job(
         raise errors.JobFinished(f"job {job_id} is already {row.status}; nothing to cancel")
     if row.status == JobStatus.running:
         row.cancel_requested = True  # the worker hears of it at its next heartbeat
+        if effects is not None:
+            effects.cancelling.append(row.id)
     else:
         row.status = JobStatus.cancelled
         row.finished_at = now

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,8 +21,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.bulk import update_each
+from service.effects import Dispatch
+from service.effects import Effects as Effects  # re-exported: the domain's callers use it
 from service.ids import is_job_id
-from service.jobs import PENDING, Dispatch
+from service.jobs import PENDING
 from service.models import JOBS_TABLE, JobValues
 from service.schemas import JobStatus
 from service.webhooks import record_finished
@@ -149,20 +151,39 @@ def _grant(session: Session, rows: list[JobValues], terms: LeaseTerms) -> list[J
         by_deadline.setdefault(deadline, []).append(row["id"])
     # One UPDATE per distinct deadline (usually one), not one per job.
     for deadline, ids in by_deadline.items():
-        session.execute(
-            sa.update(JOBS_TABLE)
-            .where(jobs_c.id.in_(ids))
-            .values(
-                status=JobStatus.running,
-                attempt=jobs_c.attempt + 1,
-                lease_token=terms.token,
-                lease_worker=terms.worker,
-                lease_key=terms.key_id,
-                lease_expires_at=deadline,
-                started_at=terms.now,
-            )
-        )
+        grant(session, ids, Lease(terms.token, terms.worker, terms.key_id, deadline, terms.now))
     return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The lease columns one grant writes."""
+
+    token: str
+    worker: str
+    key_id: str  # "" for the Redis protocol (no API keys there) and with auth off
+    expires_at: datetime
+    now: datetime
+
+
+def grant(session: Session, ids: Sequence[str], lease: Lease) -> None:
+    """The one statement that turns queued jobs into running ones under ``lease``: every
+    dispatch path (HTTP leases from any broker, the Redis worker protocol's leases
+    mirrored into SQL) grants through it. A job that is no longer queued (cancelled,
+    expired, granted elsewhere) is left alone: its worker's report will be stale."""
+    session.execute(
+        sa.update(JOBS_TABLE)
+        .where(jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued)
+        .values(
+            status=JobStatus.running,
+            attempt=jobs_c.attempt + 1,
+            lease_token=lease.token,
+            lease_worker=lease.worker,
+            lease_key=lease.key_id,
+            lease_expires_at=lease.expires_at,
+            started_at=lease.now,
+        )
+    )
 
 
 @dataclass(slots=True)
@@ -275,20 +296,6 @@ class SettleOutcome:
     id: str
     problem: str | None
     status: str | None = None
-
-
-@dataclass(slots=True)
-class Effects:
-    """What must happen after commit: jobs to dispatch, waiters to wake, a timer to set."""
-
-    dispatch: list[Dispatch] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
-    earliest_due: datetime | None = None
-    deliveries: int = 0  # webhook outbox rows written: wake the delivery loop
-
-    def due_at(self, when: datetime) -> None:
-        if self.earliest_due is None or when < self.earliest_due:
-            self.earliest_due = when
 
 
 def settle(
@@ -542,10 +549,11 @@ def next_deadline(session: Session, skip: frozenset[str] = frozenset()) -> datet
 
 
 def queued_since(
-    session: Session, before: datetime | None, limit: int, *, after_id: str = ""
-) -> list[Dispatch]:
-    """Queued jobs (ready since ``before``, if given), in id order after ``after_id``:
-    what a dispatch index must hold."""
+    session: Session, before: datetime | None, limit: int, *, after_id: str = "",
+    queue: str | None = None,
+) -> list[Dispatch]:  # fmt: skip
+    """Queued jobs (ready since ``before``, if given; of ``queue``, if given), in id order
+    after ``after_id``: what a dispatch index must hold."""
     query = (
         _select(("id", "queue", "priority"))
         .where(jobs_c.status == JobStatus.queued, jobs_c.id > after_id)
@@ -554,4 +562,6 @@ def queued_since(
     )
     if before is not None:
         query = query.where(jobs_c.run_at <= before)
+    if queue is not None:
+        query = query.where(jobs_c.queue == queue)
     return [Dispatch(r["id"], r["queue"], r["priority"]) for r in _rows(session, query)]

@@ -1,25 +1,28 @@
-"""The maintenance loop every replica runs: promote due jobs, mark silent workers lost (which
-ends their leases), reclaim expired leases, expire stale jobs, repair the dispatch index.
-It sleeps until the next thing is due (or until woken), not on a fixed tick;
-``reconcile_interval_seconds`` caps the sleep so a lost Redis push or a replica's
-unannounced timer is repaired within that bound."""
+"""The maintenance plugins every replica runs (service/loops.py runs them):
+
+- ``Maintenance``: promote due jobs, mark silent workers lost (which ends their leases),
+  reclaim expired leases, expire stale jobs (one transaction per batch; a batch the
+  database refuses is redone job by job, see ``_sweep_one_by_one``), then repair the
+  dispatch index (``reconcile_index``). It is due at the next deadline (a job's
+  ``run_at``, a lease or a worker running out, an ``expires_at``), is woken by
+  ``Signals.maintenance``, and ``reconcile_interval_seconds`` bounds its sleep, so a lost
+  Redis push or a replica's unannounced timer is repaired within that bound.
+- ``ClockRefresh``: re-measure the offset to the database's clock every minute.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 from datetime import datetime
 from functools import partial
 
 from sqlalchemy.orm import Session
 
 from service import workers
+from service.effects import Effects
 from service.isolation import is_row_error, reason
 from service.leases import (
     BATCH_LIMIT,
-    Effects,
     Scope,
     expire_pending,
     next_deadline,
@@ -28,7 +31,7 @@ from service.leases import (
     set_aside,
     sweep_candidates,
 )
-from service.outage import log_failure
+from service.loops import Pass, Plugin
 from service.runtime import Runtime
 
 log = logging.getLogger("celeriac.maintenance")
@@ -64,19 +67,23 @@ def _next_due(session: Session, skip: frozenset[str]) -> datetime | None:
     return min(due) if due else None
 
 
-async def run_once(runtime: Runtime, aside: SetAside | None = None) -> int:
-    aside = aside or SetAside()
+async def sweep(runtime: Runtime, aside: SetAside) -> int:
+    """One batch of every sweep; how many jobs (and workers) it changed."""
     now = runtime.clock.now()
     retention = runtime.settings.worker_lost_retention_seconds
     scope = Scope(skip=aside.ids)
     try:
-        changed = await runtime.transact(partial(_sweep, now=now, retention=retention, scope=scope))
+        return await runtime.transact(partial(_sweep, now=now, retention=retention, scope=scope))
     except Exception as exc:
         if not is_row_error(exc):
-            raise  # an outage, or a bug: the pass stops and the loop backs off
-        changed = await _sweep_one_by_one(runtime, now, retention, aside)
-    await runtime.broker.reconcile(now)
-    return changed
+            raise  # an outage, or a bug: the pass fails and the loop backs off
+        return await _sweep_one_by_one(runtime, now, retention, aside)
+
+
+async def reconcile_index(runtime: Runtime) -> None:
+    """The one call into the broker's repair of its dispatch index (what the broker
+    offers for it may change: adapt it here)."""
+    await runtime.broker.reconcile(runtime.clock.now())
 
 
 async def _sweep_one_by_one(
@@ -132,27 +139,35 @@ async def _set_aside(
     )
 
 
-async def maintenance_loop(runtime: Runtime) -> None:
-    signals = runtime.signals
-    interval = runtime.settings.reconcile_interval_seconds
-    clock_measured = 0.0
-    aside = SetAside()
-    while True:
+class Maintenance(Plugin):
+    name = "maintenance"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.interval = runtime.settings.reconcile_interval_seconds
+        self.wakes = (runtime.signals.maintenance,)
+        self.aside = SetAside()
+
+    async def run_once(self, runtime: Runtime) -> Pass:
+        signals = runtime.signals
         try:
-            if time.monotonic() - clock_measured > CLOCK_REFRESH_SECONDS:
-                await runtime.db.read(runtime.clock.measure)
-                clock_measured = time.monotonic()
-            signals.maintenance.clear()
-            changed = await run_once(runtime, aside)
+            changed = await sweep(runtime, self.aside)
+            await reconcile_index(runtime)
             if changed >= BATCH_LIMIT:
-                continue  # more of the same is waiting
-            upcoming = await runtime.db.read(partial(_next_due, skip=aside.ids))
+                return Pass(more=True)  # more of the same is waiting
+            upcoming = await runtime.db.read(partial(_next_due, skip=self.aside.ids))
         except Exception:
-            log_failure(log, "maintenance pass")  # an outage: logged once, not per pass
-            upcoming = None
-        signals.earliest_due = upcoming
-        sleep = interval
-        if upcoming is not None:
-            sleep = min(interval, max((upcoming - runtime.clock.now()).total_seconds(), 0.0))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(signals.maintenance.wait(), sleep)
+            signals.earliest_due = None  # until a pass succeeds, anything due wakes it
+            raise
+        signals.earliest_due = upcoming  # what Signals.due_at compares a new deadline with
+        return Pass(due=upcoming)
+
+
+class ClockRefresh(Plugin):
+    """Delays and lease deadlines are instants on the database's clock: follow its drift."""
+
+    name = "clock"
+    interval = CLOCK_REFRESH_SECONDS
+
+    async def run_once(self, runtime: Runtime) -> Pass:
+        await runtime.db.read(runtime.clock.measure)
+        return Pass()

@@ -124,11 +124,16 @@ class OutageTracker:
         )
 
 
+def is_outage(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the database being unreachable: the tracker tells that once."""
+    return isinstance(exc, errors.DatabaseUnavailable) or (exc is not None and is_unreachable(exc))
+
+
 def log_failure(logger: logging.Logger, what: str) -> None:
     """For a background loop's ``except``: an outage is already told once by the tracker,
     so it is not logged again on every pass; anything else gets its traceback."""
     exc = sys.exc_info()[1]
-    if isinstance(exc, errors.DatabaseUnavailable) or (exc is not None and is_unreachable(exc)):
+    if is_outage(exc):
         logger.debug("%s failed: the database is unreachable", what)
         return
     logger.exception("%s failed; retrying", what)

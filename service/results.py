@@ -11,11 +11,11 @@ file again.
 A succeeded job's result is kept ``result_ttl`` seconds (``CELERIAC_RESULT_EXPIRES_SECONDS``
 by default, 0 = forever). From then on the job reads ``result_expired: true`` and the
 cleanup loop deletes the result (row and file) in small SKIP LOCKED batches; the job and
-its status stay."""
+its status stay. The cleanup is a background plugin (``ResultCleaner``, service/loops.py):
+due at the next ``result_expires_at``, at most ``result_cleanup_interval_seconds`` apart."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -36,8 +36,8 @@ from sqlalchemy.orm import Session
 from service import errors
 from service.ids import is_job_id
 from service.leases import Settle
+from service.loops import Pass, Plugin
 from service.models import JOBS_TABLE, JobRow, values_of
-from service.outage import log_failure
 from service.schemas import JobStatus
 from service.serialize import iso, result_fields
 from service.settings import Settings
@@ -300,33 +300,23 @@ def next_expiry(session: Session) -> datetime | None:
     return value
 
 
-class ResultCleaner:
+class ResultCleaner(Plugin):
+    name = "results"
+
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.store = store_of(runtime.settings)  # a bad CELERIAC_RESULT_STORE fails start-up
+        settings = runtime.settings
+        self.store = store_of(settings)  # a bad CELERIAC_RESULT_STORE fails start-up
+        self.interval = settings.result_cleanup_interval_seconds
+        self.batch = settings.result_cleanup_batch
 
-    async def run(self) -> None:
-        settings = self.runtime.settings
-        while True:
-            upcoming: datetime | None = None
-            try:
-                cleaned = await self.sweep()
-                if cleaned >= settings.result_cleanup_batch:
-                    await asyncio.sleep(0)  # more are due: next batch, a new transaction
-                    continue
-                upcoming = await self.runtime.db.read(next_expiry)
-            except Exception:
-                log_failure(log, "result cleanup")  # an outage: logged once, not per pass
-            seconds = settings.result_cleanup_interval_seconds
-            if upcoming is not None:
-                until = (upcoming - self.runtime.clock.now()).total_seconds()
-                seconds = min(seconds, max(until, 0.05))
-            await asyncio.sleep(seconds)
+    async def run_once(self, runtime: Runtime) -> Pass:
+        if await self.sweep(runtime) >= self.batch:
+            return Pass(more=True)  # more are due: next batch, a new transaction
+        return Pass(due=await runtime.db.read(next_expiry))
 
-    async def sweep(self) -> int:
-        now = self.runtime.clock.now()
-        limit = self.runtime.settings.result_cleanup_batch
-        cleaned, keys = await self.runtime.db.run(lambda session: expire_batch(session, now, limit))
+    async def sweep(self, runtime: Runtime) -> int:
+        now = runtime.clock.now()
+        cleaned, keys = await runtime.db.run(lambda session: expire_batch(session, now, self.batch))
         if keys and self.store is not None:
             await anyio.to_thread.run_sync(self.store.delete, keys)
         return cleaned

@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session
 
 from service.brokers.base import Broker
 from service.db import Database
+from service.dispatch import Dispatcher
+from service.effects import Effects
 from service.isolation import is_row_error, not_storable
 from service.jobs import Defaults, dispatch_of_values, insert_jobs
-from service.leases import Effects
 from service.longpoll import LongPolls
 from service.models import JobValues
 from service.settings import Settings
@@ -137,6 +138,13 @@ class Runtime:
             self.settings.max_long_polls, self.settings.max_long_polls_per_key
         )
         self._spawned: set[asyncio.Task[Any]] = set()
+        self.dispatcher = Dispatcher(
+            self.db,
+            self.signals,
+            self.broker,
+            fallback_seconds=self.settings.sql_poll_fallback_seconds,
+            spawn=self.spawn,
+        )
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``work`` beyond the request that started it; cancelled at shutdown."""
@@ -161,6 +169,9 @@ class Runtime:
 
     async def apply(self, effects: Effects) -> None:
         if effects.dispatch:
+            # This process's SQL waiters (the SQL broker, or any broker's fallback)
+            # hear of it at once; the broker tells everyone else.
+            self.signals.queues_ready({job.queue for job in effects.dispatch})
             await self.broker.publish(effects.dispatch)
         if effects.finished:
             self.signals.jobs_finished(effects.finished)
@@ -170,12 +181,13 @@ class Runtime:
             self.signals.webhooks.set()
         if effects.finished or effects.earliest_due is not None:
             await self.broker.announce(effects.finished, effects.earliest_due)
+        await self.broker.after_commit(effects)
 
     async def after_submit(self, rows: list[JobValues]) -> None:
         effects = Effects()
         for row in rows:
             if row["status"] == "queued":
-                effects.dispatch.append(dispatch_of_values(row, self.broker.wants_envelopes))
+                effects.dispatch.append(dispatch_of_values(row))
             else:
                 effects.due_at(row["run_at"])
         await self.apply(effects)

@@ -1,16 +1,15 @@
-"""The scheduler every replica runs: fire due schedules, then sleep until the earliest
-``next_fire_at`` (or until a local change wakes it). There is no leader: replicas claim
-due schedules with row locks and the fire key makes each tick fire once (see
-service.schedules). ``reconcile_interval_seconds`` caps the sleep, so a replica learns of
-a schedule created or moved earlier on another replica within that bound; until then the
-replica that made the change fires it.
+"""The scheduler plugin every replica runs (service/loops.py runs it): fire due
+schedules, then sleep until the earliest ``next_fire_at`` (or until a local change wakes
+it: ``Signals.schedules``). There is no leader: replicas claim due schedules with row
+locks and the fire key makes each tick fire once (see service.schedules).
+``reconcile_interval_seconds`` caps the sleep, so a replica learns of a schedule created
+or moved earlier on another replica within that bound; until then the replica that made
+the change fires it.
 
 Also here: the schedules file (CELERIAC_SCHEDULES_FILE), applied once at start-up."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import tomllib
 from collections import Counter
@@ -23,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from service import errors, schedules
-from service.outage import log_failure
+from service.loops import Pass, Plugin
 from service.runtime import Runtime
 from service.schemas import ScheduleCreate
 
@@ -66,35 +65,30 @@ async def fire_due(runtime: Runtime) -> int:
     return fired
 
 
-def sleep_seconds(upcoming: datetime | None, now: datetime, cap: float) -> float:
-    if upcoming is None:
-        return cap
-    delay = (upcoming - now).total_seconds()
-    return min(cap, delay if delay > 0 else LOCKED_RETRY_SECONDS)
+class Scheduler(Plugin):
+    name = "scheduler"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.interval = runtime.settings.reconcile_interval_seconds
+        self.wakes = (runtime.signals.schedules,)
+
+    async def run_once(self, runtime: Runtime) -> Pass:
+        if await fire_due(runtime) >= MAX_PER_PASS:
+            return Pass(more=True)
+        upcoming = await runtime.db.read(schedules.next_due_at)
+        now = runtime.clock.now()
+        if upcoming is not None and upcoming <= now:
+            # Due but not claimed: another replica holds it (or won its tick just now).
+            upcoming = now + timedelta(seconds=LOCKED_RETRY_SECONDS)
+        return Pass(due=upcoming)
 
 
-async def scheduler_loop(runtime: Runtime) -> None:
-    wake = runtime.signals.schedules
-    cap = runtime.settings.reconcile_interval_seconds
-    while True:
-        wake.clear()  # before the pass: a change made during it wakes the next sleep
-        try:
-            await fire_due(runtime)
-            upcoming = await runtime.db.read(schedules.next_due_at)
-        except Exception:
-            log_failure(log, "scheduler pass")  # an outage: logged once, not per pass
-            upcoming = None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), sleep_seconds(upcoming, runtime.clock.now(), cap))
-
-
-async def start_scheduler(runtime: Runtime) -> asyncio.Task[None]:
-    """Apply the schedules file (an invalid one stops start-up), then start the loop."""
-    # Ticks are instants on the database's clock: know it before the first pass.
+async def prepare_scheduler(runtime: Runtime) -> None:
+    """Before the first pass: measure the database's clock (ticks are instants on it) and
+    apply the schedules file (an invalid one stops start-up)."""
     await runtime.db.read(runtime.clock.measure)
     if runtime.settings.schedules_file:
         await apply_schedules_file(runtime, Path(runtime.settings.schedules_file))
-    return asyncio.create_task(scheduler_loop(runtime), name="celeriac-scheduler")
 
 
 # --- the schedules file -----------------------------------------------------------------

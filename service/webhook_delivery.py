@@ -4,17 +4,18 @@
 ``CELERIAC_WEBHOOK_TIMEOUT_SECONDS`` from DNS lookup to the last byte.
 
 It shares nothing with job processing but the database: a slow or dead receiver holds one
-delivery slot for at most the timeout, and never a job, a lease or a request. It sleeps
-until the next attempt is due or until a commit that wrote deliveries wakes it (Effects
--> ``Signals.webhooks``); ``webhook_idle_check_seconds`` caps that sleep so deliveries a
-crashed replica recorded are picked up by the others."""
+delivery slot for at most the timeout, and never a job, a lease or a request. The
+``Deliverer`` is a background plugin (service/loops.py): it is due when the next attempt
+is, and is woken by a commit that wrote deliveries (Effects -> ``Signals.webhooks``) or by
+a finishing attempt that frees a slot or wants an earlier retry;
+``webhook_idle_check_seconds`` caps its sleep so deliveries a crashed replica recorded are
+picked up by the others."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
-import contextlib
 import email.utils
 import hashlib
 import hmac
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from service import webhooks
+from service.loops import Pass, Plugin, sleep_seconds
 from service.netguard import AddressPolicy, AddressRefused, GuardedTransport, check_webhook_url
 from service.outage import log_failure
 from service.serialize import iso, values_body
@@ -157,7 +159,7 @@ def decide(
     return webhooks.PENDING, next_attempt
 
 
-# --- the loop ------------------------------------------------------------------------------
+# --- the plugin ----------------------------------------------------------------------------
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
@@ -174,7 +176,9 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
-class Deliverer:
+class Deliverer(Plugin):
+    name = "webhooks"
+
     def __init__(self, runtime: Runtime, client: httpx.AsyncClient) -> None:
         settings = runtime.settings
         self.runtime = runtime
@@ -185,43 +189,27 @@ class Deliverer:
         # A claim outlives the attempt's hard deadline, with room to record the outcome
         # (were it late, the fence in record_attempt keeps a second claimer's result).
         self.hold_seconds = 2 * self.timeout + 1.0
+        self.interval = settings.webhook_idle_check_seconds
         self.wake = runtime.signals.webhooks
+        self.wakes = (self.wake,)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.backlog = False
-        self.sleeping_until: datetime | None = None  # None: until woken (or the idle cap)
+        # When the loop means to look again (None: mid-pass, or after a failed one).
+        self.sleeping_until: datetime | None = None
         self._warned_unsigned = False
 
-    async def run(self) -> None:
-        try:
-            await self._loop()
-        finally:  # shutting down: abandon attempts in flight (their claims run out)
-            for task in list(self.in_flight):
-                task.cancel()
-            await asyncio.gather(*self.in_flight, return_exceptions=True)
-
-    async def _loop(self) -> None:
-        failures = 0
-        while True:
-            self.wake.clear()
-            try:
-                upcoming = await self._pass()
-                failures = 0
-            except Exception:
-                failures += 1
-                log_failure(log, "webhook delivery pass")  # an outage: logged once
-                upcoming = self.runtime.clock.now() + timedelta(seconds=min(2**failures, 30))
-            await self._sleep(upcoming)
-
-    async def _sleep(self, upcoming: datetime | None) -> None:
-        cap = self.runtime.settings.webhook_idle_check_seconds
-        now = self.runtime.clock.now()
-        seconds = cap
-        if upcoming is not None:
-            seconds = min(cap, max((upcoming - now).total_seconds(), 0.01))  # never spin
-        self.sleeping_until = now + timedelta(seconds=seconds)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), seconds)
+    async def run_once(self, runtime: Runtime) -> Pass:
         self.sleeping_until = None
+        upcoming = await self._pass()
+        now = runtime.clock.now()
+        self.sleeping_until = now + timedelta(seconds=sleep_seconds(upcoming, now, self.interval))
+        return Pass(due=upcoming)
+
+    async def stop(self) -> None:
+        """Shutting down: abandon attempts in flight (their claims run out)."""
+        for task in list(self.in_flight):
+            task.cancel()
+        await asyncio.gather(*self.in_flight, return_exceptions=True)
 
     async def _pass(self) -> datetime | None:
         """Start attempts for due deliveries while slots are free; returns when the next
@@ -262,7 +250,7 @@ class Deliverer:
             return
         # A retry due before the loop means to wake (it slept towards this attempt's
         # claim, or longer): wake it now.
-        # (Mid-pass, sleeping_until is None: the wake-up makes the loop look again.)
+        # (Mid-pass or after a failed pass, sleeping_until is None: the loop looks again.)
         retry_at = outcome.next_attempt_at
         if retry_at is not None and (self.sleeping_until is None or retry_at < self.sleeping_until):
             self.wake.set()

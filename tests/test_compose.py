@@ -798,13 +798,35 @@ def image_layout(tmp_path: Path) -> tuple[Path, Path]:
                     shutil.copy(path, target)
 
     site = tmp_path / "site-packages"
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for project in (REPO / "workers/python", REPO):  # the SDK and the service (Dockerfile)
+        install_layout(project, site)
+    return workdir, site
+
+
+def install_layout(project: Path, site: Path) -> None:
+    """One distribution into ``site``: its packages, and the metadata that carries its
+    entry points (the service's commands reach `celeriac` through them)."""
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    config = pyproject["tool"]["setuptools"]
     assert isinstance(config.get("packages"), list), "expected an explicit package list"
     package_dirs = config.get("package-dir", {})
     package_data = config.get("package-data", {})
+    meta = pyproject["project"]
+    dist_info = site / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n"
+    )
+    groups = {"console_scripts": meta.get("scripts", {}), **meta.get("entry-points", {})}
+    (dist_info / "entry_points.txt").write_text(
+        "".join(
+            f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in points.items())
+            for group, points in groups.items()
+        )
+    )
     for package in config["packages"]:
         top, *rest = package.split(".")
-        source = REPO / package_dirs.get(top, top) / Path(*rest)
+        source = project / package_dirs.get(top, top) / Path(*rest)
         target = site / Path(*package.split("."))
         target.mkdir(parents=True, exist_ok=True)
         files = list(source.glob("*.py"))
@@ -814,7 +836,6 @@ def image_layout(tmp_path: Path) -> tuple[Path, Path]:
             destination = target / file.relative_to(source)
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(file, destination)
-    return workdir, site
 
 
 class Native:

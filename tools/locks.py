@@ -83,14 +83,25 @@ def requirement_names(specs: Iterable[str]) -> set[str]:
     return names
 
 
+def declared(pyproject: Path) -> tuple[set[str], set[str]]:
+    """(runtime, dev) names pyproject.toml asks for. A dependency that [tool.uv.sources]
+    takes from a path in this checkout (the SDK, workers/python) is not pinned (the locks
+    leave it out; it is installed from here): its own dependencies are, in its stead."""
+    config = tomllib.loads(pyproject.read_text())
+    project = config["project"]
+    wanted = requirement_names(project["dependencies"])
+    dev = requirement_names(project.get("optional-dependencies", {}).get("dev", []))
+    for name, source in config.get("tool", {}).get("uv", {}).get("sources", {}).items():
+        if "path" in source and normalise(name) in wanted:
+            wanted.discard(normalise(name))
+            wanted |= declared(pyproject.parent / source["path"] / "pyproject.toml")[0]
+    return wanted, dev
+
+
 def check(lock: Path, dev_lock: Path, pyproject: Path) -> list[str]:
-    project = tomllib.loads(pyproject.read_text())["project"]
+    wanted, wanted_dev = declared(pyproject)
     runtime, dev = read_lock(lock), read_lock(dev_lock)
-    problems = [
-        f"{lock.name} lacks {name}" for name in sorted(requirement_names(project["dependencies"]))
-        if name not in runtime
-    ]  # fmt: skip
-    wanted_dev = requirement_names(project.get("optional-dependencies", {}).get("dev", []))
+    problems = [f"{lock.name} lacks {name}" for name in sorted(wanted - set(runtime))]
     problems += [f"{dev_lock.name} lacks {name}" for name in sorted(wanted_dev - set(dev))]
     for name, pin in sorted(runtime.items()):
         other = dev.get(name)

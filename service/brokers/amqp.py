@@ -5,15 +5,12 @@ body is the job id, the AMQP priority is the job's. Classic queues get ``x-max-p
 10, so RabbitMQ hands out the highest priority first, then the oldest; quorum queues
 (``CELERIAC_AMQP_QUORUM=true``) trade that ordering for replication.
 
-As with Redis, RabbitMQ holds no lease: a message is only a candidate id, and SQL grants
-the lease with ``claim_by_ids`` (one UPDATE, a fresh token). The service acks a message
-as soon as the SQL transaction that looked at it committed, whether it granted the job
-or found it already taken (a duplicate): from then on SQL holds the lease, reclaims it on
-expiry and publishes the job again, so an unacked delivery held for the length of a job
-would protect nothing and would pin prefetch. A message whose claim failed (SQL down) is
-requeued.
+A message is only a candidate id: SQL grants the lease (``service.dispatch``), and the
+message is acked once the SQL transaction that looked at it committed, granted or a
+duplicate (SQL holds the lease from then on: an unacked delivery held for the length of
+a job would protect nothing and pin prefetch); requeued if that transaction failed.
 
-- ``lease`` takes candidates with ``basic.get`` (the head of the queue, so priority and
+- ``candidates`` takes messages with ``basic.get`` (the head of the queue, so priority and
   queue order hold), and with nothing ready it waits on a *delivery*: a consumer per
   requested queue with prefetch 1, cancelled as soon as something arrived. Prefetch is
   therefore bounded by what waiting workers asked for; nothing is buffered for nobody,
@@ -29,9 +26,8 @@ requeued.
   empty waits until it runs dry (RabbitMQ cannot say which ids it holds). Duplicates cost
   one wasted ``basic.get``: SQL grants a job once.
 - The connection is supervised: lost, it is re-opened with exponential back-off
-  (0.2 s … 5 s), channels and declarations are made afresh, and meanwhile ``lease``
-  dispatches from SQL like the Redis broker does (the only polling, and only while
-  RabbitMQ is away).
+  (0.2 s … 5 s), channels and declarations are made afresh, and meanwhile dispatch
+  serves from SQL, as for every broker.
 - Delayed and retrying jobs stay in SQL until due; the maintenance loop promotes and
   publishes them. No RabbitMQ plugin is needed.
 
@@ -45,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -63,12 +59,16 @@ from aio_pika.abc import (
 )
 from sqlalchemy.orm import Session
 
-from service.brokers.base import Broker, BrokerHooks
-from service.brokers.sql import SqlBroker, dispatch_message
+from service.brokers.base import (
+    Announcements,
+    Broker,
+    BrokerHooks,
+    BrokerUnavailable,
+    Candidates,
+)
 from service.db import Database
-from service.jobs import Dispatch
-from service.leases import LeaseTerms, claim_by_ids, claim_from_queues, jobs_c
-from service.models import JobValues
+from service.effects import Dispatch
+from service.leases import jobs_c, queued_since
 from service.schemas import JobStatus
 from service.signals import Signals
 
@@ -83,7 +83,6 @@ CALL_TIMEOUT = 5.0
 PUBLISH_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 RECONCILE_LIMIT = 5000
-EVENT_CHUNK = 500
 
 # What a lost connection or channel raises: the call is then answered from SQL.
 ERRORS: tuple[type[BaseException], ...] = (
@@ -153,20 +152,41 @@ def message_for(job: Dispatch) -> aio_pika.Message:
 
 async def settle_messages(candidates: Sequence[Candidate], *, requeue: bool | None) -> None:
     """Ack (``requeue`` None) or nack. A message whose channel died meanwhile is already
-    back in its queue: nothing to do."""
-
-    async def one(item: Candidate) -> None:
+    back in its queue: nothing to do. (wait=False: queue the frame, not wait for it.)"""
+    for item in candidates:
         channel, tag = item.message.channel, item.message.delivery_tag
         assert tag is not None  # only unacked deliveries are candidates
-        # wait=False: queue the frame, don't wait for each write to drain.
-        if requeue is None:
-            await channel.basic_ack(tag, wait=False)
-        else:
-            await channel.basic_nack(tag, requeue=requeue, wait=False)
-
-    for item in candidates:
         with contextlib.suppress(*ERRORS):
-            await one(item)
+            if requeue is None:
+                await channel.basic_ack(tag, wait=False)
+            else:
+                await channel.basic_nack(tag, requeue=requeue, wait=False)
+
+
+class _Delivered(Candidates):
+    """Unacked deliveries, ranked. Acked once SQL decided (granted, or a duplicate);
+    requeued when it could not. Until then reconcile counts them as held, not lost."""
+
+    def __init__(self, broker: AmqpBroker, queues: Sequence[str], found: list[Candidate]) -> None:
+        found.sort()
+        super().__init__([item.id for item in found])
+        self.found = found
+        self.held = Counter(queues[item.rank[0]] for item in found)
+        self.holding = broker._holding
+        self.holding.update(self.held)
+
+    async def ack(self, ids: Collection[str]) -> None:
+        await self._settle(ids, requeue=None)
+
+    async def hand_back(self, ids: Collection[str], *, still_ready: bool) -> None:
+        await self._settle(ids, requeue=True if still_ready else None)
+
+    async def _settle(self, ids: Collection[str], *, requeue: bool | None) -> None:
+        chosen = [item for item in self.found if item.id in ids]
+        await settle_messages(chosen, requeue=requeue)
+        self.found = [item for item in self.found if item.id not in ids]
+        if not self.found:
+            self.holding.subtract(self.held)
 
 
 @dataclass
@@ -311,12 +331,6 @@ class Link:
             await asyncio.wait_for(self.connection.close(), CALL_TIMEOUT)
 
 
-def _claim_by_ids(
-    session: Session, *, ids: list[str], terms: Callable[[], LeaseTerms]
-) -> list[JobValues]:
-    return claim_by_ids(session, ids, terms())
-
-
 def stale_counts(session: Session, *, before: datetime) -> dict[str, int]:
     """Per queue, how many jobs have been ready since ``before``: each should have a
     message waiting by now."""
@@ -326,18 +340,6 @@ def stale_counts(session: Session, *, before: datetime) -> dict[str, int]:
         .group_by(jobs_c.queue)
     )
     return {queue: int(n) for queue, n in session.execute(query)}
-
-
-def queued_in(session: Session, *, queue: str, before: datetime | None) -> list[Dispatch]:
-    query = (
-        sa.select(jobs_c.id, jobs_c.priority)
-        .where(jobs_c.queue == queue, jobs_c.status == JobStatus.queued)
-        .order_by(jobs_c.id)
-        .limit(RECONCILE_LIMIT)
-    )
-    if before is not None:
-        query = query.where(jobs_c.run_at <= before)
-    return [Dispatch(job_id, queue, priority) for job_id, priority in session.execute(query)]
 
 
 class AmqpBroker(Broker):
@@ -351,14 +353,11 @@ class AmqpBroker(Broker):
         url: str,
         layout: Layout,
         reconcile_age_seconds: float,
-        fallback_seconds: float,
     ) -> None:
         super().__init__(db, signals)
         self.url = url
         self.layout = layout
         self.reconcile_age = timedelta(seconds=reconcile_age_seconds)
-        # While RabbitMQ is away, leases are dispatched straight from the jobs table.
-        self.fallback = SqlBroker(db, signals, fallback_seconds=fallback_seconds)
         self._link: Link | None = None
         self._up = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -382,7 +381,6 @@ class AmqpBroker(Broker):
                 await self._supervisor
         if self._link is not None:
             await self._link.close()
-        await self.fallback.close()  # its shared poll, if leases ever fell back to SQL
 
     async def _supervise(self) -> None:
         delay, failures = BACKOFF_MIN, 0
@@ -436,7 +434,7 @@ class AmqpBroker(Broker):
         link.events = exchange
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
-        dispatch_message(self.signals, message.body.decode())
+        Announcements.apply(self.signals, message.body.decode())
 
     async def ping(self) -> None:
         link = self._link
@@ -451,8 +449,6 @@ class AmqpBroker(Broker):
     async def publish(self, jobs: Sequence[Dispatch]) -> None:
         if not jobs:
             return
-        # Leases waiting in SQL fallback hear of it at once; RabbitMQ wakes the others.
-        self.signals.queues_ready({job.queue for job in jobs})
         link = self._link
         if link is None:
             return  # reconcile publishes them once RabbitMQ is back
@@ -496,92 +492,24 @@ class AmqpBroker(Broker):
         link = self._link
         if link is None or link.events is None:
             return
-        messages = [
-            f"f:{','.join(finished[i : i + EVENT_CHUNK])}"
-            for i in range(0, len(finished), EVENT_CHUNK)
-        ]
-        if due is not None:
-            messages.append("d:")
         try:
-            for text in messages:
+            for text in Announcements.encode(finished, due):
                 await link.events.publish(aio_pika.Message(text.encode()), "", mandatory=False)
         except ERRORS as exc:
             log.warning("announce over RabbitMQ failed: %r", exc)
 
-    async def cancel_requested(self, job_ids: Sequence[str]) -> None:
-        return None  # workers learn it from their heartbeat answer (HTTP)
-
     # --- leasing ------------------------------------------------------------------------
 
-    async def lease(
-        self,
-        queues: Sequence[str],
-        max_jobs: int,
-        wait: float,
-        terms: Callable[[], LeaseTerms],
-    ) -> list[JobValues]:
+    async def candidates(self, queues: Sequence[str], limit: int, wait: float) -> Candidates:
+        link = self._link
+        if link is None:
+            raise BrokerUnavailable("RabbitMQ is unreachable")
         deadline = asyncio.get_running_loop().time() + wait
-        rows = await self._lease(queues, max_jobs, deadline, terms)
-        if wait <= 0 and len(rows) < max_jobs and self._link is not None:
-            # "What is ready now" is SQL's to say: a job committed a moment ago may not
-            # have reached RabbitMQ yet (POST /jobs answers before it publishes).
-            rows = await self._top_up(rows, queues, max_jobs, terms)
-        return rows
-
-    async def _lease(
-        self,
-        queues: Sequence[str],
-        max_jobs: int,
-        deadline: float,
-        terms: Callable[[], LeaseTerms],
-    ) -> list[JobValues]:
-        while True:
-            link = self._link
-            if link is None:
-                return await self._from_sql(queues, max_jobs, deadline, terms)
-            try:
-                found = await self._candidates(link, queues, max_jobs, deadline)
-            except ERRORS as exc:
-                log.warning("lease from RabbitMQ failed (%r); dispatching from SQL", exc)
-                return await self._from_sql(queues, max_jobs, deadline, terms)
-            if found:
-                held = Counter(queues[item.rank[0]] for item in found)
-                self._holding.update(held)  # reconcile: these are not lost, only unacked
-                try:
-                    rows = await self._claim(found, terms)
-                finally:
-                    self._holding.subtract(held)
-                if rows:
-                    return rows
-                continue  # only duplicates or jobs taken meanwhile (now acked): look again
-            if asyncio.get_running_loop().time() >= deadline:
-                return []
-
-    async def _top_up(
-        self,
-        rows: list[JobValues],
-        queues: Sequence[str],
-        max_jobs: int,
-        terms: Callable[[], LeaseTerms],
-    ) -> list[JobValues]:
-        want = max_jobs - len(rows)
-        extra = await self.db.run(lambda session: claim_from_queues(session, queues, want, terms()))
-        if not extra:
-            return rows
-        order = {queue: index for index, queue in enumerate(queues)}
-        return sorted(
-            rows + extra, key=lambda row: (order[row["queue"]], -row["priority"], row["id"])
-        )
-
-    async def _from_sql(
-        self,
-        queues: Sequence[str],
-        max_jobs: int,
-        deadline: float,
-        terms: Callable[[], LeaseTerms],
-    ) -> list[JobValues]:
-        left = max(deadline - asyncio.get_running_loop().time(), 0.0)
-        return await self.fallback.lease(queues, max_jobs, left, terms)
+        try:
+            found = await self._candidates(link, queues, limit, deadline)
+        except ERRORS as exc:
+            raise BrokerUnavailable(repr(exc)) from exc
+        return _Delivered(self, queues, found)
 
     async def _candidates(
         self, link: Link, queues: Sequence[str], max_jobs: int, deadline: float
@@ -681,20 +609,6 @@ class AmqpBroker(Broker):
         await asyncio.sleep(0)  # let deliveries received before the cancel-ok land
         catch.closed = True
 
-    async def _claim(
-        self, found: list[Candidate], terms: Callable[[], LeaseTerms]
-    ) -> list[JobValues]:
-        found.sort()
-        ids = list(dict.fromkeys(item.id for item in found))
-        try:
-            rows = await self.db.run(partial(_claim_by_ids, ids=ids, terms=terms))
-        except BaseException:
-            await settle_messages(found, requeue=True)
-            raise
-        # SQL has decided for every one of them (granted, or not queued any more).
-        await settle_messages(found, requeue=None)
-        return rows
-
     # --- repair -------------------------------------------------------------------------
 
     async def reconcile(self, now: datetime) -> int:
@@ -716,7 +630,9 @@ class AmqpBroker(Broker):
     async def _reconcile_queue(self, link: Link, queue: str, stale: int, before: datetime) -> int:
         ready = await self._ready_count(link, queue)
         if ready is None:
-            jobs = await self.db.read(partial(queued_in, queue=queue, before=None))
+            jobs = await self.db.read(
+                partial(queued_since, before=None, limit=RECONCILE_LIMIT, queue=queue)
+            )
             log.warning(
                 "RabbitMQ queue %s was missing: declared it again, republishing %d jobs",
                 self.layout.queue(queue),
@@ -746,7 +662,9 @@ class AmqpBroker(Broker):
         """Jobs still queued after two passes that both found their queue empty. A lease
         holds its messages unacked (uncounted) until its SQL claim commits, so one empty
         count may be a lease in flight; a whole interval later it is not."""
-        jobs = await self.db.read(partial(queued_in, queue=queue, before=before))
+        jobs = await self.db.read(
+            partial(queued_since, before=before, limit=RECONCILE_LIMIT, queue=queue)
+        )
         suspects = self._suspects.get(queue, set())
         lost = [job for job in jobs if job.id in suspects]
         self._suspects[queue] = {job.id for job in jobs} - suspects

@@ -1,37 +1,49 @@
-"""The broker contract: how ready jobs reach workers.
+"""The broker contract: a broker is a source of candidate job ids.
 
 SQL is the system of record. A job's status, lease token and deadline live only in the
-``jobs`` table and every lease is granted there (see ``service.leases``), so a broker can
-never make a job run twice while its lease is alive. A broker is a *dispatch index*: it
-knows which queued jobs to offer next and wakes waiting workers without polling.
+``jobs`` table and every lease is granted there, by ``service.dispatch`` (one module for
+every broker: granting, waiting, the SQL top-up and the fallback while a broker is down).
+A broker is a *dispatch index*: it knows which queued jobs to offer next and wakes
+waiting workers without polling. It never grants a lease itself.
 
 Guarantees every implementation keeps:
 
-- ``publish`` is called after the commit that made jobs ready. It may fail or be lost (the
-  process dies between commit and publish): ``reconcile`` repairs that from SQL within
-  ``reconcile_interval_seconds``. Publishing a job twice is harmless.
-- ``lease`` returns jobs whose lease is committed in SQL, queues in the order given,
+- ``candidates`` returns ids the broker believes are ready, queues in the order given,
   highest priority then oldest first within a queue, never a job before its ``run_at``
-  (delayed jobs stay in SQL until the service promotes them). With nothing ready it waits
-  up to ``wait`` seconds for an event, not by re-querying in a loop.
-- ``announce`` tells other service replicas that jobs finished or that a timer moved, so
-  their result waiters and maintenance wake up. Best effort: waiters re-read SQL anyway.
+  (delayed jobs stay in SQL until the service promotes them). With nothing to offer it
+  waits up to ``wait`` seconds for a publish (an event, never a poll). A candidate is
+  only a hint: SQL decides, so a stale id (already granted, cancelled) costs one look.
+  Every id of a batch is settled exactly once: ``ack`` (SQL granted it: drop it from
+  the index) or ``hand_back`` (not granted: dropped if SQL says it is not leasable any
+  more, offered again if it may still be ready: SQL failed, or held it back). Until
+  then the broker keeps the ids from other hands.
+  Raises ``BrokerUnavailable`` when the broker cannot be reached.
+- ``publish`` is called after the commit that made jobs ready. It may fail or be lost
+  (the process dies between commit and publish): ``reconcile`` repairs that from SQL
+  within ``reconcile_interval_seconds``. Publishing a job twice is harmless. At least
+  once, for the index: every queued job is offered, some more than once.
+- ``announce`` tells other service replicas that jobs finished or that a timer moved
+  (the messages of ``Announcements``). Best effort: waiters re-read SQL anyway.
 - ``reconcile`` rebuilds whatever the index lost (restart, flush, failed push) from SQL.
   It is idempotent and safe to run on every replica at once.
+- ``after_commit`` sees every commit's effects; a broker acts on what concerns its own
+  workers (default: nothing).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from service.db import Database
-from service.jobs import Dispatch
-from service.leases import Effects, LeaseTerms
-from service.models import JobValues
+from service.effects import Dispatch, Effects
 from service.signals import Signals
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached: dispatch serves from SQL meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -43,25 +55,35 @@ class BrokerHooks:
     apply: Callable[[Effects], Awaitable[None]]
 
 
+class Candidates:
+    """One answer of ``Broker.candidates``: ids in the order to grant them. The base
+    class is a batch that needs no settling (an index that already removed them)."""
+
+    def __init__(self, ids: Sequence[str] = ()) -> None:
+        self.ids = list(dict.fromkeys(ids))
+
+    async def ack(self, ids: Collection[str]) -> None:
+        """SQL granted these: drop them from the index."""
+
+    async def hand_back(self, ids: Collection[str], *, still_ready: bool) -> None:
+        """Not granted. ``still_ready`` False: SQL found them not leasable (granted
+        elsewhere, cancelled, expired): drop them; they are published again if they
+        become ready. True: SQL could not decide or held them back: offer them again."""
+
+
 class Broker(ABC):
     name: str
-
-    # False when events cannot reach other processes. Waiters never re-check SQL on a
-    # timer of their own: such a broker must itself wake this process's lease waiters
-    # and result waiters (``Signals``) for changes made elsewhere, as the SQL broker's
-    # one shared poll per ``sql_poll_fallback_seconds`` does.
-    @property
-    def cross_process(self) -> bool:
-        return True
+    # False only for the SQL broker: the jobs table is its index, and dispatch claims
+    # from it in one statement instead of asking for candidates.
+    holds_index: bool = True
+    # True when workers lease from the index itself (the Redis worker protocol): SQL
+    # hears of those leases late, so a job it still calls queued may be running. Then
+    # dispatch never tops a short answer up from SQL while the broker answers.
+    grants_outside_sql: bool = False
 
     def __init__(self, db: Database, signals: Signals) -> None:
         self.db = db
         self.signals = signals
-
-    @property
-    def wants_envelopes(self) -> bool:
-        """Whether ``publish`` needs each job's envelope (Redis worker protocol)."""
-        return False
 
     @abstractmethod
     async def start(self, hooks: BrokerHooks) -> None:
@@ -71,31 +93,59 @@ class Broker(ABC):
     async def close(self) -> None:
         """Release connections. Called once at shutdown."""
 
+    async def candidates(self, queues: Sequence[str], limit: int, wait: float) -> Candidates:
+        """Up to ``limit`` ids believed ready; see the module's guarantees."""
+        return Candidates()
+
     @abstractmethod
     async def publish(self, jobs: Sequence[Dispatch]) -> None: ...
 
     @abstractmethod
-    async def lease(
-        self,
-        queues: Sequence[str],
-        max_jobs: int,
-        wait: float,
-        terms: Callable[[], LeaseTerms],
-    ) -> list[JobValues]:
-        """``terms`` is called for each attempt, so a lease granted late in a long-poll
-        still gets its full length."""
-
-    @abstractmethod
     async def announce(self, finished: Sequence[str], due: datetime | None) -> None: ...
 
-    @abstractmethod
     async def reconcile(self, now: datetime) -> int:
         """Repair the index from SQL; returns how many jobs it (re-)indexed."""
+        return 0
 
-    @abstractmethod
-    async def cancel_requested(self, job_ids: Sequence[str]) -> None:
-        """Tell workers holding these jobs (through the broker) to stop."""
+    async def after_commit(self, effects: Effects) -> None:
+        """A commit's effects, after the runtime applied them."""
+        return None
 
     @abstractmethod
     async def ping(self) -> None:
         """Raise if the broker cannot be reached."""
+
+
+def chunks(values: Sequence[str], size: int) -> list[Sequence[str]]:
+    """``values`` in slices of at most ``size``: the one way messages and IN lists are cut."""
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+class Announcements:
+    """The one format of the messages replicas exchange (PostgreSQL NOTIFY, Redis pub/sub,
+    the AMQP fanout): ``r:<queue>,…`` queues have ready jobs, ``f:<id>,…`` jobs finished,
+    ``d:`` a timer moved. Each message stays under PostgreSQL's 8000-byte payload."""
+
+    PER_MESSAGE = 7900 // 37  # a job id and its comma
+
+    @classmethod
+    def encode(cls, finished: Sequence[str], due: datetime | None) -> list[str]:
+        messages = [f"f:{','.join(part)}" for part in chunks(finished, cls.PER_MESSAGE)]
+        if due is not None:
+            messages.append("d:")
+        return messages
+
+    @staticmethod
+    def ready(queues: Iterable[str]) -> list[str]:
+        return [f"r:{queue}" for queue in sorted(set(queues))]
+
+    @staticmethod
+    def apply(signals: Signals, payload: str) -> None:
+        """Wake this process's waiters for one message; an unknown one is ignored."""
+        kind, _, body = payload.partition(":")
+        if kind == "r":
+            signals.queues_ready(body.split(","))
+        elif kind == "f":
+            signals.jobs_finished(body.split(","))
+        elif kind == "d":
+            signals.due_at(None)

@@ -1,35 +1,38 @@
 """Redis as a dispatch index: one sorted set of ready job ids per queue.
 
-Keys live under one hash tag, ``{<prefix>}``, so a Redis Cluster keeps them in one slot
+Keys live under one hash tag (``RedisLayout``), so a Redis Cluster keeps them in one slot
 and multi-queue pops stay atomic. Members are job ids; the score orders by priority, then
-age (lowest score first). For HTTP workers Redis holds no lease: a popped id is only a
-candidate, and SQL grants the lease (a job popped twice is still leased once). Workers
-that speak the Redis protocol lease straight from Redis (``redis_protocol``); SQL follows
-through the event stream. If Redis is unreachable, HTTP leases fall back to SQL dispatch;
-if it lost data, ``reconcile`` re-adds what SQL says is queued."""
+age (lowest score first). A popped id is only a candidate for an HTTP lease: SQL grants
+it. Workers that speak the Redis protocol lease straight from Redis (``redis_protocol``);
+SQL follows through the event stream. If Redis lost data, ``reconcile`` re-adds what SQL
+says is queued."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
-from sqlalchemy.orm import Session
 
 from service.brokers import redis_protocol
-from service.brokers.base import Broker, BrokerHooks
-from service.brokers.sql import dispatch_message
+from service.brokers.base import (
+    Announcements,
+    Broker,
+    BrokerHooks,
+    BrokerUnavailable,
+    Candidates,
+)
 from service.db import Database
-from service.jobs import Dispatch
-from service.leases import LeaseTerms, claim_by_ids, claim_from_queues, queued_since
-from service.models import JobValues
+from service.effects import Dispatch, Effects
+from service.leases import queued_since
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.broker.redis")
@@ -39,10 +42,53 @@ RECONCILE_LIMIT = 5000
 TOMBSTONE_SECONDS = 30
 
 
-def _claim_by_ids(
-    session: Session, *, ids: list[str], terms: Callable[[], LeaseTerms]
-) -> list[JobValues]:
-    return claim_by_ids(session, ids, terms())
+class RedisLayout:
+    """Every Redis key the service and the Redis worker protocol use (a public contract:
+    docs/protocol.md, and the header of service/lua/celeriac.lua)."""
+
+    def __init__(self, prefix: str = "celeriac") -> None:
+        self.prefix = prefix
+        self.tag = "{" + prefix + "}"  # one hash tag: a cluster keeps every key in one slot
+        self.events = f"{self.tag}:events"
+        self.pubsub = f"{self.tag}:events:pubsub"
+        self.epoch = f"{self.tag}:epoch"
+
+    def ready(self, queue: str) -> str:
+        return f"{self.tag}:ready:{queue}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.tag}:job:{job_id}"
+
+    def wake(self, queue: str) -> str:
+        return f"{self.tag}:wake:{queue}"
+
+
+class LuaScripts:
+    """Every Lua file of service/lua/, loaded one way: the worker protocol's library
+    (``celeriac_v1``) with FUNCTION LOAD, since workers call its functions by name; the
+    service's own scripts by SHA (EVALSHA, sent again by redis-py after a NOSCRIPT)."""
+
+    LIBRARY = "celeriac"
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        folder = resources.files("service").joinpath("lua")
+        self.sources = {
+            entry.name.removesuffix(".lua"): entry.read_text()
+            for entry in folder.iterdir()
+            if entry.name.endswith(".lua")
+        }
+        self.scripts = {
+            name: client.register_script(code)
+            for name, code in self.sources.items()
+            if name != self.LIBRARY
+        }
+
+    def __getitem__(self, name: str) -> AsyncScript:
+        return self.scripts[name]
+
+    async def load_library(self) -> None:
+        await self.client.function_load(self.sources[self.LIBRARY], replace=True)
 
 
 def score(job: Dispatch) -> float:
@@ -53,8 +99,28 @@ def score(job: Dispatch) -> float:
     return (9 - job.priority) * 1e13 + millis
 
 
-def _script(name: str) -> str:
-    return resources.files("service").joinpath(f"lua/{name}").read_text()
+class _Popped(Candidates):
+    """Ids popped from their ready sets: already out of other hands. Handed back still
+    ready (SQL failed), they return to their set with their score."""
+
+    def __init__(self, broker: RedisBroker, entries: list[tuple[str, str, str]]) -> None:
+        super().__init__([job_id for _key, job_id, _score in entries])
+        self.broker = broker
+        self.entries = entries
+
+    async def ack(self, ids: Collection[str]) -> None:
+        if self.broker.serve_workers and ids:
+            await self.broker.drop_envelopes(ids)
+
+    async def hand_back(self, ids: Collection[str], *, still_ready: bool) -> None:
+        back = [(key, job_id, s) for key, job_id, s in self.entries if job_id in ids]
+        if not still_ready or not back:
+            return  # SQL says not leasable: it is published again if it becomes ready
+        with contextlib.suppress(RedisError):  # lost: reconcile re-adds it
+            async with self.broker.redis.pipeline(transaction=False) as pipe:
+                for key, job_id, s in back:
+                    pipe.zadd(key, {job_id: float(s)})
+                await pipe.execute()
 
 
 class RedisBroker(Broker):
@@ -72,33 +138,24 @@ class RedisBroker(Broker):
     ) -> None:
         super().__init__(db, signals)
         self.url = url
-        self.tag = "{" + prefix + "}"
-        self.channel = f"{self.tag}:events:pubsub"
-        self.stream = f"{self.tag}:events"
-        self.epoch_key = f"{self.tag}:epoch"
+        self.layout = RedisLayout(prefix)
         self.reconcile_age = timedelta(seconds=reconcile_age_seconds)
         self.serve_workers = serve_workers
+        self.grants_outside_sql = serve_workers
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._pop_ready: Any = None
-        self._reindex: Any = None
-        self._missing: Any = None
-
-    @property
-    def wants_envelopes(self) -> bool:
-        return self.serve_workers
-
-    def ready_key(self, queue: str) -> str:
-        return f"{self.tag}:ready:{queue}"
-
-    def job_key(self, job_id: str) -> str:
-        return f"{self.tag}:job:{job_id}"
+        self._lua: LuaScripts | None = None
 
     @property
     def redis(self) -> aioredis.Redis:
         assert self._redis is not None, "broker not started"
         return self._redis
+
+    @property
+    def lua(self) -> LuaScripts:
+        assert self._lua is not None, "broker not started"
+        return self._lua
 
     async def start(self, hooks: BrokerHooks) -> None:
         # A worker can write any bytes into the event stream: undecodable ones become
@@ -113,15 +170,11 @@ class RedisBroker(Broker):
             max_connections=2000,
             socket_timeout=None,
         )
-        self._pop_ready = self._redis.register_script(_script("pop_ready.lua"))
-        self._reindex = self._redis.register_script(_script("reindex.lua"))
-        self._missing = self._redis.register_script(_script("missing.lua"))
+        self._lua = LuaScripts(self._redis)
         self._tasks.append(asyncio.create_task(self._listen(), name="celeriac-redis-listen"))
         if self.serve_workers:
-            await redis_protocol.load_library(self._redis)
-            ingest = redis_protocol.EventIngest(
-                self.db, self._redis, self._blocking, self.stream, hooks.now, hooks.apply
-            )
+            await self.lua.load_library()
+            ingest = redis_protocol.EventIngest(self, hooks, self._blocking)
             self._tasks.append(asyncio.create_task(ingest.run(), name="celeriac-redis-ingest"))
 
     async def close(self) -> None:
@@ -142,100 +195,87 @@ class RedisBroker(Broker):
         except RedisError as exc:
             # The jobs are committed; reconcile will index them. Never fail the caller.
             log.warning("publish to Redis failed (%s); reconcile will repair", exc)
-            self.signals.queues_ready({job.queue for job in jobs})
 
     async def _index(self, jobs: Sequence[Dispatch]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             if self.serve_workers:
                 envelopes = await self._envelopes(jobs)
-                redis_protocol.publish_commands(pipe, self.tag, jobs, envelopes, score)
+                redis_protocol.publish_commands(pipe, self.layout, jobs, envelopes, score)
             else:
                 for job in jobs:
-                    pipe.zadd(self.ready_key(job.queue), {job.id: score(job)})
+                    pipe.zadd(self.layout.ready(job.queue), {job.id: score(job)})
             await pipe.execute()
 
     async def _envelopes(self, jobs: Sequence[Dispatch]) -> dict[str, str]:
-        known = {job.id: job.envelope for job in jobs if job.envelope is not None}
-        missing = [job.id for job in jobs if job.envelope is None]
+        """Built from the values the publisher had (a submit), else read from SQL."""
+        known = {
+            job.id: redis_protocol.envelope(job.values) for job in jobs if job.values is not None
+        }
+        missing = [job.id for job in jobs if job.values is None]
         if missing:
             known.update(await self.db.read(partial(redis_protocol.load_envelopes, ids=missing)))
         return known
 
     async def announce(self, finished: Sequence[str], due: datetime | None) -> None:
-        messages = [f"f:{','.join(finished[i : i + 500])}" for i in range(0, len(finished), 500)]
-        if due is not None:
-            messages.append("d:")
+        messages = Announcements.encode(finished, due)
         if not messages:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for message in messages:
-                    pipe.publish(self.channel, message)
+                    pipe.publish(self.layout.pubsub, message)
                 await pipe.execute()
         except RedisError as exc:
             log.warning("announce over Redis failed: %s", exc)
 
-    async def cancel_requested(self, job_ids: Sequence[str]) -> None:
-        if not self.serve_workers or not job_ids:
+    async def after_commit(self, effects: Effects) -> None:
+        """Redis workers learn of a cancellation from their job hash (heartbeat)."""
+        if not self.serve_workers or not effects.cancelling:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:  # only a leased job has a token; others have no hash
-                pipe.hset(self.job_key(job_id), "cancel", "1")
-                pipe.expire(self.job_key(job_id), 86400)
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in effects.cancelling:  # only a leased job has a token
+                    pipe.hset(self.layout.job(job_id), "cancel", "1")
+                    pipe.expire(self.layout.job(job_id), 86400)
+                await pipe.execute()
+        except RedisError as exc:  # committed: never fail the caller for it
+            log.warning("telling Redis workers of a cancellation failed: %s", exc)
 
-    async def lease(
-        self,
-        queues: Sequence[str],
-        max_jobs: int,
-        wait: float,
-        terms: Callable[[], LeaseTerms],
-    ) -> list[JobValues]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        keys = [self.ready_key(queue) for queue in queues]
-        while True:
-            try:
-                ids = await self._candidates(keys, max_jobs, deadline - loop.time())
-            except RedisError as exc:
-                log.warning("lease from Redis failed (%s); dispatching from SQL", exc)
-                return await self.db.run(
-                    lambda session: claim_from_queues(session, queues, max_jobs, terms())
-                )
-            rows = await self.db.run(partial(_claim_by_ids, ids=ids, terms=terms))
-            if rows and self.serve_workers:
-                await self._drop_envelopes([row["id"] for row in rows])
-            if rows or loop.time() >= deadline:
-                return rows
+    async def candidates(self, queues: Sequence[str], limit: int, wait: float) -> Candidates:
+        keys = [self.layout.ready(queue) for queue in queues]
+        try:
+            return _Popped(self, await self._pop(keys, limit, wait))
+        except RedisError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
 
-    async def _drop_envelopes(self, job_ids: list[str]) -> None:
+    async def _pop(self, keys: list[str], limit: int, wait: float) -> list[tuple[str, str, str]]:
+        flat: list[str] = await self.lua["pop_ready"](keys=keys, args=[limit, self.layout.tag])
+        if flat or wait <= 0:
+            return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        assert self._blocking is not None
+        popped = await self._blocking.bzmpop(wait, len(keys), keys, min=True, count=limit)
+        if not popped:
+            return []
+        # BZMPOP answers [key, [[member, score], ...]].
+        key, members = cast(str, popped[0]), cast(list[list[str]], popped[1])
+        return [(key, pair[0], pair[1]) for pair in members]
+
+    async def drop_envelopes(self, job_ids: Collection[str]) -> None:
         """A job leased over HTTP no longer needs its envelope; a short-lived tombstone
         keeps a reconcile pass that read SQL a moment earlier from offering it again."""
         with contextlib.suppress(RedisError):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in job_ids:
-                    key = self.job_key(job_id)
+                    key = self.layout.job(job_id)
                     pipe.delete(key)
                     pipe.hset(key, "done", "1")
                     pipe.expire(key, TOMBSTONE_SECONDS)
                 await pipe.execute()
 
-    async def _candidates(self, keys: list[str], max_jobs: int, wait: float) -> list[str]:
-        ids: list[str] = await self._pop_ready(keys=keys, args=[max_jobs, self.tag])
-        if ids or wait <= 0:
-            return ids
-        assert self._blocking is not None
-        popped = await self._blocking.bzmpop(wait, len(keys), keys, min=True, count=max_jobs)
-        if not popped:
-            return []
-        # BZMPOP answers [key, [[member, score], ...]].
-        members = cast(list[list[str]], popped[1])
-        return [pair[0] for pair in members]
-
     async def reconcile(self, now: datetime) -> int:
-        if not await self.redis.exists(self.epoch_key):
+        if not await self.redis.exists(self.layout.epoch):
             count = await self._rebuild()
-            await self.redis.set(self.epoch_key, now.isoformat())
+            await self.redis.set(self.layout.epoch, now.isoformat())
             log.warning("Redis dispatch index was empty or new: rebuilt %d jobs from SQL", count)
             return count
         stale = await self.db.read(
@@ -258,18 +298,18 @@ class RedisBroker(Broker):
         """Re-add lost entries without ending any lease a Redis worker holds."""
         if not jobs:
             return 0
-        args: list[Any] = [self.tag]
+        args: list[Any] = [self.layout.tag]
         for job in jobs:
             args += [job.id, job.queue]
-        lost = set(await self._missing(args=args))
+        lost = set(await self.lua["missing"](args=args))
         jobs = [job for job in jobs if job.id in lost]
         if not jobs:
             return 0
         envelopes = await self._envelopes(jobs) if self.serve_workers else {}
-        args = [self.tag]
+        args = [self.layout.tag]
         for job in jobs:
             args += [job.id, score(job), job.queue, envelopes.get(job.id, "")]
-        return int(await self._reindex(args=args))
+        return int(await self.lua["reindex"](args=args))
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -278,10 +318,10 @@ class RedisBroker(Broker):
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
+                    await pubsub.subscribe(self.layout.pubsub)
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            dispatch_message(self.signals, message["data"])
+                            Announcements.apply(self.signals, message["data"])
             except RedisError as exc:
                 log.warning("Redis subscription lost (%s); retrying", exc)
                 await asyncio.sleep(1.0)

@@ -12,79 +12,70 @@ longer queued, a second report finds the lease already settled)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
-from importlib import resources
 from itertools import groupby
 from operator import itemgetter
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.orm import Session
 
-from service import errors
+from service import errors, leases
 from service.brokers import redis_events
 from service.brokers.redis_events import Event
-from service.db import Database
+from service.effects import Dispatch, Effects
 from service.isolation import is_row_error, reason
-from service.jobs import Dispatch, envelope
-from service.leases import Effects, Grant, LeaseTerms, Settle, heartbeat, jobs_c, settle
-from service.models import JOBS_TABLE
+from service.leases import Grant, LeaseTerms, Settle, jobs_c
 from service.schemas import JobStatus
+
+if TYPE_CHECKING:
+    from service.brokers.base import BrokerHooks
+    from service.brokers.redis import RedisBroker, RedisLayout
 
 log = logging.getLogger("celeriac.redis.protocol")
 
-PROTOCOL_VERSION = "1"
-LIBRARY = "celeriac_v1"
 GROUP = "celeriac-service"
 EVENT_BATCH = 2000
 CLAIM_IDLE_MS = 15_000
-ENVELOPE_COLUMNS = ("id", "task", "args", "kwargs", "queue", "priority", "attempt",
-                    "max_retries", "timeout")  # fmt: skip
 
 
 def load_envelopes(session: Session, ids: Sequence[str]) -> dict[str, str]:
-    query = sa.select(*(jobs_c[c] for c in ENVELOPE_COLUMNS)).where(
+    query = sa.select(*(jobs_c[c] for c in leases.CLAIM_COLUMNS)).where(
         jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued
     )
     return {row.id: envelope(dict(row._mapping)) for row in session.execute(query)}
 
 
-async def load_library(client: aioredis.Redis) -> None:
-    code = resources.files("service").joinpath("lua/celeriac.lua").read_text()
-    await client.function_load(code, replace=True)
+def envelope(values: Mapping[str, Any]) -> str:
+    """The job as a Redis worker receives it: like an HTTP lease without the lease, which
+    the lease function splices in. ``attempt`` is the attempt this run will be."""
+    body = {name: values[name] for name in leases.CLAIM_COLUMNS}
+    body["attempt"] = values["attempt"] + 1
+    return json.dumps(body, separators=(",", ":"))
 
 
 class EventIngest:
     """Applies ``{tag}:events`` to SQL. Every replica runs one; the consumer group shares
     the stream between them."""
 
-    def __init__(
-        self,
-        db: Database,
-        redis: aioredis.Redis,
-        blocking: aioredis.Redis,
-        stream: str,
-        clock_now: Any,
-        after_commit: Any,
-    ) -> None:
-        self.db = db
-        self.redis = redis
+    def __init__(self, broker: RedisBroker, hooks: BrokerHooks, blocking: aioredis.Redis) -> None:
+        self.db = broker.db
+        self.redis = broker.redis
         self.blocking = blocking
-        self.stream = stream
-        self.now = clock_now
-        self.after_commit = after_commit
+        self.layout = broker.layout
+        self.stream = broker.layout.events
+        self.now = hooks.now
+        self.after_commit = hooks.apply
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
-        self.tag = stream.rsplit(":", 1)[0]
-        self.forget = redis.register_script(
-            resources.files("service").joinpath("lua/forget.lua").read_text()
-        )
+        self.forget = broker.lua["forget"]
 
     async def run(self) -> None:
         while True:
@@ -135,7 +126,7 @@ class EventIngest:
     async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         events = redis_events.decode_all(entries)  # malformed ones dropped, logged once
         effects = await self._apply_events(events, self.now())
-        reported = [f"{self.tag}:job:{e['id']}" for e in events if e["k"] in ("C", "F", "R")]
+        reported = [self.layout.job(e["id"]) for e in events if e["k"] in ("C", "F", "R")]
         if reported:  # SQL has the reports now: the tombstones may go
             await self.forget(keys=reported)
         await self.after_commit(effects)
@@ -157,7 +148,7 @@ class EventIngest:
         effects = Effects()
         for event in events:
             try:
-                _merge(effects, await self.db.run(partial(_applied, events=[event], now=now)))
+                effects.merge(await self.db.run(partial(_applied, events=[event], now=now)))
             except Exception as exc:
                 if not is_row_error(exc):
                     raise
@@ -172,56 +163,36 @@ def _applied(session: Session, events: list[Event], now: datetime) -> Effects:
     return effects
 
 
-def _merge(into: Effects, part: Effects) -> None:
-    into.dispatch += part.dispatch
-    into.finished += part.finished
-    into.deliveries += part.deliveries
-    if part.earliest_due is not None:
-        into.due_at(part.earliest_due)
-
-
 def apply_events(session: Session, events: list[Event], now: datetime, effects: Effects) -> None:
     """Apply a batch: every lease first, then heartbeats, then reports, each as one
     batch. Per job this keeps stream order, because a job's lease event always precedes
     its heartbeats and report, and it can only be leased again after SQL applied that
     report (or reclaimed the lease, which a later stale report cannot undo)."""
-    leases = [e for e in events if e["k"] == "L"]
+    leased = [e for e in events if e["k"] == "L"]
     beats = [e for e in events if e["k"] == "H"]
     reports = [_report(e["k"], e) for e in events if e["k"] in ("C", "F", "R")]
     # A job leased and settled within this batch is written once, by settle().
     settled = {(r.id, r.token) for r in reports}
-    grants = {e["id"]: Grant(e["t"], e["w"], now) for e in leases if (e["id"], e["t"]) in settled}
-    _grant(session, [e for e in leases if e["id"] not in grants], now)
+    grants = {e["id"]: Grant(e["t"], e["w"], now) for e in leased if (e["id"], e["t"]) in settled}
+    _grant(session, [e for e in leased if e["id"] not in grants], now)
     _extend(session, beats, now)
     if reports:
-        settle(session, reports, now, effects, grants)
+        leases.settle(session, reports, now, effects, grants)
 
 
 def _grant(session: Session, events: list[Event], now: datetime) -> None:
     """Mirror Redis leases into SQL. A job that SQL no longer has queued (cancelled,
     expired) is not granted: its worker's report will be refused as stale."""
     for (token, worker, lease_ms), run in groupby(events, key=itemgetter("t", "w", "ms")):
-        ids = [e["id"] for e in run]
-        session.execute(
-            sa.update(JOBS_TABLE)
-            .where(jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued)
-            .values(
-                status=JobStatus.running,
-                attempt=jobs_c.attempt + 1,
-                lease_token=token,
-                lease_worker=worker,
-                # No API keys on the Redis protocol: only it (or auth off) may settle.
-                lease_key="",
-                lease_expires_at=now + timedelta(milliseconds=int(lease_ms)),
-                started_at=now,
-            )
-        )
+        # No API keys on the Redis protocol: only it (or auth off) may settle.
+        lease = leases.Lease(token, worker, "", now + timedelta(milliseconds=int(lease_ms)), now)
+        leases.grant(session, [e["id"] for e in run], lease)
 
 
 def _extend(session: Session, events: list[Event], now: datetime) -> None:
     for lease_ms, run in groupby(sorted(events, key=itemgetter("ms")), key=itemgetter("ms")):
         terms = LeaseTerms("", "", now, lease_ms / 1000, 0.0)
-        heartbeat(session, [(e["id"], e["t"], e["p"]) for e in run], terms)
+        leases.heartbeat(session, [(e["id"], e["t"], e["p"]) for e in run], terms)
 
 
 def _report(kind: str, event: Event) -> Settle:
@@ -241,18 +212,19 @@ def _report(kind: str, event: Event) -> Settle:
 
 
 def publish_commands(
-    pipe: Any, tag: str, jobs: Sequence[Dispatch], envelopes: dict[str, str], score: Any
-) -> None:
+    pipe: Any, layout: RedisLayout, jobs: Sequence[Dispatch], envelopes: dict[str, str],
+    score: Any,
+) -> None:  # fmt: skip
     """Queue the commands that make jobs leasable: envelope (clearing any old lease, which
     SQL has ended), ready-set entry, and one wake-up token per queue for idle workers."""
     for queue in {job.queue for job in jobs}:
-        pipe.lpush(f"{tag}:wake:{queue}", "1")
-        pipe.ltrim(f"{tag}:wake:{queue}", 0, 63)
+        pipe.lpush(layout.wake(queue), "1")
+        pipe.ltrim(layout.wake(queue), 0, 63)
     for job in jobs:
         env = envelopes.get(job.id)
         if env is None:
             continue  # no longer queued in SQL: nothing to offer
-        key = f"{tag}:job:{job.id}"
+        key = layout.job(job.id)
         pipe.hdel(key, "token", "worker", "deadline", "cancel", "done")
         pipe.hset(key, "env", env)
-        pipe.zadd(f"{tag}:ready:{job.queue}", {job.id: score(job)})
+        pipe.zadd(layout.ready(job.queue), {job.id: score(job)})

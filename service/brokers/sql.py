@@ -1,7 +1,7 @@
-"""The embedded default: dispatch straight from the jobs table.
+"""The embedded default: dispatch straight from the jobs table (``service.dispatch``
+claims with ``SELECT … FOR UPDATE SKIP LOCKED``, or SQLite's single writer).
 
-Claims use ``SELECT … FOR UPDATE SKIP LOCKED`` (PostgreSQL, MariaDB) or SQLite's single
-writer. Waiting workers wake on in-process signals; on PostgreSQL, LISTEN/NOTIFY carries
+Waiting workers wake on in-process signals; on PostgreSQL, LISTEN/NOTIFY carries
 them between service replicas. On a database without notifications (MariaDB, or several
 processes on one SQLite file) one shared poll per process re-checks SQL every
 ``sql_poll_fallback_seconds`` for all waiters at once (lease waiters and result waiters):
@@ -14,30 +14,33 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import sqlalchemy as sa
 
 from service import errors
-from service.brokers.base import Broker, BrokerHooks
+from service.brokers.base import Announcements, Broker, BrokerHooks, chunks
 from service.db import Database
-from service.jobs import Dispatch
-from service.leases import LeaseTerms, claim_from_queues
-from service.models import JOBS_TABLE, JobValues
+from service.effects import Dispatch
+from service.models import JOBS_TABLE
 from service.schemas import FINISHED, JobStatus
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.broker.sql")
 
 CHANNEL = "celeriac"
-_PAYLOAD_LIMIT = 7900  # NOTIFY payloads must stay under 8000 bytes
 _IN_CHUNK = 500  # values per IN (...) list in the shared poll
 
 
 class SqlBroker(Broker):
+    """The SQL candidate source: ``service.dispatch`` claims straight from the jobs
+    table; this class only carries the wake-ups (and wakes result waiters too)."""
+
     name = "sql"
+    holds_index = False
 
     def __init__(self, db: Database, signals: Signals, *, fallback_seconds: float) -> None:
         super().__init__(db, signals)
@@ -45,10 +48,6 @@ class SqlBroker(Broker):
         self._listener: _PgListener | None = None
         self._poll: _SharedPoll | None = None
         self._now: Callable[[], datetime] = lambda: datetime.now(UTC)
-
-    @property
-    def cross_process(self) -> bool:
-        return self._listener is not None
 
     async def start(self, hooks: BrokerHooks) -> None:
         self._now = hooks.now
@@ -59,6 +58,14 @@ class SqlBroker(Broker):
             # As the app's broker it also wakes result waiters (GET /jobs/{id}?wait=)
             # for jobs other processes finished.
             self._poll = _SharedPoll(self, finished=True)
+            self._poll.task = asyncio.create_task(self._poll.run(), name="celeriac-sql-poll")
+
+    def ensure_wakeups(self, spawn: Callable[[Coroutine[Any, Any, None], str], None]) -> None:
+        """Lease waiters wait on ``Signals``; without a listener (this is another broker's
+        fallback, or changes cannot be heard) the shared poll must run for them."""
+        if self._listener is None and self._poll is None:
+            self._poll = _SharedPoll(self, finished=False)
+            spawn(self._poll.run(), "celeriac-sql-poll")
 
     async def close(self) -> None:
         if self._poll is not None:
@@ -67,15 +74,11 @@ class SqlBroker(Broker):
             await asyncio.to_thread(self._listener.stop)
 
     async def publish(self, jobs: Sequence[Dispatch]) -> None:
-        queues = {job.queue for job in jobs}
-        self.signals.queues_ready(queues)
-        await self._notify([f"r:{queue}" for queue in queues])
+        # This process's waiters were woken by the runtime; NOTIFY wakes the others'.
+        await self._notify(Announcements.ready(job.queue for job in jobs))
 
     async def announce(self, finished: Sequence[str], due: datetime | None) -> None:
-        messages = [f"f:{chunk}" for chunk in _chunks(finished)]
-        if due is not None:
-            messages.append("d:")
-        await self._notify(messages)
+        await self._notify(Announcements.encode(finished, due))
 
     async def _notify(self, messages: list[str]) -> None:
         if self._listener is None or not messages:
@@ -84,39 +87,6 @@ class SqlBroker(Broker):
         # error (nor stop group commit); the listeners' reconnect wakes every waiter anyway.
         with contextlib.suppress(errors.DatabaseUnavailable):
             await self.db.run(lambda session: _pg_notify(session, messages))
-
-    async def lease(
-        self,
-        queues: Sequence[str],
-        max_jobs: int,
-        wait: float,
-        terms: Callable[[], LeaseTerms],
-    ) -> list[JobValues]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        if wait > 0 and self._poll is None and not self.cross_process:
-            # Never started (the AMQP broker's fallback): its lease waiters still need it.
-            self._poll = _SharedPoll(self, finished=False)
-        while True:
-            event = self.signals.ready_waiter(queues)
-            try:
-                rows = await self.db.run(
-                    lambda session: claim_from_queues(session, queues, max_jobs, terms())
-                )
-                remaining = deadline - loop.time()
-                if rows or remaining <= 0:
-                    return rows
-                # Woken by a local publish, NOTIFY, or the shared poll: never a timer here.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
-            finally:
-                self.signals.drop_ready_waiter(queues, event)
-
-    async def reconcile(self, now: datetime) -> int:
-        return 0  # the table is the index: nothing can be lost
-
-    async def cancel_requested(self, job_ids: Sequence[str]) -> None:
-        return None  # HTTP workers learn it from their heartbeat answer
 
     async def ping(self) -> None:
         await self.db.read(lambda session: session.execute(sa.text("SELECT 1")).scalar())
@@ -133,14 +103,15 @@ class _SharedPoll:
         self.signals = broker.signals
         self.finished = finished
         self._failing = False
-        self._task = asyncio.create_task(self._run(), name="celeriac-sql-poll")
+        self.task: asyncio.Task[None] | None = None  # when its owner runs it itself
 
     async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await self.signals.waiting.wait()
             await asyncio.sleep(self.broker.fallback_seconds)
@@ -172,7 +143,7 @@ def _ready_and_finished(
     partial index on queued jobs), and finished jobs among ``ids`` (the primary key)."""
     jobs_c = JOBS_TABLE.c
     ready: list[str] = []
-    for chunk in _slices(queues):
+    for chunk in chunks(queues, _IN_CHUNK):
         query = (
             sa.select(jobs_c.queue)
             .where(
@@ -184,14 +155,10 @@ def _ready_and_finished(
         )
         ready += session.execute(query).scalars()
     finished: list[str] = []
-    for chunk in _slices(ids):
+    for chunk in chunks(ids, _IN_CHUNK):
         query = sa.select(jobs_c.id).where(jobs_c.id.in_(chunk), jobs_c.status.in_(FINISHED))
         finished += session.execute(query).scalars()
     return ready, finished
-
-
-def _slices(values: list[str]) -> list[list[str]]:
-    return [values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK)]
 
 
 def _pg_notify(session: sa.orm.Session, messages: list[str]) -> None:
@@ -199,22 +166,6 @@ def _pg_notify(session: sa.orm.Session, messages: list[str]) -> None:
         sa.text("SELECT pg_notify(:channel, :payload)"),
         [{"channel": CHANNEL, "payload": m} for m in messages],
     )
-
-
-def _chunks(ids: Sequence[str]) -> list[str]:
-    per_message = _PAYLOAD_LIMIT // 37
-    return [",".join(ids[i : i + per_message]) for i in range(0, len(ids), per_message)]
-
-
-def dispatch_message(signals: Signals, payload: str) -> None:
-    """Apply one cross-process message (shared by PostgreSQL and Redis transports)."""
-    kind, _, body = payload.partition(":")
-    if kind == "r":
-        signals.queues_ready(body.split(","))
-    elif kind == "f":
-        signals.jobs_finished(body.split(","))
-    elif kind == "d":
-        signals.due_at(None)
 
 
 class _PgListener:
@@ -253,7 +204,9 @@ class _PgListener:
                     loop.call_soon_threadsafe(self.signals.due_at, None)
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            loop.call_soon_threadsafe(dispatch_message, self.signals, note.payload)
+                            loop.call_soon_threadsafe(
+                                Announcements.apply, self.signals, note.payload
+                            )
             except psycopg.Error as exc:
                 if not lost:
                     log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)

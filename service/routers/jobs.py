@@ -230,8 +230,6 @@ async def cancel_job(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) 
         return row
 
     row = await runtime.transact(work)
-    if row.cancel_requested:
-        await runtime.broker.cancel_requested([row.id])
     return JSONResponse(job_body(row))
 
 

@@ -102,7 +102,7 @@ async def lease_jobs(
     # makes one attempt, so a busy service keeps handing out ready work.
     admitted = body.wait > 0 and runtime.long_polls.try_enter(key_id)
     lease = asyncio.ensure_future(
-        runtime.broker.lease(
+        runtime.dispatcher.lease(
             queues,
             body.max_jobs,
             body.wait if admitted else 0.0,

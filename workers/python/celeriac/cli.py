@@ -1,12 +1,17 @@
-"""The ``celeriac`` command: run the service, run workers, submit and inspect jobs.
+"""The ``celeriac`` command: run workers, submit and inspect jobs.
 
-The service is imported only inside the commands that run it, so the worker and the
-client commands start fast and work without its dependencies configured.
+This is the worker SDK's command. The service's commands (``serve``, ``migrate``,
+``demo``) belong to the server distribution (celeriac-server): it plugs them in through
+the ``celeriac.commands`` entry-point group, so one ``celeriac`` command serves both, and
+a worker machine without the server gets a clear message instead of an ImportError.
+Commands import what they need inside themselves, so every command starts fast.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import functools
+import importlib.metadata
+import logging
 from typing import Annotated
 
 import typer
@@ -24,13 +29,24 @@ cli = typer.Typer(
 cli.add_typer(jobs, name="jobs")
 cli.add_typer(schedules, name="schedules")
 
+# Entry points in this group are callables taking the Typer app and adding commands to it.
+COMMANDS_GROUP = "celeriac.commands"
+SERVER_COMMANDS = ("serve", "migrate", "demo")
+SERVER_MISSING = (
+    "`celeriac {name}` is part of the celeriac service, which is not installed here: "
+    "this environment has the worker SDK (the `celeriac` package) only. Install the "
+    "server distribution, celeriac-server (from a checkout: `pip install ./workers/python "
+    ".`), or run the service from its image (docs/deploy.md)."
+)
+logger = logging.getLogger(__name__)
 
-def _fail(message: str, status: int = 2) -> typer.Exit:
+
+def fail(message: str, status: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(status)
 
 
-def _dump_stacks_on_sigusr1() -> None:
+def dump_stacks_on_sigusr1() -> None:
     """``kill -USR1 <pid>`` writes every thread's stack to stderr (the log): the first
     thing to look at when a process seems stuck, and it does not stop the process."""
     import faulthandler
@@ -39,118 +55,15 @@ def _dump_stacks_on_sigusr1() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-
-
 def configure_logging(level_name: str, node: str, logfile: str | None = None) -> None:
     from . import _logging
 
     try:
         _logging.configure(level_name, node, logfile)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except OSError as exc:
-        raise _fail(f"cannot open the log file: {exc}", 1) from None
-
-
-@cli.command()
-def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Service processes.")] = 1,
-    insecure: Annotated[
-        bool, typer.Option(help="Allow a non-loopback address without API keys.")
-    ] = False,
-    log_level: Annotated[
-        str | None, typer.Option(help="(default: $CELERIAC_LOG_LEVEL or info)")
-    ] = None,
-    migrate: Annotated[
-        bool | None,
-        typer.Option(
-            "--migrate/--no-migrate", help="Upgrade the schema first (default: on for SQLite)."
-        ),
-    ] = None,
-    limit_concurrency: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Connections per process beyond which requests get 503 (default: "
-            "$CELERIAC_LIMIT_CONCURRENCY, else CELERIAC_MAX_LONG_POLLS + 1000).",
-        ),
-    ] = None,
-) -> None:
-    """Run the HTTP service (settings from CELERIAC_* environment variables)."""
-    import uvicorn
-
-    from service.settings import Settings
-
-    try:  # a bad setting (placeholder or short API keys…) is a message, not a traceback
-        settings = Settings()
-        auth_enabled = settings.auth_enabled
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    if not (auth_enabled or insecure or _is_loopback(host)):
-        raise _fail(
-            f"refusing to listen on {host} without API keys: anyone who can reach it could "
-            "run jobs. Set CELERIAC_API_KEYS, listen on 127.0.0.1, or pass --insecure."
-        )
-    if settings.database_url.startswith("sqlite") if migrate is None else migrate:
-        from service.migrate import upgrade, wait_for_database
-
-        wait_for_database(settings.database_url, 60.0)  # compose may start us first
-        upgrade(settings.database_url)
-    _dump_stacks_on_sigusr1()
-    from service.http_server import BoundedHttpToolsProtocol
-
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        http=BoundedHttpToolsProtocol,  # httptools, with a cap on the request head
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=(log_level or settings.log_level).lower(),
-        access_log=False,
-        # Beyond this many connections (idle keep-alives included) or requests in flight,
-        # uvicorn answers 503 at once instead of letting a flood exhaust memory. Above the
-        # long-poll cap, so capped long-polls still get their quick Retry-After answer.
-        limit_concurrency=limit_concurrency
-        or settings.limit_concurrency
-        or settings.max_long_polls + 1000,
-        # An idle kept-alive connection is closed after this (uvicorn's default, explicit).
-        timeout_keep_alive=5,
-        # Long-polls (leases, ?wait=) may hold a request for up to a minute; at shutdown
-        # their workers get a dropped connection after this, and simply lease again.
-        timeout_graceful_shutdown=3,
-    )
-
-
-@cli.command()
-def migrate(
-    downgrade: Annotated[
-        str | None, typer.Option(help="Go down to this revision instead, e.g. base.")
-    ] = None,
-    wait: Annotated[
-        float,
-        typer.Option(min=0, help="Seconds to wait for an unreachable database to come up."),
-    ] = 60.0,
-) -> None:
-    """Upgrade the database schema (CELERIAC_DATABASE_URL) to the latest revision."""
-    from service import migrate as migrations
-    from service.settings import Settings
-
-    database_url = Settings().database_url
-    migrations.wait_for_database(database_url, wait)
-    if downgrade:
-        migrations.downgrade(database_url, downgrade)
-    else:
-        migrations.upgrade(database_url)
+        raise fail(f"cannot open the log file: {exc}", 1) from None
 
 
 @cli.command()
@@ -244,11 +157,11 @@ def worker(
     try:
         _daemon.check_pidfile(pidfile)  # before importing the app: refuse fast
     except _daemon.PidfileBusy as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     try:
         celeriac_app = load_app(app)
     except AppNotFound as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if server:
         celeriac_app.configure(server=server)
     queue_names = [name.strip() for name in queues.split(",") if name.strip()]
@@ -262,12 +175,12 @@ def worker(
             prefetch_multiplier=prefetch_multiplier,
         )  # fmt: skip
     except ValueError as exc:  # an unknown pool, a broker that is not Redis
-        raise _fail(str(exc)) from None
-    _dump_stacks_on_sigusr1()
+        raise fail(str(exc)) from None
+    dump_stacks_on_sigusr1()
     try:
         status = _daemon.run_with_pidfile(pidfile, the_worker.run)
     except _daemon.PidfileBusy as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     raise typer.Exit(status)
 
 
@@ -299,17 +212,48 @@ def multi(
     try:
         status = run_multi(ctx, action, pidfile=pidfile, logfile=logfile, timeout=timeout)
     except MultiError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     raise typer.Exit(status)
 
 
-@cli.command()
-def demo() -> None:
-    """Start a throwaway service and worker, run a few jobs, and show what happens."""
-    from ._demo import run_demo
+def _command_names() -> set[str]:
+    return {
+        info.name or getattr(info.callback, "__name__", "").replace("_", "-")
+        for info in cli.registered_commands
+    }
 
-    raise typer.Exit(run_demo())
+
+def _server_missing(name: str, reason: str = "") -> None:
+    """A stand-in for a server command: a message and exit status 2, whatever the
+    arguments (hidden from --help, which lists only what works here)."""
+
+    @cli.command(
+        name,
+        hidden=True,
+        add_help_option=False,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def missing(ctx: typer.Context) -> None:
+        raise fail(SERVER_MISSING.format(name=name) + reason)
+
+
+@functools.cache  # once per process, however often main() runs
+def load_plugins() -> None:
+    """Add the commands of every installed ``celeriac.commands`` plugin (the server's
+    serve/migrate/demo), then stand-ins for server commands nobody provided. A plugin
+    that fails to load costs only its own commands: the worker still runs."""
+    reason = ""
+    for entry_point in importlib.metadata.entry_points(group=COMMANDS_GROUP):
+        try:
+            entry_point.load()(cli)
+        except Exception as exc:  # a broken server install must not stop the worker
+            reason = f" (the installed plugin {entry_point.value} failed to load: {exc})"
+            logger.debug("celeriac.commands plugin %s failed", entry_point.value, exc_info=True)
+    for name in SERVER_COMMANDS:
+        if name not in _command_names():
+            _server_missing(name, reason)
 
 
 def main() -> None:
+    load_plugins()
     cli()

@@ -199,7 +199,15 @@ class Worker:
         if broker:
             if not broker.startswith(REDIS_SCHEMES):
                 raise ValueError(f"--broker must be a redis:// URL, not {broker!r}")
-            from ._transport_redis import RedisTransport
+            try:
+                from ._transport_redis import RedisTransport
+            except ModuleNotFoundError as exc:  # an extra: worker machines on HTTP skip it
+                if exc.name != "redis":
+                    raise
+                raise ValueError(
+                    "--broker needs redis-py, which the SDK installs only when asked: "
+                    "pip install 'celeriac[redis]'"
+                ) from None
 
             return RedisTransport(
                 broker, prefix=prefix, worker=self.hostname, queues=self.queues,

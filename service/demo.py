@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from .client import FINISHED, Job, JobPage
-from .handle import JobHandle
+from celeriac.client import FINISHED, Job, JobPage
+from celeriac.handle import JobHandle
 
 STARTUP_SECONDS = 20.0
 WATCH_SECONDS = 20.0
@@ -103,7 +102,7 @@ def _wait_ready(server: str, service: _Process) -> bool:
 
 
 def _submit() -> list[JobHandle[Any]]:
-    from .examples.demo import add, flaky, shout, slow
+    from celeriac.examples.demo import add, flaky, shout, slow
 
     return [
         slow.delay(3.0),
@@ -182,7 +181,7 @@ def _watch(log: _Log, list_jobs: Callable[..., JobPage]) -> bool:
 
 def run_demo() -> int:
     """Run the whole demo; 0 when every job ended as expected (all of them succeed)."""
-    from .examples.demo import app
+    from celeriac.examples.demo import app
 
     with tempfile.TemporaryDirectory(prefix="celeriac-demo-") as workdir, ExitStack() as stack:
         port = _free_port()

@@ -1,0 +1,143 @@
+"""The one place that grants leases, for every broker.
+
+A lease asks the broker for candidate ids (``service.brokers.base``), grants them in SQL
+(``claim_by_ids``: SQL decides), acks what it granted and hands back the rest. The SQL
+broker holds no index: its candidates are the jobs table itself, claimed and granted in
+one statement (``claim_from_queues``, ``SELECT … FOR UPDATE SKIP LOCKED``).
+
+The same rules for every broker:
+
+- Waiting: an index broker waits inside ``candidates`` (BZMPOP, an AMQP consumer); SQL
+  waiters wait on ``Signals`` (local commits, NOTIFY, or the one shared poll of a
+  database without notifications). Never a poll per waiter.
+- Top-up: when the wait is over and the broker's answer was short, the rest comes from
+  SQL: a job committed a moment ago may not have reached the broker yet (``POST /jobs``
+  answers before it publishes), and "what is ready now" is SQL's to say. Not for a broker
+  whose workers lease from the index itself (``grants_outside_sql``).
+- Outage: a broker that cannot be reached is replaced by SQL dispatch for that lease,
+  and the long-poll is honoured (it waits for a signal, with the shared poll waking it
+  for commits made elsewhere), rather than answering empty at once, over and over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from service.brokers.base import Broker, BrokerUnavailable, Candidates
+from service.brokers.sql import SqlBroker
+from service.db import Database
+from service.leases import LeaseTerms, claim_by_ids, claim_from_queues
+from service.models import JobValues
+from service.signals import Signals
+
+log = logging.getLogger("celeriac.dispatch")
+
+Terms = Callable[[], LeaseTerms]
+Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+
+
+class Dispatcher:
+    def __init__(
+        self, db: Database, signals: Signals, broker: Broker, *, fallback_seconds: float,
+        spawn: Spawn,
+    ) -> None:  # fmt: skip
+        self.db = db
+        self.signals = signals
+        self.broker = broker
+        # The SQL candidate source: the broker itself, or the fallback of an index broker
+        # (never started: it only wakes SQL waiters while that broker is down).
+        self.sql = broker if isinstance(broker, SqlBroker) else SqlBroker(
+            db, signals, fallback_seconds=fallback_seconds
+        )  # fmt: skip
+        self._spawn = spawn
+        self._down = False
+
+    async def lease(
+        self, queues: Sequence[str], max_jobs: int, wait: float, terms: Terms
+    ) -> list[JobValues]:
+        """Up to ``max_jobs`` jobs leased in SQL, waiting up to ``wait`` seconds for one.
+        ``terms`` is called for each attempt, so a lease granted late in a long-poll still
+        gets its full length."""
+        deadline = asyncio.get_running_loop().time() + wait
+        if self.broker.holds_index:
+            rows = await self._from_index(queues, max_jobs, deadline, terms)
+            if rows is not None:
+                return rows
+        return await self._from_sql(queues, max_jobs, deadline, terms)
+
+    async def _from_index(
+        self, queues: Sequence[str], max_jobs: int, deadline: float, terms: Terms
+    ) -> list[JobValues] | None:
+        """None: the broker is down (SQL serves this lease)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                batch = await self.broker.candidates(
+                    queues, max_jobs, max(deadline - loop.time(), 0.0)
+                )
+            except BrokerUnavailable as exc:
+                if not self._down:
+                    log.warning("%s broker unavailable (%s); dispatching from SQL meanwhile",
+                                self.broker.name, exc)  # fmt: skip
+                    self._down = True
+                return None
+            if self._down:
+                log.warning("%s broker answers again; dispatching from it", self.broker.name)
+                self._down = False
+            # A batch of stale ids only (granted meanwhile elsewhere): look again.
+            rows = await self.grant(batch, terms)
+            if rows or loop.time() >= deadline:
+                break
+        short = len(rows) < max_jobs and loop.time() >= deadline  # and the wait is over
+        if short and not self.broker.grants_outside_sql:
+            rows = await self._top_up(rows, queues, max_jobs, terms)
+        return rows
+
+    async def grant(self, batch: Candidates, terms: Terms) -> list[JobValues]:
+        """Grant a batch in SQL; ack what was granted, hand back the rest."""
+        if not batch.ids:
+            return []
+        try:
+            rows = await self.db.run(lambda s: claim_by_ids(s, batch.ids, terms()))
+        except BaseException:
+            await batch.hand_back(batch.ids, still_ready=True)
+            raise
+        granted = {row["id"] for row in rows}
+        await batch.ack(granted)
+        await batch.hand_back([i for i in batch.ids if i not in granted], still_ready=False)
+        return rows
+
+    async def _top_up(
+        self, rows: list[JobValues], queues: Sequence[str], max_jobs: int, terms: Terms
+    ) -> list[JobValues]:
+        want = max_jobs - len(rows)
+        extra = await self.db.run(lambda s: claim_from_queues(s, queues, want, terms()))
+        if not extra:
+            return rows
+        order = {queue: index for index, queue in enumerate(queues)}
+        return sorted(rows + extra, key=lambda r: (order[r["queue"]], -r["priority"], r["id"]))
+
+    async def _from_sql(
+        self, queues: Sequence[str], max_jobs: int, deadline: float, terms: Terms
+    ) -> list[JobValues]:
+        loop = asyncio.get_running_loop()
+        if deadline > loop.time():
+            self.sql.ensure_wakeups(self._spawn)
+        while True:
+            # Registered before the claim: a wake-up between claim and wait is not lost.
+            event = self.signals.ready_waiter(queues)
+            try:
+                # terms() per attempt: a lease granted late still gets its full length.
+                rows = await self.db.run(lambda s: claim_from_queues(s, queues, max_jobs, terms()))
+                remaining = deadline - loop.time()
+                if rows or remaining <= 0:
+                    return rows
+                # Woken by a local commit, NOTIFY, or the shared poll: never a timer here.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+            finally:
+                self.signals.drop_ready_waiter(queues, event)
