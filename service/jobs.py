@@ -21,11 +21,9 @@ from service.auth import Principal
 from service.effects import Dispatch, Effects
 from service.ids import is_job_id, uuid7
 from service.models import JOBS_TABLE, JobRow, JobValues
-from service.schemas import FINISHED, JobStatus, JobSubmit, WebhookSpec
+from service.schemas import JobSubmit, WebhookSpec
+from service.states import FINISHED, RETRYABLE, JobStatus
 from service.webhooks import record_finished
-
-PENDING = (JobStatus.scheduled, JobStatus.queued, JobStatus.retrying)
-RETRYABLE = (JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
 
 
 @dataclass(frozen=True, slots=True)

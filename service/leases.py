@@ -24,9 +24,8 @@ from service.bulk import update_each
 from service.effects import Dispatch
 from service.effects import Effects as Effects  # re-exported: the domain's callers use it
 from service.ids import is_job_id
-from service.jobs import PENDING
 from service.models import JOBS_TABLE, JobValues
-from service.schemas import JobStatus
+from service.states import PENDING, JobStatus, LeaseProblem, Outcome
 from service.webhooks import record_finished
 
 BATCH_LIMIT = 1000
@@ -193,7 +192,7 @@ class LeaseCheck:
     id: str
     token: str
     row: JobValues | None = None
-    problem: str | None = None
+    problem: LeaseProblem | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,13 +227,13 @@ def _lock_and_check(
     for check in checks:
         row = rows.get(check.id)
         if row is None:
-            check.problem = "not-found"
+            check.problem = LeaseProblem.not_found
         elif (
             row["status"] != JobStatus.running
             or row["lease_token"] != check.token
             or row["lease_key"] not in (None, key_id)  # NULL: leased before 0005
         ):
-            check.problem = "stale-lease"
+            check.problem = LeaseProblem.stale
         else:
             check.row = row
     return checks
@@ -243,7 +242,7 @@ def _lock_and_check(
 @dataclass(slots=True)
 class HeartbeatOutcome:
     id: str
-    problem: str | None
+    problem: LeaseProblem | None
     expires_at: datetime | None = None
     cancel_requested: bool = False
 
@@ -278,11 +277,11 @@ def heartbeat(
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """One worker report. outcome: succeeded | failed | released."""
+    """One worker report."""
 
     id: str
     token: str
-    outcome: str
+    outcome: Outcome
     result: Any = None
     error: dict[str, Any] | None = None
     retry: bool = True
@@ -294,8 +293,8 @@ class Settle:
 @dataclass(slots=True)
 class SettleOutcome:
     id: str
-    problem: str | None
-    status: str | None = None
+    problem: LeaseProblem | None
+    status: JobStatus | None = None
 
 
 def settle(
@@ -316,7 +315,7 @@ def settle(
     settled: set[str] = set()
     for report, check in zip(reports, checks, strict=True):
         if check.row is None or check.id in settled:  # a lease settles once per batch too
-            outcomes.append(SettleOutcome(check.id, check.problem or "stale-lease"))
+            outcomes.append(SettleOutcome(check.id, check.problem or LeaseProblem.stale))
             continue
         settled.add(check.id)
         change = _settled(check.row, report, now, effects)
@@ -331,11 +330,20 @@ def settle(
 
 def _settled(row: JobValues, report: Settle, now: datetime, effects: Effects) -> JobValues:
     """The new values of a leased job after its worker's report."""
-    change: JobValues = {
+    if report.outcome == Outcome.succeeded:
+        return _succeeded(row, report, now, effects)
+    if report.outcome == Outcome.released:
+        return _released(row, effects, counts_as_attempt=False)
+    return _failed(row, report.error, now, effects, retry=report.retry, retry_in=report.retry_in)
+
+
+def _unleased(row: JobValues, status: JobStatus) -> JobValues:
+    """The columns every transition out of ``running`` writes (SETTLE_COLUMNS)."""
+    return {
         "id": row["id"],
-        "status": JobStatus.failed,
+        "status": status,
         "result": None,
-        "error": report.error,
+        "error": None,
         "attempt": row["attempt"],
         "run_at": row["run_at"],
         "finished_at": None,
@@ -348,27 +356,53 @@ def _settled(row: JobValues, report: Settle, now: datetime, effects: Effects) ->
         "result_ref": None,
         "result_expires_at": None,
     }
-    if report.outcome == "succeeded":
-        change.update(status=JobStatus.succeeded, result=report.result, error=None)
-        # A large result lives in the result store; it is kept result_ttl seconds.
-        change["result_ref"] = report.result_ref
-        if row["result_ttl"] is not None:
-            change["result_expires_at"] = now + timedelta(seconds=row["result_ttl"])
-    elif report.outcome == "released":
-        # It never ran: not an attempt.
-        change.update(status=JobStatus.queued, attempt=max(row["attempt"] - 1, 0), error=None)
-        effects.dispatch.append(Dispatch(row["id"], row["queue"], row["priority"]))
-        return change
-    elif row["cancel_requested"]:
-        change["status"] = JobStatus.cancelled
-    elif report.retry and row["attempt"] <= row["max_retries"]:
-        delay = report.retry_in if report.retry_in is not None else backoff(row)
-        change.update(status=JobStatus.retrying, run_at=now + timedelta(seconds=delay))
+
+
+def _finished(change: JobValues, now: datetime, effects: Effects) -> JobValues:
+    change["finished_at"] = now
+    effects.finished.append(change["id"])
+    return change
+
+
+def _succeeded(row: JobValues, report: Settle, now: datetime, effects: Effects) -> JobValues:
+    change = _unleased(row, JobStatus.succeeded)
+    # A large result lives in the result store (result_ref); kept result_ttl seconds.
+    change.update(result=report.result, result_ref=report.result_ref)
+    if row["result_ttl"] is not None:
+        change["result_expires_at"] = now + timedelta(seconds=row["result_ttl"])
+    return _finished(change, now, effects)
+
+
+def _released(row: JobValues, effects: Effects, *, counts_as_attempt: bool) -> JobValues:
+    """Back to ``queued``. A worker's release never ran the job, so it is not an
+    attempt; a reclaimed lease may have run (and killed its worker), so it is."""
+    change = _unleased(row, JobStatus.queued)
+    if not counts_as_attempt:
+        change["attempt"] = max(row["attempt"] - 1, 0)
+    effects.dispatch.append(Dispatch(row["id"], row["queue"], row["priority"]))
+    return change
+
+
+def _failed(
+    row: JobValues,
+    error: dict[str, Any] | None,
+    now: datetime,
+    effects: Effects,
+    *,
+    retry: bool,
+    retry_in: float | None = None,
+) -> JobValues:
+    """``cancelled`` if a cancel was asked for, ``retrying`` while attempts are left
+    (after the backoff, or the worker's ``retry_in``), else ``failed``."""
+    if row["cancel_requested"]:
+        return _finished(_unleased(row, JobStatus.cancelled) | {"error": error}, now, effects)
+    if retry and row["attempt"] <= row["max_retries"]:
+        delay = retry_in if retry_in is not None else backoff(row)
+        change = _unleased(row, JobStatus.retrying) | {"error": error}
+        change["run_at"] = now + timedelta(seconds=delay)
         effects.due_at(change["run_at"])
         return change
-    change["finished_at"] = now
-    effects.finished.append(row["id"])
-    return change
+    return _finished(_unleased(row, JobStatus.failed) | {"error": error}, now, effects)
 
 
 def backoff(row: JobValues) -> float:
@@ -461,17 +495,16 @@ def reclaim_expired_leases(
 
 
 def _reclaimed(row: JobValues, now: datetime, effects: Effects) -> JobValues:
+    """The lease ran out (its worker died or stopped heartbeating): queued again, the
+    attempt counted; failed once no attempt is left (cancelled if one was asked for)."""
     if row["cancel_requested"] or row["attempt"] > row["max_retries"]:
         error = {
             "type": "LeaseExpired",
             "message": f"worker {row['lease_worker']} stopped heartbeating and the job has "
             "no attempts left",
         }
-        report = Settle(row["id"], "", "failed", error=error, retry=False)
-        return _settled(row, report, now, effects)
-    return _settled(row, Settle(row["id"], "", "released"), now, effects) | {
-        "attempt": row["attempt"]  # it did run (and may have died doing so): it counts
-    }
+        return _failed(row, error, now, effects, retry=False)
+    return _released(row, effects, counts_as_attempt=True)
 
 
 def expire_pending(

@@ -38,9 +38,9 @@ from service.ids import is_job_id
 from service.leases import Settle
 from service.loops import Pass, Plugin
 from service.models import JOBS_TABLE, JobRow, values_of
-from service.schemas import JobStatus
 from service.serialize import iso, result_fields
 from service.settings import Settings
+from service.states import JobStatus, Outcome
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
@@ -190,7 +190,7 @@ def live_leases(session: Session, pairs: Sequence[tuple[str, str]]) -> set[tuple
 
 
 def _large_result(report: Settle, inline_max: int) -> bytes | None:
-    if report.outcome != "succeeded" or report.result is None:
+    if report.outcome != Outcome.succeeded or report.result is None:
         return None
     data = json.dumps(report.result, separators=(",", ":"), ensure_ascii=False).encode()
     return data if len(data) > inline_max else None

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from service.netguard import URL_MAX_CHARS, check_webhook_url
+from service.states import FINISHED, JobStatus
 
 # --- values every request field is held to (docs/api.md, Limits) ---------------------------
 # A value is refused at the door (422) unless every backend can store it as it is: a row
@@ -137,20 +138,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class JobStatus(StrEnum):
-    scheduled = "scheduled"
-    queued = "queued"
-    running = "running"
-    retrying = "retrying"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-    expired = "expired"
-
-
-FINISHED = frozenset(
-    {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.expired}
-)
+# Defined with the domain (service.states); the HTTP contract names them.
+__all__ = ["FINISHED", "JobStatus"]
 
 
 class RetryBackoff(Strict):

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from service import errors
 from service.ids import is_job_id, uuid7
 from service.models import ATTEMPTS_TABLE, DELIVERIES_TABLE, JOBS_TABLE, JobValues
-from service.schemas import FINISHED
 from service.serialize import iso
+from service.states import FINISHED
 
 PENDING = "pending"
 DELIVERED = "delivered"

@@ -27,8 +27,9 @@ from service import errors
 from service.auth import Principal
 from service.ids import uuid7
 from service.models import JOBS_TABLE, WORKERS_TABLE
-from service.schemas import JobStatus, WorkerRegister
+from service.schemas import WorkerRegister
 from service.serialize import iso
+from service.states import JobStatus
 
 ONLINE, LOST = "online", "lost"
 # Heartbeats a worker may miss before it is lost: one late beat is not a death.

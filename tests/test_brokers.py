@@ -12,13 +12,21 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import REDIS_HOST, REDIS_PORT, Backend, delete_redis_prefix, free_port, unique_name
+from conftest import (
+    REDIS_HOST,
+    REDIS_PORT,
+    Backend,
+    delete_redis_prefix,
+    free_port,
+    make_backend,
+    unique_name,
+)
 
 from service.brokers.amqp import AmqpBroker, Layout
 from service.brokers.base import Broker, BrokerHooks, BrokerUnavailable
@@ -37,6 +45,16 @@ from service.signals import Signals
 # the shared poll.
 NO_POLL_SECONDS = 30.0
 FAST = 1.5  # seconds within which a woken long-poll must answer
+
+
+@pytest.fixture(scope="module")
+def backend(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """A database (and vhost) of this module's own, of the session backend's kind: the
+    session's service process writes the session database too, and on SQLite its write
+    lock would make an in-process test wait behind it."""
+    workdir = tmp_path_factory.mktemp(f"brokers-{backend.name}")
+    with make_backend(backend.database, backend.broker, workdir) as own:
+        yield own
 
 
 @dataclass

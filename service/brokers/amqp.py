@@ -69,8 +69,8 @@ from service.brokers.base import (
 from service.db import Database
 from service.effects import Dispatch
 from service.leases import jobs_c, queued_since
-from service.schemas import JobStatus
 from service.signals import Signals
+from service.states import JobStatus
 
 log = logging.getLogger("celeriac.broker.amqp")
 

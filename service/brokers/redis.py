@@ -250,7 +250,9 @@ class RedisBroker(Broker):
 
     async def _pop(self, keys: list[str], limit: int, wait: float) -> list[tuple[str, str, str]]:
         flat: list[str] = await self.lua["pop_ready"](keys=keys, args=[limit, self.layout.tag])
-        if flat or wait <= 0:
+        # Redis rounds a blocking timeout down to whole milliseconds, and 0 blocks for
+        # ever: what is left of a long-poll under a millisecond is no wait at all.
+        if flat or wait < 0.001:
             return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
         assert self._blocking is not None
         popped = await self._blocking.bzmpop(wait, len(keys), keys, min=True, count=limit)

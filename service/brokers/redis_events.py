@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from enum import StrEnum
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -20,7 +21,20 @@ from service.ids import is_job_id
 log = logging.getLogger("celeriac.redis.protocol")
 
 Event = dict[str, Any]
-KINDS = frozenset({"L", "H", "C", "F", "R"})
+
+
+class Kind(StrEnum):
+    """The event kinds on the stream (docs/protocol.md): one letter each on the wire."""
+
+    lease = "L"
+    heartbeat = "H"
+    complete = "C"
+    fail = "F"
+    release = "R"
+
+
+KINDS = frozenset(Kind)
+REPORTS = frozenset({Kind.complete, Kind.fail, Kind.release})
 TOKEN_MAX, WORKER_MAX = 64, 200  # the lease_token and lease_worker columns
 LEASE_MS_MAX = 7 * 86400 * 1000
 RETRY_IN_MAX = 366 * 86400.0
@@ -101,22 +115,22 @@ def decode(fields: dict[str, str]) -> Event:
     if not is_job_id(job_id):
         raise BadEvent("field 'id' is not a job id")
     event: Event = {"k": kind, "id": job_id, "t": _text(fields, "t", TOKEN_MAX)}
-    if kind == "L":
+    if kind == Kind.lease:
         event.update(w=_text(fields, "w", WORKER_MAX), ms=_lease_ms(fields))
-    elif kind == "H":
+    elif kind == Kind.heartbeat:
         event.update(ms=_lease_ms(fields), p=_progress(fields.get("p") or ""))
-    elif kind in ("C", "F"):
+    elif kind in (Kind.complete, Kind.fail):
         try:
             event.update(_report_fields(kind, fields))
         except BadEvent as exc:  # the report arrived: record it as a failure, saying why
             message = f"the worker's report could not be read: {exc}"[:WHY_CHARS]
-            event.update(k="F", e={"type": "InvalidReport", "message": message}, retry=True,
+            event.update(k=Kind.fail, e={"type": "InvalidReport", "message": message}, retry=True,
                          retry_in=None)  # fmt: skip
     return event
 
 
 def _report_fields(kind: str, fields: dict[str, str]) -> Event:
-    if kind == "C":
+    if kind == Kind.complete:
         return {"r": strict_json(fields.get("r", ""))}
     return {
         "e": _error(fields.get("e", "")),

@@ -30,11 +30,11 @@ from sqlalchemy.orm import Session
 
 from service import errors, leases
 from service.brokers import redis_events
-from service.brokers.redis_events import Event
+from service.brokers.redis_events import REPORTS, Event, Kind
 from service.effects import Dispatch, Effects
 from service.isolation import is_row_error, reason
 from service.leases import Grant, LeaseTerms, Settle, jobs_c
-from service.schemas import JobStatus
+from service.states import JobStatus, Outcome
 
 if TYPE_CHECKING:
     from service.brokers.base import BrokerHooks
@@ -126,7 +126,7 @@ class EventIngest:
     async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         events = redis_events.decode_all(entries)  # malformed ones dropped, logged once
         effects = await self._apply_events(events, self.now())
-        reported = [self.layout.job(e["id"]) for e in events if e["k"] in ("C", "F", "R")]
+        reported = [self.layout.job(e["id"]) for e in events if e["k"] in REPORTS]
         if reported:  # SQL has the reports now: the tombstones may go
             await self.forget(keys=reported)
         await self.after_commit(effects)
@@ -168,9 +168,9 @@ def apply_events(session: Session, events: list[Event], now: datetime, effects: 
     batch. Per job this keeps stream order, because a job's lease event always precedes
     its heartbeats and report, and it can only be leased again after SQL applied that
     report (or reclaimed the lease, which a later stale report cannot undo)."""
-    leased = [e for e in events if e["k"] == "L"]
-    beats = [e for e in events if e["k"] == "H"]
-    reports = [_report(e["k"], e) for e in events if e["k"] in ("C", "F", "R")]
+    leased = [e for e in events if e["k"] == Kind.lease]
+    beats = [e for e in events if e["k"] == Kind.heartbeat]
+    reports = [_report(e["k"], e) for e in events if e["k"] in REPORTS]
     # A job leased and settled within this batch is written once, by settle().
     settled = {(r.id, r.token) for r in reports}
     grants = {e["id"]: Grant(e["t"], e["w"], now) for e in leased if (e["id"], e["t"]) in settled}
@@ -197,14 +197,14 @@ def _extend(session: Session, events: list[Event], now: datetime) -> None:
 
 def _report(kind: str, event: Event) -> Settle:
     """Events come decoded and checked (``redis_events.decode``)."""
-    if kind == "C":
-        return Settle(event["id"], event["t"], "succeeded", result=event["r"])
-    if kind == "R":
-        return Settle(event["id"], event["t"], "released")
+    if kind == Kind.complete:
+        return Settle(event["id"], event["t"], Outcome.succeeded, result=event["r"])
+    if kind == Kind.release:
+        return Settle(event["id"], event["t"], Outcome.released)
     return Settle(
         event["id"],
         event["t"],
-        "failed",
+        Outcome.failed,
         error=event["e"],
         retry=event["retry"],
         retry_in=event["retry_in"],

@@ -26,8 +26,8 @@ from service.brokers.base import Announcements, Broker, BrokerHooks, chunks
 from service.db import Database
 from service.effects import Dispatch
 from service.models import JOBS_TABLE
-from service.schemas import FINISHED, JobStatus
 from service.signals import Signals
+from service.states import FINISHED, JobStatus
 
 log = logging.getLogger("celeriac.broker.sql")
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import Request
 
-from service import errors
 from service.auth import Principal
 from service.gate import BodyKind, GuardedRoute, require
 from service.runtime import Runtime
 from service.startup import starting
+from service.submit import check_payload
 
 __all__ = ["BodyKind", "GuardedRoute", "get_principal", "get_runtime", "require"]
 
@@ -37,15 +36,6 @@ def content_length(request: Request) -> int | None:
 
 
 def check_payload_size(request: Request, what: str, *values: Any) -> None:
-    """Enforce the per-job (or per-result) JSON size limit. The request's own length is
-    an upper bound, so the common small request costs no extra serialisation."""
+    """Enforce the per-job JSON size limit (``service.submit.check_payload``)."""
     limit = request.app.state.runtime.settings.max_payload_bytes
-    length = content_length(request)
-    if length is not None and length <= limit:
-        return
-    size = sum(len(json.dumps(v, separators=(",", ":"))) for v in values)
-    if size > limit:
-        raise errors.PayloadTooLarge(
-            f"{what} is {size} bytes of JSON; the limit is {limit} "
-            "(CELERIAC_MAX_PAYLOAD_BYTES). Store large inputs elsewhere and pass a reference."
-        )
+    check_payload(limit, content_length(request), what, *values)

@@ -6,12 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from service import errors, schedules
+from service import errors, schedule_requests, schedules
 from service.auth import Principal
-from service.models import JobValues, ScheduleRow
 from service.routers.deps import (
     GuardedRoute,
     check_payload_size,
@@ -36,16 +33,6 @@ def _unrestricted(principal: Principal) -> None:
         raise errors.Forbidden("only an API key without queue patterns may change schedules")
 
 
-def _visible(principal: Principal, row: ScheduleRow) -> bool:
-    return principal.allows_queue(str(row.job.get("queue", "default")))
-
-
-def _changed(runtime: Runtime) -> None:
-    # This replica re-plans its sleep at once; the others see the change within
-    # reconcile_interval_seconds, and any replica may fire the tick.
-    runtime.signals.schedules.set()
-
-
 @router.post(
     "/schedules",
     status_code=201,
@@ -59,15 +46,7 @@ async def create_schedule(
 ) -> JSONResponse:
     _unrestricted(principal)
     check_payload_size(request, "job args and kwargs", spec.job.args, spec.job.kwargs)
-
-    def work(session: Session) -> ScheduleRow:
-        return schedules.create_schedule(session, spec, runtime.clock.now())
-
-    try:
-        row = await runtime.db.run(work)
-    except IntegrityError:  # a concurrent create of the same name committed first
-        raise errors.ScheduleExists(f"a schedule named {spec.name!r} exists") from None
-    _changed(runtime)
+    row = await schedule_requests.create(runtime, spec)
     headers = {"Location": f"/schedules/{row.name}"}
     return JSONResponse(schedules.schedule_body(row), status_code=201, headers=headers)
 
@@ -80,9 +59,8 @@ async def create_schedule(
     summary="List schedules by name",
 )
 async def list_schedules(runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
-    rows = await runtime.db.read(schedules.list_schedules)
-    shown = [schedules.schedule_body(row) for row in rows if _visible(principal, row)]
-    return JSONResponse({"schedules": shown})
+    rows = await schedule_requests.visible_schedules(runtime, principal)
+    return JSONResponse({"schedules": [schedules.schedule_body(row) for row in rows]})
 
 
 @router.get(
@@ -93,9 +71,7 @@ async def list_schedules(runtime: RuntimeDep, principal: PrincipalDep) -> JSONRe
     summary="Read a schedule",
 )
 async def get_schedule(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
-    row = await runtime.db.read(lambda session: schedules.get_schedule(session, name))
-    if not _visible(principal, row):
-        raise errors.ScheduleNotFound(f"no schedule is named {name!r}")
+    row = await schedule_requests.read_schedule(runtime, principal, name)
     return JSONResponse(schedules.schedule_body(row))
 
 
@@ -116,12 +92,7 @@ async def update_schedule(
     _unrestricted(principal)
     if update.job is not None:
         check_payload_size(request, "job args and kwargs", update.job.args, update.job.kwargs)
-
-    def work(session: Session) -> ScheduleRow:
-        return schedules.update_schedule(session, name, update, runtime.clock.now())
-
-    row = await runtime.db.run(work)
-    _changed(runtime)
+    row = await schedule_requests.update(runtime, name, update)
     return JSONResponse(schedules.schedule_body(row))
 
 
@@ -135,8 +106,7 @@ async def update_schedule(
 )
 async def delete_schedule(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> Response:
     _unrestricted(principal)
-    await runtime.db.run(lambda session: schedules.delete_schedule(session, name))
-    _changed(runtime)
+    await schedule_requests.delete(runtime, name)
     return Response(status_code=204)
 
 
@@ -150,11 +120,6 @@ async def delete_schedule(name: str, runtime: RuntimeDep, principal: PrincipalDe
 )
 async def trigger_schedule(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> JSONResponse:
     _unrestricted(principal)
-
-    def work(session: Session) -> JobValues:
-        return schedules.trigger_schedule(session, name, runtime.clock.now(), runtime.defaults)
-
-    row = await runtime.db.run(work)
-    await runtime.after_submit([row])
+    row = await schedule_requests.trigger(runtime, name)
     headers = {"Location": f"/jobs/{row['id']}"}
     return JSONResponse(values_body(row), status_code=202, headers=headers)
