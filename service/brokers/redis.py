@@ -40,6 +40,7 @@ log = logging.getLogger("celeriac.broker.redis")
 REBUILD_CHUNK = 5000
 RECONCILE_LIMIT = 5000
 TOMBSTONE_SECONDS = 30
+CLOSE_SECONDS = 2.0
 
 
 class RedisLayout:
@@ -146,6 +147,7 @@ class RedisBroker(Broker):
         self._blocking: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lua: LuaScripts | None = None
+        self.closing = False  # set first at close: the loops end even if a cancel is lost
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -178,11 +180,13 @@ class RedisBroker(Broker):
             self._tasks.append(asyncio.create_task(ingest.run(), name="celeriac-redis-ingest"))
 
     async def close(self) -> None:
+        self.closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded, like every shutdown step: a loop stuck in a blocking read (up to its
+            # 5 s block) is left to end by itself; it sees ``closing`` when it returns.
+            await asyncio.wait(self._tasks, timeout=CLOSE_SECONDS)
         for client in (self._redis, self._blocking):
             if client is not None:
                 await client.aclose()
@@ -317,7 +321,7 @@ class RedisBroker(Broker):
         await self.redis.ping()
 
     async def _listen(self) -> None:
-        while True:
+        while not self.closing:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.layout.pubsub)

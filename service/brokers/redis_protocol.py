@@ -76,13 +76,16 @@ class EventIngest:
         self.after_commit = hooks.apply
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self.forget = broker.lua["forget"]
+        self.broker = broker
 
     async def run(self) -> None:
-        while True:
+        # Not ``while True``: a cancel that redis-py turns into a RedisError while a read
+        # is in flight would be retried below and never end the loop.
+        while not self.broker.closing:
             try:
                 await self._ensure_group()
                 await self._drain_abandoned()
-                while True:
+                while not self.broker.closing:
                     answer = await self.blocking.xreadgroup(
                         GROUP, self.consumer, {self.stream: ">"}, count=EVENT_BATCH, block=5000
                     )
