@@ -116,34 +116,6 @@ def scoped_idempotency_key(key_id: str, key: str) -> str:
     return f"{key_id}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def find_by_idempotency_key(
-    session: Session, key: str, now: datetime, ttl_seconds: float
-) -> JobRow | None:
-    """The job submitted under ``key`` (scoped) within the TTL. An older one gives up
-    the key in this transaction, so the caller's insert of a new job under it succeeds
-    (0: remembered for ever)."""
-    existing = session.scalars(sa.select(JobRow).where(JobRow.idempotency_key == key)).first()
-    if existing is None:
-        return None
-    if ttl_seconds <= 0 or existing.created_at > now - timedelta(seconds=ttl_seconds):
-        return existing
-    session.execute(
-        sa.update(JOBS_TABLE)
-        .where(JOBS_TABLE.c.id == existing.id)
-        .values(idempotency_key=None, request_hash=None)
-    )
-    return None
-
-
-def replay_or_reject(existing: JobRow, body_hash: str) -> JobRow:
-    if existing.request_hash != body_hash:
-        raise errors.IdempotencyMismatch(
-            "this Idempotency-Key was used with a different request body; "
-            "use a new key for a new job"
-        )
-    return existing
-
-
 def get_job(
     session: Session,
     job_id: str,

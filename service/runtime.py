@@ -11,14 +11,16 @@ from functools import partial
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.brokers.base import Broker
 from service.db import Database
 from service.dispatch import Dispatcher
 from service.effects import Effects
+from service.idempotency import Submitted, store_group
 from service.isolation import is_row_error, not_storable
-from service.jobs import Defaults, dispatch_of_values, insert_jobs
+from service.jobs import Defaults, dispatch_of_values
 from service.longpoll import LongPolls
 from service.models import JobValues
 from service.settings import Settings
@@ -53,23 +55,27 @@ class Clock:
         self.offset = db_now.replace(tzinfo=UTC) - local
 
 
+Waiter = tuple[JobValues, asyncio.Future[Submitted]]
+
+
 class SubmitBatcher:
     """Group commit for ``POST /jobs``: requests that arrive while a commit is in flight
-    are inserted together in the next transaction, so 16 concurrent clients cost a few
-    commits, not sixteen."""
+    are stored together in the next transaction, so 16 concurrent clients cost a few
+    commits, not sixteen. Requests with an Idempotency-Key join the same group
+    (service/idempotency.py resolves their replays in it)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._pending: list[tuple[JobValues, asyncio.Future[None]]] = []
+        self._pending: list[Waiter] = []
         self._flushing = False
 
-    async def submit(self, row: JobValues) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def submit(self, row: JobValues) -> Submitted:
+        future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
         self._pending.append((row, future))
         if not self._flushing:
             self._flushing = True
             asyncio.create_task(self._flush())  # noqa: RUF006 - the futures keep it observed
-        await future
+        return await future
 
     async def _flush(self) -> None:
         try:
@@ -81,35 +87,49 @@ class SubmitBatcher:
         finally:
             self._flushing = False
 
-    async def _insert(self, batch: list[tuple[JobValues, asyncio.Future[None]]]) -> list[JobValues]:
-        """Insert the rows of ``batch`` and settle their futures; returns the rows committed.
-        When the database refuses a row, the halves are tried apart (bisection) until the
-        refused row is alone: it gets a 422 and the others commit. An outage is no row's
-        fault: every waiter still in ``batch`` gets it."""
+    async def _insert(self, batch: list[Waiter], retried: bool = False) -> list[JobValues]:
+        """Store the rows of ``batch`` and settle their futures; returns the rows inserted
+        (replays are not)."""
         rows = [row for row, _ in batch]
+        ttl = self.runtime.settings.idempotency_ttl_seconds
         try:
-            await self.runtime.db.run(partial(insert_jobs, rows=rows))
+            outcomes = await self.runtime.db.run(partial(store_group, rows=rows, ttl_seconds=ttl))
         except Exception as exc:
-            if not is_row_error(exc):
-                _settle(batch, exc)
-                return []
-            if len(batch) == 1:
-                _settle(batch, not_storable(exc))
-                return []
-            middle = len(batch) // 2
-            return await self._insert(batch[:middle]) + await self._insert(batch[middle:])
-        _settle(batch, None)
-        return rows
+            return await self._refused(batch, exc, retried)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            _settle(future, outcome)
+        return [o.row for o in outcomes if isinstance(o, Submitted) and not o.replayed]
+
+    async def _refused(self, batch: list[Waiter], exc: Exception, retried: bool) -> list[JobValues]:
+        """When the database refuses a row, the halves are tried apart (bisection) until
+        the refused row is alone: it gets a 422 and the others commit. An outage is no
+        row's fault: every waiter still in ``batch`` gets it."""
+        if not is_row_error(exc):
+            for _, future in batch:
+                _settle(future, exc)
+            return []
+        if isinstance(exc, IntegrityError) and not retried and _keyed(batch):
+            # Most likely a concurrent group (another replica) committed one of our keys
+            # after our look-up: looking again finds it and replays it.
+            return await self._insert(batch, retried=True)
+        if len(batch) == 1:
+            _settle(batch[0][1], not_storable(exc))
+            return []
+        middle = len(batch) // 2
+        return await self._insert(batch[:middle]) + await self._insert(batch[middle:])
 
 
-def _settle(batch: list[tuple[JobValues, asyncio.Future[None]]], exc: Exception | None) -> None:
-    for _, future in batch:
-        if future.done():  # its request went away (client disconnect)
-            continue
-        if exc is None:
-            future.set_result(None)
-        else:
-            future.set_exception(exc)
+def _keyed(batch: list[Waiter]) -> bool:
+    return any(row["idempotency_key"] is not None for row, _ in batch)
+
+
+def _settle(future: asyncio.Future[Submitted], outcome: Submitted | Exception) -> None:
+    if future.done():  # its request went away (client disconnect)
+        return
+    if isinstance(outcome, Submitted):
+        future.set_result(outcome)
+    else:
+        future.set_exception(outcome)
 
 
 @dataclass

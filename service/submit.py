@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
-
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from service import errors, jobs
 from service.auth import Principal
+from service.idempotency import Submitted
 from service.isolation import refusing_unstorable
-from service.models import JobValues, values_of
+from service.models import JobValues
 from service.runtime import Runtime
 from service.schemas import JobSubmit
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    row: JobValues
-    # An earlier request with the same idempotency key stored this row (200, not 202).
-    replayed: bool = False
 
 
 def check_payload(limit: int, request_length: int | None, what: str, *values: Any) -> None:
@@ -51,37 +41,10 @@ async def submit_one(
     limit = runtime.settings.max_payload_bytes
     check_payload(limit, request_length, "args and kwargs", spec.args, spec.kwargs)
     row = jobs.new_job(spec, runtime.clock.now(), runtime.defaults)
-    if idempotency_key is None:
-        await runtime.submits.submit(row)
-        return Submitted(row)
-    key = jobs.scoped_idempotency_key(principal.key_id, idempotency_key)
-    return await submit_idempotent(runtime, row, key, spec)
-
-
-async def submit_idempotent(
-    runtime: Runtime, row: JobValues, key: str, spec: JobSubmit
-) -> Submitted:
-    """Store ``row`` under ``key`` unless a live job holds the key: that job is replayed
-    (or the request refused, when its body differs)."""
-    body_hash = jobs.request_hash(spec)
-    row.update(idempotency_key=key, request_hash=body_hash)
-    ttl = runtime.settings.idempotency_ttl_seconds
-
-    def work(session: Session) -> Submitted:
-        existing = jobs.find_by_idempotency_key(session, key, row["created_at"], ttl)
-        if existing is not None:
-            return Submitted(values_of(jobs.replay_or_reject(existing, body_hash)), True)
-        jobs.insert_jobs(session, [row])
-        return Submitted(row)
-
-    with refusing_unstorable():  # a value the database refuses: 422, not 500 (issue 12)
-        try:
-            submitted = await runtime.db.run(work)
-        except IntegrityError:  # a concurrent request with the same key won the insert
-            submitted = await runtime.db.run(work)
-    if not submitted.replayed:
-        await runtime.after_submit([submitted.row])
-    return submitted
+    if idempotency_key is not None:  # stored in the same group commit as unkeyed jobs
+        key = jobs.scoped_idempotency_key(principal.key_id, idempotency_key)
+        row.update(idempotency_key=key, request_hash=jobs.request_hash(spec))
+    return await runtime.submits.submit(row)
 
 
 async def submit_batch(

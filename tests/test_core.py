@@ -677,6 +677,32 @@ def test_idempotent_submits_racing(api: Api, service: Service, queue: str) -> No
     assert api.queue_counts(queue) == {"queued": 1}
 
 
+def test_keyed_submits_in_one_group_commit(api: Api, service: Service, queue: str) -> None:
+    """Keyed submits share the group commit with each other: a key sent by ten requests
+    at once (likely in one group) is one job, the others replays of it; ten distinct
+    keys are ten jobs."""
+    shared = f"shared-{uuid.uuid4()}"
+    keys = [shared] * 10 + [f"own-{uuid.uuid4()}" for _ in range(10)]
+    start = threading.Barrier(len(keys))
+
+    def post(key: str) -> tuple[str, int, str]:
+        with Api(service.url) as client:
+            start.wait(timeout=30)
+            body = {"task": "tests.group", "queue": queue, "args": [key == shared]}
+            response = client.http.post("/jobs", json=body, headers={"Idempotency-Key": key})
+            return key, response.status_code, response.json().get("id", response.text)
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        answers = list(pool.map(post, keys))
+    on_shared = [(status, job_id) for key, status, job_id in answers if key == shared]
+    assert sorted(status for status, _ in on_shared) == [200] * 9 + [202], answers
+    assert len({job_id for _, job_id in on_shared}) == 1, answers
+    own = [(status, job_id) for key, status, job_id in answers if key != shared]
+    assert [status for status, _ in own] == [202] * 10, answers
+    assert len({job_id for _, job_id in own} | {on_shared[0][1]}) == 11
+    assert api.queue_counts(queue) == {"queued": 11}
+
+
 # --- listing and statistics --------------------------------------------------------------
 
 
