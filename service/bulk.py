@@ -7,7 +7,7 @@ trip and one plan, several times faster for the batches the worker protocol sett
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +19,9 @@ from service.models import JOBS_TABLE, UTCDateTime
 jobs_c = JOBS_TABLE.c
 
 
-def update_each(session: Session, columns: Sequence[str], changes: list[dict[str, Any]]) -> None:
+def update_each(
+    session: Session, columns: Sequence[str], changes: Sequence[Mapping[str, Any]]
+) -> None:
     """UPDATE jobs SET <columns> = change[column] WHERE id = change["id"], for each change."""
     if not changes:
         return
@@ -30,7 +32,7 @@ def update_each(session: Session, columns: Sequence[str], changes: list[dict[str
 
 
 def _update_executemany(
-    session: Session, columns: Sequence[str], changes: list[dict[str, Any]]
+    session: Session, columns: Sequence[str], changes: Sequence[Mapping[str, Any]]
 ) -> None:
     statement = (
         sa.update(JOBS_TABLE)
@@ -67,7 +69,9 @@ def _pg_array_type(column: sa.Column[Any]) -> tuple[str, str, Callable[[Any], An
     return "text[]", "", lambda v: v
 
 
-def _update_unnest(session: Session, columns: Sequence[str], changes: list[dict[str, Any]]) -> None:
+def _update_unnest(
+    session: Session, columns: Sequence[str], changes: Sequence[Mapping[str, Any]]
+) -> None:
     arrays: dict[str, list[Any]] = {"p_id": [c["id"] for c in changes]}
     unnests = ["CAST(:p_id AS text[])"]
     sets = []

@@ -40,7 +40,7 @@ def store_group(session: Session, rows: Sequence[JobValues], ttl_seconds: float)
         key = row["idempotency_key"]
         holder = None if key is None else holders.get(key)
         if holder is not None:
-            outcomes.append(replay_or_reject(holder, row["request_hash"]))
+            outcomes.append(replay_or_reject(holder, row.get("request_hash") or ""))
             continue
         if key is not None:
             holders[key] = row  # first wins: later rows of the group with this key replay it

@@ -119,7 +119,7 @@ async def _outlived(
 
 
 async def _release(runtime: Runtime, rows: list[JobValues], key_id: str) -> None:
-    reports = [Settle(row["id"], row["lease_token"], Outcome.released) for row in rows]
+    reports = [Settle(row["id"], row["lease_token"] or "", Outcome.released) for row in rows]
     await settle_many(runtime, reports, key_id)
 
 

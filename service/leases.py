@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -56,7 +56,8 @@ def _select(columns: Sequence[str]) -> sa.Select[Any]:
 
 
 def _rows(session: Session, query: sa.Select[Any]) -> list[JobValues]:
-    return [dict(row._mapping) for row in session.execute(query)]
+    # The columns asked for, typed by JobValues (a row of a narrower select has fewer).
+    return [cast(JobValues, dict(row._mapping)) for row in session.execute(query)]
 
 
 def _update_each(session: Session, columns: Sequence[str], changes: list[JobValues]) -> None:
@@ -221,9 +222,9 @@ def _lock_and_check(
         grant = (grants or {}).get(state["id"])
         if grant is not None and state["status"] == JobStatus.queued:
             # Granted and settled in one batch: record both with one write.
-            state.update(status=JobStatus.running, lease_token=grant.token,
-                         lease_worker=grant.worker, lease_key="", started_at=grant.now,
-                         attempt=state["attempt"] + 1)  # fmt: skip
+            state.update({"status": JobStatus.running, "lease_token": grant.token,
+                          "lease_worker": grant.worker, "lease_key": "",
+                          "started_at": grant.now, "attempt": state["attempt"] + 1})  # fmt: skip
     for check in checks:
         row = rows.get(check.id)
         if row is None:
@@ -262,11 +263,11 @@ def heartbeat(
             outcomes.append(HeartbeatOutcome(check.id, check.problem))
             continue
         row = check.row
-        change = {"id": row["id"], "lease_expires_at": terms.deadline(row)}
+        change: JobValues = {"id": row["id"], "lease_expires_at": terms.deadline(row)}
         if progress[row["id"]] is None:
             extended.append(change)
         else:
-            reported.append({**change, "progress": progress[row["id"]]})
+            reported.append(change | {"progress": progress[row["id"]]})
         outcomes.append(
             HeartbeatOutcome(row["id"], None, change["lease_expires_at"], row["cancel_requested"])
         )
@@ -320,7 +321,7 @@ def settle(
         settled.add(check.id)
         change = _settled(check.row, report, now, effects)
         changes.append(change)
-        outcomes.append(SettleOutcome(check.id, None, change["status"]))
+        outcomes.append(SettleOutcome(check.id, None, JobStatus(change["status"])))
     _update_each(session, SETTLE_COLUMNS, changes)
     # Webhook outbox rows commit with the final states; no query when no job in
     # the batch has a webhook (``change["webhook"]`` comes from STATE_COLUMNS).
@@ -337,13 +338,13 @@ def _settled(row: JobValues, report: Settle, now: datetime, effects: Effects) ->
     return _failed(row, report.error, now, effects, retry=report.retry, retry_in=report.retry_in)
 
 
-def _unleased(row: JobValues, status: JobStatus) -> JobValues:
+def _unleased(row: JobValues, status: JobStatus, error: Any = None) -> JobValues:
     """The columns every transition out of ``running`` writes (SETTLE_COLUMNS)."""
     return {
         "id": row["id"],
         "status": status,
         "result": None,
-        "error": None,
+        "error": error,
         "attempt": row["attempt"],
         "run_at": row["run_at"],
         "finished_at": None,
@@ -367,7 +368,7 @@ def _finished(change: JobValues, now: datetime, effects: Effects) -> JobValues:
 def _succeeded(row: JobValues, report: Settle, now: datetime, effects: Effects) -> JobValues:
     change = _unleased(row, JobStatus.succeeded)
     # A large result lives in the result store (result_ref); kept result_ttl seconds.
-    change.update(result=report.result, result_ref=report.result_ref)
+    change.update({"result": report.result, "result_ref": report.result_ref})
     if row["result_ttl"] is not None:
         change["result_expires_at"] = now + timedelta(seconds=row["result_ttl"])
     return _finished(change, now, effects)
@@ -395,14 +396,14 @@ def _failed(
     """``cancelled`` if a cancel was asked for, ``retrying`` while attempts are left
     (after the backoff, or the worker's ``retry_in``), else ``failed``."""
     if row["cancel_requested"]:
-        return _finished(_unleased(row, JobStatus.cancelled) | {"error": error}, now, effects)
+        return _finished(_unleased(row, JobStatus.cancelled, error), now, effects)
     if retry and row["attempt"] <= row["max_retries"]:
         delay = retry_in if retry_in is not None else backoff(row)
-        change = _unleased(row, JobStatus.retrying) | {"error": error}
+        change = _unleased(row, JobStatus.retrying, error)
         change["run_at"] = now + timedelta(seconds=delay)
         effects.due_at(change["run_at"])
         return change
-    return _finished(_unleased(row, JobStatus.failed) | {"error": error}, now, effects)
+    return _finished(_unleased(row, JobStatus.failed, error), now, effects)
 
 
 def backoff(row: JobValues) -> float:

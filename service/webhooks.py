@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -220,7 +220,7 @@ def claim_due(session: Session, now: datetime, limit: int, hold_seconds: float) 
     # The payload is the job as it is now (a finished job no longer changes, unless an
     # operator retried it).
     jobs = {
-        job.id: dict(job._mapping)
+        job.id: cast(JobValues, dict(job._mapping))
         for job in session.execute(
             sa.select(JOBS_TABLE).where(JOBS_TABLE.c.id.in_({r.job_id for r in rows}))
         )
