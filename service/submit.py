@@ -7,13 +7,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from service import errors, jobs
+from service import errors, jobs, waiting
 from service.auth import Principal
 from service.idempotency import Submitted
 from service.isolation import refusing_unstorable
 from service.models import JobValues
 from service.runtime import Runtime
 from service.schemas import JobSubmit
+from service.waiting import Waited
 
 
 def check_payload(limit: int, request_length: int | None, what: str, *values: Any) -> None:
@@ -43,8 +44,24 @@ async def submit_one(
     row = jobs.new_job(spec, runtime.clock.now(), runtime.defaults)
     if idempotency_key is not None:  # stored in the same group commit as unkeyed jobs
         key = jobs.scoped_idempotency_key(principal.key_id, idempotency_key)
-        row.update(idempotency_key=key, request_hash=jobs.request_hash(spec))
+        row.update({"idempotency_key": key, "request_hash": jobs.request_hash(spec)})
     return await runtime.submits.submit(row)
+
+
+async def submit_and_wait(
+    runtime: Runtime,
+    principal: Principal,
+    spec: JobSubmit,
+    idempotency_key: str | None,
+    request_length: int | None,
+    wait: float,
+) -> tuple[Submitted, Waited]:
+    """``POST /jobs?wait=S``, for callers that want the result in one call: the job is
+    committed exactly as by ``submit_one`` (a replay included), then the request waits as
+    ``GET /jobs/{id}?wait=S`` does. Over a long-poll cap the job is still committed and
+    answered at once (``Waited.refused``): the submit itself is never refused."""
+    done = await submit_one(runtime, principal, spec, idempotency_key, request_length)
+    return done, await waiting.wait_admitted(runtime, principal, done.row["id"], wait)
 
 
 async def submit_batch(

@@ -1,4 +1,5 @@
-"""Reading a job, optionally waiting for it to finish (``GET /jobs/{id}?wait=S``)."""
+"""Reading a job, optionally waiting for it to finish (``GET /jobs/{id}?wait=S``, and
+``POST /jobs?wait=S`` after the submit)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ async def read_job(runtime: Runtime, principal: Principal, job_id: str, wait: fl
     """The job, once it finished or ``wait`` seconds passed (capped by the settings)."""
     if principal.queues is not None:  # another tenant's job is not found (nor waited on)
         await runtime.db.read(lambda session: jobs.check_visible(session, job_id, principal))
+    return await wait_admitted(runtime, principal, job_id, wait)
+
+
+async def wait_admitted(runtime: Runtime, principal: Principal, job_id: str, wait: float) -> Waited:
+    """As ``read_job`` for a job the caller is known to see (``POST /jobs?wait=``: it has
+    just submitted it), so without the visibility check."""
     wait = min(wait, runtime.settings.max_result_wait_seconds)
     # Over a long-poll cap: the job as it is now.
     admitted = wait > 0 and runtime.long_polls.try_enter(principal.key_id)

@@ -18,3 +18,9 @@ def hang_first_attempt(label: str) -> str:
         while True:
             time.sleep(0.2)
     return f"{label}: done on attempt {current_job.attempt}"
+
+
+@app.task(name="tests.add")
+def add(a: float, b: float) -> float:
+    """Quick: for the tests that wait for a result in one call (``POST /jobs?wait=``)."""
+    return a + b

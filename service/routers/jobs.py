@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from service import job_commands, jobs, results, submit, waiting
 from service.auth import Principal
+from service.idempotency import Submitted
 from service.longpoll import RETRY_AFTER
 from service.routers.deps import (
     BodyKind,
@@ -31,6 +32,9 @@ from service.schemas import (
 )
 from service.serialize import job_body, values_body
 
+# The same bound on ``?wait=`` for reading a job and for submitting one; the service's own
+# cap (CELERIAC_MAX_RESULT_WAIT_SECONDS, service/waiting.py) may shorten it further.
+MAX_WAIT_QUERY = 60
 router = APIRouter(route_class=GuardedRoute, tags=["jobs"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 # Who is calling: its queue patterns and its idempotency keys (docs/security.md).
@@ -43,7 +47,13 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
     response_model=Job,
     responses=SUBMIT,
     dependencies=[Depends(require("submit", BodyKind.job))],
-    summary="Submit a job",
+    summary="Submit a job; ?wait=S then holds the request until it finishes",
+    description="With `?wait=S` the job is committed as without it, then the answer waits "
+    "until the job finishes or S seconds pass, as `GET /jobs/{id}?wait=S` does, and is "
+    "the job at that moment (with its result when finished). The status stays 202 for a "
+    "new job, even one that already succeeded, and 200 for an Idempotency-Key replay. "
+    "Over a long-poll cap the job is still committed and answered at once, with "
+    "`Retry-After`.",
 )
 async def submit_job(
     spec: JobSubmit,
@@ -53,14 +63,31 @@ async def submit_job(
     idempotency_key: Annotated[
         str | None, Header(max_length=255, pattern=IDEMPOTENCY_KEY_PATTERN)
     ] = None,
+    wait: Annotated[float | None, Query(ge=0, le=MAX_WAIT_QUERY)] = None,
 ) -> JSONResponse:
     length = content_length(request)
-    done = await submit.submit_one(runtime, principal, spec, idempotency_key, length)
+    if wait is None:  # no read back: the row as committed
+        done = await submit.submit_one(runtime, principal, spec, idempotency_key, length)
+        return _submitted(done, values_body(done.row))
+    done, found = await submit.submit_and_wait(
+        runtime, principal, spec, idempotency_key, length, wait
+    )
+    return _submitted(done, await _waited_body(runtime, found), refused=found.refused)
+
+
+def _submitted(done: Submitted, body: dict[str, Any], refused: bool = False) -> JSONResponse:
+    """202 for a new job (finished or not), 200 for a replay of an earlier one."""
     headers = {"Location": f"/jobs/{done.row['id']}"}
     if done.replayed:
         headers["Idempotent-Replayed"] = "true"
-    status = 200 if done.replayed else 202
-    return JSONResponse(values_body(done.row), status_code=status, headers=headers)
+    if refused:
+        headers |= RETRY_AFTER
+    return JSONResponse(body, status_code=200 if done.replayed else 202, headers=headers)
+
+
+async def _waited_body(runtime: Runtime, found: waiting.Waited) -> dict[str, Any]:
+    # A result kept in the result store is read back into the body.
+    return await results.inline_stored(runtime, found.row, job_body(found.row))
 
 
 @router.post(
@@ -90,11 +117,10 @@ async def get_job(
     job_id: str,
     runtime: RuntimeDep,
     principal: PrincipalDep,
-    wait: Annotated[float, Query(ge=0, le=60)] = 0,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_QUERY)] = 0,
 ) -> JSONResponse:
     found = await waiting.read_job(runtime, principal, job_id, wait)
-    # A result kept in the result store is read back into the body.
-    body = await results.inline_stored(runtime, found.row, job_body(found.row))
+    body = await _waited_body(runtime, found)
     return JSONResponse(body, headers=RETRY_AFTER if found.refused else None)
 
 

@@ -80,7 +80,11 @@ _LOCATION = {
 }
 SUBMIT: Responses = {
     **PROBLEMS,
-    202: {"description": "Committed: the job is in SQL", "headers": _LOCATION},
+    202: {
+        "description": "Committed: the job is in SQL (with ?wait=, as it is when it "
+        "finished or the wait ran out: still 202 when it already succeeded)",
+        "headers": _LOCATION,
+    },
     200: {
         "model": Job,
         "description": "The Idempotency-Key was used before, with the same body: the job "

@@ -112,6 +112,11 @@ def _idempotency(key: str | None, policy: RetryPolicy) -> dict[str, str] | None:
     return {"Idempotency-Key": key} if key else None
 
 
+def _wait_params(wait: float | None) -> dict[str, float] | None:
+    # ``wait=0`` is sent too: the service then reads the job back (a stored result with it).
+    return None if wait is None else {"wait": wait}
+
+
 def _list_params(
     status: str | None, queue: str | None, task: str | None, limit: int | None, cursor: str | None
 ) -> dict[str, str | int]:
@@ -243,11 +248,18 @@ class Client:
         kwargs: Mapping[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        wait: float | None = None,
         **options: Unpack[SubmitOptions],
     ) -> Job:
+        """Submit a job. With ``wait`` the service holds the answer until the job
+        finishes or ``wait`` seconds pass (RPC style: the result in one call); the job is
+        committed either way, and is answered unfinished when the wait ran out."""
         body = job_spec(task, args, kwargs, **options)
         headers = _idempotency(idempotency_key, self.retry_policy)
-        job: Job = self.request("POST", "/jobs", json=body, headers=headers)
+        params = _wait_params(wait)
+        job: Job = self.request(
+            "POST", "/jobs", json=body, params=params, headers=headers, wait=wait or 0.0
+        )
         return job
 
     def submit_batch(self, jobs: Iterable[Mapping[str, Any]]) -> JobList:
@@ -380,11 +392,15 @@ class AsyncClient:
         kwargs: Mapping[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        wait: float | None = None,
         **options: Unpack[SubmitOptions],
     ) -> Job:
         body = job_spec(task, args, kwargs, **options)
         headers = _idempotency(idempotency_key, self.retry_policy)
-        job: Job = await self.request("POST", "/jobs", json=body, headers=headers)
+        params = _wait_params(wait)
+        job: Job = await self.request(
+            "POST", "/jobs", json=body, params=params, headers=headers, wait=wait or 0.0
+        )
         return job
 
     async def submit_batch(self, jobs: Iterable[Mapping[str, Any]]) -> JobList:
