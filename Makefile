@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml $(SDK)/pyproject.toml $(LOCK) $(DEV_LOCK)
 
 install: $(STAMP)
 
-# Regenerate both locks from pyproject.toml after changing a dependency. Pins already in
+# Regenerate both locks from pyproject.toml after changing a dependency. The service lock
+# includes the `otel` extra, so the image can trace (off unless configured). Pins already in
 # the locks are kept where pyproject still allows them; LOCK_ARGS=--upgrade moves every
 # pin to the newest release, LOCK_ARGS='--upgrade-package NAME' one package. The SDK's
 # own dependencies come in through the service's; the SDK itself is this checkout
@@ -38,7 +39,7 @@ UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 
 lock:
 	test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet \
 		"uv==$$(sed -n 's/^uv==\([^ ]*\).*/\1/p' $(DEV_LOCK))"; }
-	$(UV_COMPILE) -o $(LOCK)
+	$(UV_COMPILE) --extra otel -o $(LOCK)
 	$(UV_COMPILE) --extra dev -c $(LOCK) -o $(DEV_LOCK)
 
 # Known vulnerabilities in the locked versions (CI runs it before the tests).
