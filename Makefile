@@ -74,6 +74,7 @@ bench:  # side by side with Celery, Dramatiq, Huey, RQ: peers only in .bench-ven
 	.bench-venv/bin/pip install --quiet --upgrade pip
 	.bench-venv/bin/pip install --quiet -e ./$(SDK) -e . -r bench/requirements.txt
 	.bench-venv/bin/python bench/run.py $(BENCH_ARGS)
+	.bench-venv/bin/python bench/workflow_chord.py  # a chord of 10,000 beside Celery's (docs/workflows.md)
 
 serve: install
 	$(BIN)/celeriac serve

@@ -2,9 +2,12 @@
 the Redis worker protocol.
 
 The service runs as ``celeriac serve`` on a fresh PostgreSQL database with Redis (db
-BENCH_REDIS_DB) as the dispatch index: results are durable in SQL. Workers:
+BENCH_REDIS_DB) as the dispatch index: results are durable in SQL. Variants naming the "SQL
+broker" run it on PostgreSQL alone (LISTEN/NOTIFY); "SQLite default" runs it with no
+configuration at all in an empty directory (a SQLite file, the SQL broker). Workers:
 
-- ``http-c8``: the Python worker, ``celeriac worker --app celeriac_side:app -c 8``;
+- ``http worker -c 8``: the Python worker, ``celeriac worker --app celeriac_side:app -c 8``;
+- ``redis worker -c 8``: the same worker leasing from Redis (``--broker redis://…``);
 - ``redis-protocol``: ``celeriac worker`` has no Redis transport yet, so this file also
   holds a minimal drain loop over the Redis protocol (docs/protocol.md, "Redis protocol"):
   ``FCALL celeriac_v1_lease`` for up to 100 jobs, run them inline, pipeline one
@@ -24,11 +27,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from celeriac import Celeriac
@@ -47,7 +52,7 @@ from harness import (
     stop,
     wait_ready,
 )
-from peers.base import Metrics, System, bin_path, chunks, timed_loop
+from peers.base import WARMUP_SUBMITS, Metrics, System, bin_path, chunks, timed_loop
 
 app = Celeriac("bench")
 
@@ -69,6 +74,16 @@ BATCH = 1000
 REDIS_LEASE_BATCH = 100
 
 
+def service_shape(variant: str) -> tuple[str, str]:
+    """(database, broker) of the service a variant runs on: PostgreSQL with Redis as the
+    dispatch index unless the variant names the SQL broker or the SQLite default."""
+    if variant.startswith("SQLite default"):
+        return "sqlite", "sql"
+    if "SQL broker" in variant:
+        return "postgresql", "sql"
+    return "postgresql", "redis"
+
+
 class CeleriacSystem(System):
     name = "celeriac"
     stop_signals = 2  # a second SIGTERM: cold shutdown, no wait for the long-poll
@@ -78,34 +93,83 @@ class CeleriacSystem(System):
         from celeriac.client import Client
 
         self._stack = ExitStack()
-        self.database = self._stack.enter_context(fresh_database(POSTGRES_URL))
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         self.prefix = f"bench{uuid.uuid4().hex[:6]}"
+        self.database_kind, broker = service_shape(self.variant)
+        if self.database_kind == "sqlite":
+            self._start_sqlite_default(port)
+        else:
+            self._start_on_postgresql(port, redis_url(QUEUE_DB) if broker == "redis" else "sql")
+        wait_ready(self.base, 60)
+        self.client = Client(self.base)
+        app.configure(server=self.base)  # what noop.delay() talks to
+        self.rows = self._open_rows()
+
+    def _start_on_postgresql(self, port: int, broker: str) -> None:
+        self.database = self._stack.enter_context(fresh_database(POSTGRES_URL))
         env = {
             **self.env,
             "CELERIAC_DATABASE_URL": self.database,
-            "CELERIAC_BROKER_URL": redis_url(QUEUE_DB),
+            "CELERIAC_BROKER_URL": broker,
             "CELERIAC_REDIS_PREFIX": self.prefix,
             "CELERIAC_LOG_LEVEL": "warning",
         }
         cmd = [bin_path("celeriac"), "serve", "--port", str(port), "--no-migrate"]
         self.service = spawn(cmd, f"celeriac-serve-{os.getpid()}", env)
-        wait_ready(self.base, 60)
-        self.client = Client(self.base)
+
+    def _start_sqlite_default(self, port: int) -> None:
+        """``celeriac serve`` with no configuration at all, in an empty directory: its
+        default is a SQLite file there (migrated at start) and the SQL broker."""
+        workdir = tempfile.mkdtemp(prefix="celeriac-bench-sqlite-")
+        self._stack.callback(shutil.rmtree, workdir, True)
+        self.database = f"sqlite:///{workdir}/celeriac.db"
+        unset = [k for k in os.environ if k.startswith("CELERIAC_")]
+        env = {**self.env, "CELERIAC_LOG_LEVEL": "warning"}
+        cmd = [bin_path("celeriac"), "serve", "--port", str(port)]
+        name = f"celeriac-serve-sqlite-{os.getpid()}"
+        self.service = spawn(cmd, name, env, cwd=Path(workdir), unset=unset)
+
+    def _open_rows(self) -> Any:
+        """A connection of the bench's own to the service's database, for counting rows."""
+        if self.database_kind == "sqlite":
+            import sqlite3
+
+            return sqlite3.connect(self.database.removeprefix("sqlite:///"))
         import psycopg
 
-        self.pg = psycopg.connect(self.database.replace("+psycopg", ""), autocommit=True)
+        return psycopg.connect(self.database.replace("+psycopg", ""), autocommit=True)
 
     def teardown(self) -> None:
         try:
             self.stop_worker()  # workers first (they talk to the service), then the service,
             stop(self.service)  # then what the base class cleans (the bench's Redis dbs)
             self.client.close()
-            self.pg.close()
+            app.close()
+            self.rows.close()
             super().teardown()
         finally:
             self._stack.close()
+
+    def durability(self) -> Metrics:
+        """How durable a commit of the service is, as a connection made by the service's
+        own ``service.db.create_engine`` sees it (server, database and role settings, URL
+        options, connect hooks): PostgreSQL's ``synchronous_commit`` and ``fsync``;
+        SQLite's ``synchronous`` pragma."""
+        from service.db import create_engine
+
+        engine = create_engine(self.database, pool_size=1)
+        try:
+            with engine.connect() as conn:
+                if self.database_kind == "sqlite":
+                    level = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+                    names = {0: "off", 1: "normal", 2: "full", 3: "extra"}
+                    return {"sqlite_synchronous": names.get(int(level or 0), str(level))}
+                commit = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+                fsync = conn.exec_driver_sql("SHOW fsync").scalar()
+                return {"pg_synchronous_commit": str(commit), "pg_fsync": str(fsync)}
+        finally:
+            engine.dispose()
 
     def service_pids(self) -> list[int]:
         return [self.service.pid]
@@ -136,6 +200,19 @@ class CeleriacSystem(System):
         if self.variant == "redis worker -c 8":  # the product worker on the Redis protocol
             command += ["--broker", redis_url(QUEUE_DB), "--redis-prefix", self.prefix]
         return command
+
+    def submit_one(self, i: int) -> None:
+        noop.delay(i)
+
+    def sequential(self, n: int) -> Metrics:
+        """One thread calling ``noop.delay(i)``; then every 2xx is checked to be a row."""
+        before = self._count("1 = 1")
+        metrics = super().sequential(n)
+        rows = self._count("1 = 1") - before
+        if rows != n + WARMUP_SUBMITS:
+            raise RuntimeError(f"{n + WARMUP_SUBMITS} submits answered 2xx, {rows} rows")
+        metrics["committed_rows"] = rows
+        return metrics
 
     def enqueue(self, n: int, task: str) -> None:
         from celeriac.client import job_spec
@@ -241,7 +318,10 @@ class CeleriacSystem(System):
         return metrics
 
     def done_count(self) -> int:
-        row = self.pg.execute("SELECT count(*) FROM jobs WHERE status = 'succeeded'").fetchone()
+        return self._count("status = 'succeeded'")
+
+    def _count(self, where: str) -> int:
+        row = self.rows.execute(f"SELECT count(*) FROM jobs WHERE {where}").fetchone()
         return int(row[0]) if row else 0
 
 

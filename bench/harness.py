@@ -123,18 +123,25 @@ def fresh_database(url: str, migrate: bool = True) -> Iterator[str]:
 
 
 def spawn(
-    cmd: Sequence[str], name: str, env: dict[str, str] | None = None
+    cmd: Sequence[str],
+    name: str,
+    env: dict[str, str] | None = None,
+    *,
+    cwd: Path = BENCH_DIR,
+    unset: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start a process of the bench, its output in LOG_DIR/<name>.log."""
+    """Start a process of the bench, its output in LOG_DIR/<name>.log; ``unset`` names
+    variables of this process's environment the child must not inherit."""
+    child_env = {k: v for k, v in os.environ.items() if k not in unset}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = (LOG_DIR / f"{name}.log").open("ab")
     try:
         return subprocess.Popen(
             list(cmd),
-            env={**os.environ, **(env or {})},
+            env={**child_env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=BENCH_DIR,
+            cwd=cwd,
         )
     finally:
         log.close()

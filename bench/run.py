@@ -3,16 +3,21 @@
     make bench                                   # creates .bench-venv, then runs this
     .bench-venv/bin/python bench/run.py --scenarios drain --systems celeriac,celery
     .bench-venv/bin/python bench/run.py --report bench/results/latest.json   # table + chart again
+    .bench-venv/bin/python bench/run.py --systems celeriac,celery --scenarios sequential,latency \
+        --rounds 1 --sequential-calls 500 --latency-rounds 50 --out /tmp/bench-trial.json
 
 Every scenario runs for every system and variant in turn, several rounds (A B A B…, the
 order reversed every other round), each sample in a fresh process with fresh state (the
 bench's Redis databases flushed, a new PostgreSQL database, purged RabbitMQ queues) and a
 timeout: a sample that hangs is killed with its process group and recorded as failed.
-Then it prints medians with min-max and celeriac's ratio to each peer, writes
-bench/results/latest.json (machine, versions, every sample) and docs/benchmarks.png.
+Then it prints medians with min-max, celeriac's ratio to each peer (of the medians, with
+the per-round range), a compact latency table and the targets of issues 14 and 8 (met or
+missed), and writes bench/results/latest.json (machine, versions, every sample),
+latest.md and docs/benchmarks.png; with another --out, the .md and .png go beside it.
 
-Counts come from flags or the environment: BENCH_ROUNDS (3), BENCH_JOBS (10000: submit and
-drain), BENCH_FANOUT_JOBS (5000), BENCH_LATENCY_ROUNDS (300).
+Counts come from flags or the environment: BENCH_ROUNDS (3), BENCH_JOBS (5000: submit and
+drain), BENCH_FANOUT_JOBS (3000), BENCH_LATENCY_ROUNDS (300), BENCH_SEQUENTIAL_CALLS (2000);
+with them the whole default run stays under 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -92,10 +98,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=env_int("BENCH_JOBS", 10_000),
+        default=env_int("BENCH_JOBS", 5_000),
         help="jobs per submit and drain sample",
     )
-    parser.add_argument("--fanout-jobs", type=int, default=env_int("BENCH_FANOUT_JOBS", 5_000))
+    parser.add_argument("--fanout-jobs", type=int, default=env_int("BENCH_FANOUT_JOBS", 3_000))
+    parser.add_argument(
+        "--sequential-calls",
+        type=int,
+        default=env_int("BENCH_SEQUENTIAL_CALLS", 2_000),
+        help="one-thread submits per sequential sample",
+    )
     parser.add_argument("--latency-rounds", type=int, default=env_int("BENCH_LATENCY_ROUNDS", 300))
     parser.add_argument(
         "--sample-timeout",
@@ -117,7 +129,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--profile-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "latest.json")
-    parser.add_argument("--chart", type=Path, default=REPO / "docs" / "benchmarks.png")
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        help="default: docs/benchmarks.png with the default --out, else --out's name as .png",
+    )
     parser.add_argument(
         "--report",
         type=Path,
@@ -140,6 +156,10 @@ def run_sample(scenario: str, system: str, variant: str, n: int) -> None:
     target.setup()
     try:
         metrics = getattr(target, scenario)(n)
+        try:
+            metrics.update(target.durability())
+        except Exception as exc:  # the sample stands; the targets table says "not measured"
+            metrics["durability_error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         target.teardown()
     print(MARK + json.dumps(metrics), flush=True)
@@ -302,6 +322,7 @@ def plan(args: argparse.Namespace, rabbitmq_up: bool) -> list[tuple[str, str, st
 
 def count_for(args: argparse.Namespace, scenario: str) -> int:
     counts: dict[str, int] = {
+        "sequential": args.sequential_calls,
         "submit": args.jobs,
         "drain": args.jobs,
         "fanout": args.fanout_jobs,
@@ -310,7 +331,39 @@ def count_for(args: argparse.Namespace, scenario: str) -> int:
     return counts[scenario]
 
 
+@contextmanager
+def exclusive_redis_dbs() -> Iterator[None]:
+    """One run at a time per pair of bench Redis databases: every sample FLUSHDBs them, so
+    two runs on the same pair would wipe each other's queues mid-sample. A second run
+    waits for the first (or picks other databases with BENCH_REDIS_DB)."""
+    import fcntl
+
+    path = Path(f"/tmp/celeriac-bench-redis-{REDIS_HOST}-{REDIS_PORT}-{QUEUE_DB}.lock")
+    with path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            print(
+                f"another bench run ({holder}) is using Redis db {QUEUE_DB} and {RESULT_DB}: "
+                "waiting for it to finish (or set BENCH_REDIS_DB to another pair)",
+                flush=True,
+            )
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, started {datetime.now(UTC):%H:%M:%S} UTC")
+        lock.flush()
+        yield
+
+
 def orchestrate(args: argparse.Namespace) -> int:
+    with exclusive_redis_dbs():
+        return run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> int:
     missing = [name for name in PEERS_NEEDED if not _importable(name)]
     if missing:
         print(
@@ -328,6 +381,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "jobs": args.jobs,
         "fanout_jobs": args.fanout_jobs,
         "latency_rounds": args.latency_rounds,
+        "sequential_calls": args.sequential_calls,
         "redis_dbs": [QUEUE_DB, RESULT_DB],
         "sample_timeout_s": args.sample_timeout,
     }
@@ -387,6 +441,8 @@ def _print_progress(sample: dict[str, Any]) -> None:
         body = f"p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms"
     else:
         body = f"{m['jobs_per_s']:.0f} jobs/s"
+        if "p50_ms" in m:
+            body += f", per call p50 {m['p50_ms']:.2f} ms"
         if "duplicates" in m:
             body += f", duplicates {m['duplicates']}, missing {m['missing']}"
     print(f"{head}: {body} ({sample['seconds']:.1f}s)", flush=True)
@@ -434,11 +490,21 @@ def _importable(name: str) -> bool:
 def report(run: dict[str, Any], args: argparse.Namespace) -> int:
     from report import render
 
-    markdown = render(run, args.chart)
+    chart, text = outputs(args)
+    markdown = render(run, chart)
     print(markdown)
-    (args.out.parent / "latest.md").write_text(markdown)
-    print(f"wrote {args.chart} and {args.out.parent / 'latest.md'}")
+    text.write_text(markdown)
+    print(f"wrote {chart} and {text}")
     return 0 if all(s["ok"] for s in run["samples"]) else 1
+
+
+def outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the chart and the Markdown go: docs/benchmarks.png and latest.md for the
+    default --out; beside a trial's --out otherwise (a trial never overwrites them)."""
+    out = args.report if args.report else args.out
+    if out.resolve() == (BENCH_DIR / "results" / "latest.json").resolve():
+        return args.chart or REPO / "docs" / "benchmarks.png", out.with_suffix(".md")
+    return args.chart or out.with_suffix(".png"), out.with_suffix(".md")
 
 
 def main() -> int:

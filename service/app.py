@@ -16,16 +16,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import errors
+from service import errors, ui
 from service.brokers.amqp import AmqpBroker, Layout
 from service.brokers.base import Broker
 from service.brokers.redis import RedisBroker
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
+from service.events import EventHub, Observers
+from service.flow import FlowSync
 from service.loops import Plugin, launch
 from service.maintenance import ClockRefresh, Maintenance
+from service.metrics import Metrics, RequestCounter
 from service.results import ResultCleaner
-from service.routers import jobs, leases, ops, results, schedules, webhooks, workers
+from service.retention import Pruner
+from service.routers import bulk_actions as bulk_router
+from service.routers import events as events_router
+from service.routers import flow as flow_router
+from service.routers import (
+    joblogs,
+    jobs,
+    leases,
+    ops,
+    results,
+    schedules,
+    webhooks,
+    workers,
+)
+from service.routers import metrics as metrics_router
+from service.routers import workflows as workflows_router
 from service.routers.problems import allowed_methods, declare_api_keys
 from service.runtime import Runtime
 from service.scheduler import Scheduler, load_schedules_file, prepare_scheduler
@@ -69,19 +87,27 @@ def background_plugins(runtime: Runtime, webhook_client: httpx.AsyncClient) -> l
         Scheduler(runtime),
         Deliverer(runtime, webhook_client),
         ResultCleaner(runtime),
+        Pruner(runtime),
+        FlowSync(runtime),
     ]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics(settings.metrics_refresh_seconds)  # this app's own registry
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(create_engine(settings.database_url))
         signals = Signals()
         broker = build_broker(settings, db, signals)
-        runtime = Runtime(settings=settings, db=db, signals=signals, broker=broker)
+        events = EventHub(db, signals)  # GET /events (service/events.py)
+        runtime = Runtime(
+            settings=settings, db=db, signals=signals, broker=broker,
+            observer=Observers(metrics, events),
+        )  # fmt: skip
         app.state.runtime = runtime
+        app.state.events = events
         # Webhook deliveries, result expiry and the schedules file check their settings
         # here, so a malformed secret, result store or file fails start-up at once.
         webhook_client = http_client(settings)
@@ -126,7 +152,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(schedules.router)
     app.include_router(webhooks.router)
     app.include_router(results.router)
+    app.include_router(joblogs.router)
     app.include_router(workers.router)
+    app.include_router(bulk_router.router)
+    app.include_router(events_router.router)
+    app.include_router(metrics_router.router)
+    app.include_router(flow_router.router)
+    app.include_router(workflows_router.router)  # docs/workflows.md
+    app.include_router(ui.router)  # the dashboard at /ui (docs/dashboard.md)
+    app.state.ui_overview = ui.Overview()
+    app.state.metrics = metrics
+    app.add_middleware(RequestCounter, metrics=metrics)
     install_error_handlers(app)
     declare_api_keys(app)
     return app

@@ -13,6 +13,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from urllib.parse import unquote
 
 from service import errors
 
@@ -98,13 +99,41 @@ def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
+# The dashboard (service/ui) keeps the key it was given in an HttpOnly, SameSite=Strict
+# cookie. The cookie counts only on requests that also carry the UI_HEADER, which a page
+# of another site cannot send without a CORS preflight this service never grants: so a
+# form or link elsewhere can never act with it (CSRF), whatever the browser.
+UI_COOKIE = "celeriac_key"
+UI_HEADER = "x-celeriac-ui"
+
+
 def _presented_key(headers: Mapping[str, str]) -> str | None:
     header = headers.get("authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value:
             return value.strip()
-    return headers.get("x-api-key")
+    key = headers.get("x-api-key")
+    if key is None and UI_HEADER in headers:
+        key = cookie_key(headers.get("cookie"))
+    return key
+
+
+def cookie_key(cookie_header: str | None) -> str | None:
+    """The dashboard's key from a Cookie header, if it holds one."""
+    if not cookie_header or UI_COOKIE not in cookie_header:
+        return None
+    for part in cookie_header.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == UI_COOKIE and value:
+            return unquote(value)  # set percent-encoded (service/ui)
+    return None
+
+
+def match_key(keys: tuple[ApiKey, ...], presented: str) -> Principal | None:
+    """The principal of a presented key (the dashboard's log-in), or None."""
+    key = _match(keys, presented)
+    return None if key is None else key.principal
 
 
 def _match(keys: tuple[ApiKey, ...], presented: str) -> ApiKey | None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import sqlalchemy as sa
@@ -65,7 +66,14 @@ def _create_sqlite_engine(url: str) -> sa.Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
         readonly = connection.get_execution_options().get("celeriac_readonly", False)
-        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        statement = "BEGIN" if readonly else "BEGIN IMMEDIATE"
+        # Straight to the driver: SQLAlchemy's execute path would cost more than the
+        # BEGIN itself, and this runs once per unit of work. Its errors ("database is
+        # locked") still reach the caller as SQLAlchemy's, which Database.run retries.
+        try:
+            cast(sqlite3.Connection, connection.connection.driver_connection).execute(statement)
+        except sqlite3.Error as exc:
+            raise sa.exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
     return engine
 

@@ -3,13 +3,16 @@
 A lease asks the broker for candidate ids (``service.brokers.base``), grants them in SQL
 (``claim_by_ids``: SQL decides), acks what it granted and hands back the rest. The SQL
 broker holds no index: its candidates are the jobs table itself, claimed and granted in
-one statement (``claim_from_queues``, ``SELECT … FOR UPDATE SKIP LOCKED``).
+one statement (``claim_from_queues``: ``UPDATE … RETURNING`` over the ids a
+``SELECT … FOR UPDATE SKIP LOCKED`` picked; two statements on MariaDB).
 
 The same rules for every broker:
 
 - Waiting: an index broker waits inside ``candidates`` (BZMPOP, an AMQP consumer); SQL
   waiters wait on ``Signals`` (local commits, NOTIFY, or the one shared poll of a
-  database without notifications). Never a poll per waiter.
+  database without notifications). Never a poll per waiter. A SQL long-poll whose queues
+  a claim here found drained, with nothing made ready since, waits without claiming
+  first (``_drained``).
 - Top-up: when the wait is over and the broker's answer was short, the rest comes from
   SQL: a job committed a moment ago may not have reached the broker yet (``POST /jobs``
   answers before it publishes), and "what is ready now" is SQL's to say. Not for a broker
@@ -30,13 +33,14 @@ from typing import Any
 from service.brokers.base import Broker, BrokerUnavailable, Candidates
 from service.brokers.sql import SqlBroker
 from service.db import Database
-from service.leases import LeaseTerms, claim_by_ids, claim_from_queues
+from service.leases import LeaseTerms, claim_by_ids, claim_from_queues, short_means_drained
 from service.models import JobValues
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.dispatch")
 
 Terms = Callable[[], LeaseTerms]
+_DRAINED_KEYS = 1024  # distinct queue lists remembered (then forgotten all at once)
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 
 
@@ -55,6 +59,8 @@ class Dispatcher:
         )  # fmt: skip
         self._spawn = spawn
         self._down = False
+        # queues -> Signals.ready_generation when a claim of them here last came back short
+        self._drained_at: dict[tuple[str, ...], int] = {}
 
     async def lease(
         self, queues: Sequence[str], max_jobs: int, wait: float, terms: Terms
@@ -111,6 +117,34 @@ class Dispatcher:
         await batch.hand_back([i for i in batch.ids if i not in granted], still_ready=False)
         return rows
 
+    async def _claim(self, queues: Sequence[str], max_jobs: int, terms: Terms) -> list[JobValues]:
+        """One SQL claim; remembers whether it drained ``queues`` (see ``_drained``)."""
+        generation = self.signals.ready_generation  # before the claim's snapshot
+        plain = short_means_drained()
+        # terms() per attempt: a lease granted late still gets its full length.
+        rows = await self.db.run(lambda s: claim_from_queues(s, queues, max_jobs, terms()))
+        key = tuple(queues)
+        if len(rows) < max_jobs and plain and short_means_drained():
+            if len(self._drained_at) >= _DRAINED_KEYS:
+                self._drained_at.clear()
+            self._drained_at[key] = generation
+        else:
+            self._drained_at.pop(key, None)
+        return rows
+
+    def _drained(self, queues: Sequence[str]) -> bool:
+        """Whether the last claim of ``queues`` here came back short and nothing became
+        ready since (no local commit, NOTIFY or reconnect moved ``ready_generation``).
+        A prefetching worker asks again right after each lease: this spares that claim,
+        which would find nothing, a transaction. Only while every commit is heard (a
+        connected LISTEN), and not under flow control (``short_means_drained``); even
+        then the long-poll still claims when its wait ends, so a job made ready without
+        a signal (a claimer that locked it, then rolled back) waits at most one poll, as
+        it would for a worker already parked."""
+        if not self.sql.hears_every_commit():
+            return False
+        return self._drained_at.get(tuple(queues)) == self.signals.ready_generation
+
     async def _top_up(
         self, rows: list[JobValues], queues: Sequence[str], max_jobs: int, terms: Terms
     ) -> list[JobValues]:
@@ -127,12 +161,16 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         if deadline > loop.time():
             self.sql.ensure_wakeups(self._spawn)
+        first = True
         while True:
             # Registered before the claim: a wake-up between claim and wait is not lost.
             event = self.signals.ready_waiter(queues)
             try:
-                # terms() per attempt: a lease granted late still gets its full length.
-                rows = await self.db.run(lambda s: claim_from_queues(s, queues, max_jobs, terms()))
+                if first and deadline > loop.time() and self._drained(queues):
+                    rows = []  # nothing can have become ready: wait for that straight away
+                else:
+                    rows = await self._claim(queues, max_jobs, terms)
+                first = False
                 remaining = deadline - loop.time()
                 if rows or remaining <= 0:
                     return rows

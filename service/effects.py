@@ -5,10 +5,13 @@ depend on it and never on each other for these two records."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from service.models import JobValues
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,24 @@ class Dispatch:
     values: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """An attempt that ended in this transaction (reported, reclaimed), or a pending job
+    made final without one (cancelled, expired): what observers (metrics, logs) hear of
+    it after commit, from values the transaction had in hand anyway."""
+
+    id: str
+    queue: str
+    task: str
+    status: str  # the job's new status (a JobStatus value)
+    attempt: int
+    worker: str | None = None
+    ready_at: datetime | None = None  # when it became due (run_at before the lease)
+    started_at: datetime | None = None  # when the lease was granted
+    ended_at: datetime | None = None
+    reclaimed: bool = False  # its lease ran out (or its worker was lost)
+
+
 @dataclass(slots=True)
 class Effects:
     """What must happen after commit: jobs to dispatch, waiters to wake, a timer to set,
@@ -31,11 +52,31 @@ class Effects:
 
     dispatch: list[Dispatch] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    # Finished jobs as committed (every column), for this process's ``?wait=`` waiters
+    # on them to answer with instead of reading them back (service/waiting.py). Only for
+    # jobs a waiter here waits on; any other waiter reads.
+    settled: dict[str, JobValues] = field(default_factory=dict)
     earliest_due: datetime | None = None
     deliveries: int = 0  # webhook outbox rows written: wake the delivery loop
     # Running jobs whose cancellation was requested: HTTP workers hear it in their
     # heartbeat answer; a broker whose workers bypass HTTP tells them itself.
     cancelling: list[str] = field(default_factory=list)
+    # For observers (service/metrics.py): attempts and jobs that ended, and leases of
+    # Redis-protocol workers recorded in SQL.
+    ended: list[Ended] = field(default_factory=list)
+    leases_recorded: int = 0
+    # The broker already told the other replicas inside the transaction (a PostgreSQL
+    # NOTIFY rides the commit: ``Broker.in_transaction``): no publish or announce after it.
+    announced: bool = False
+    # Settled jobs that carry a trace context, and when their settle began
+    # (``time.time_ns()``): the service's ``celeriac settle`` spans (service/tracing.py).
+    traced: list[JobValues] = field(default_factory=list)
+    traced_since_ns: int = 0
+
+    def trace(self, row: JobValues) -> None:
+        if not self.traced:
+            self.traced_since_ns = time.time_ns()
+        self.traced.append(row)
 
     def due_at(self, when: datetime) -> None:
         if self.earliest_due is None or when < self.earliest_due:
@@ -44,7 +85,14 @@ class Effects:
     def merge(self, part: Effects) -> None:
         self.dispatch += part.dispatch
         self.finished += part.finished
+        self.settled |= part.settled
         self.deliveries += part.deliveries
         self.cancelling += part.cancelling
+        if part.traced and not self.traced:
+            self.traced_since_ns = part.traced_since_ns
+        self.traced += part.traced
+        self.ended += part.ended
+        self.leases_recorded += part.leases_recorded
+        self.announced = self.announced and part.announced  # else all of it, after commit
         if part.earliest_due is not None:
             self.due_at(part.earliest_due)

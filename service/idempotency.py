@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service import errors
@@ -31,8 +32,28 @@ Outcome = Submitted | errors.ProblemError
 
 
 def store_group(session: Session, rows: Sequence[JobValues], ttl_seconds: float) -> list[Outcome]:
-    """Insert the rows that are new, in one statement; the outcome of each row, in order.
-    A row's ``idempotency_key`` and ``request_hash`` are None when its request had no key."""
+    """Insert the rows that are new; the outcome of each row, in order. A row's
+    ``idempotency_key`` and ``request_hash`` are None when its request had no key.
+
+    Where the database can skip a conflicting row (PostgreSQL, SQLite), the group is
+    inserted at once and only the keys it found taken are looked up: the common case, all
+    keys new, is one statement. Elsewhere (MariaDB, whose key comparison is looser than
+    Python's) the keys are looked up first."""
+    if not any(row["idempotency_key"] is not None for row in rows):
+        insert_jobs(session, list(rows))
+        return [Submitted(row) for row in rows]
+    if session.get_bind().dialect.name in SKIPS_CONFLICTS:
+        return _insert_then_resolve(session, rows, ttl_seconds)
+    return _resolve_then_insert(session, rows, ttl_seconds)
+
+
+# Dialects with INSERT … ON CONFLICT (idempotency_key) DO NOTHING.
+SKIPS_CONFLICTS = ("postgresql", "sqlite")
+
+
+def _resolve_then_insert(
+    session: Session, rows: Sequence[JobValues], ttl_seconds: float
+) -> list[Outcome]:
     holders = live_holders(session, rows, ttl_seconds)
     outcomes: list[Outcome] = []
     fresh: list[JobValues] = []
@@ -49,6 +70,66 @@ def store_group(session: Session, rows: Sequence[JobValues], ttl_seconds: float)
     if fresh:
         insert_jobs(session, fresh)
     return outcomes
+
+
+def _insert_then_resolve(
+    session: Session, rows: Sequence[JobValues], ttl_seconds: float
+) -> list[Outcome]:
+    """The first row of the group with each key is inserted unless the key is taken; a
+    taken key is a replay of its live holder, or is released (expired) and its row
+    inserted after all. Later rows with a key replay whichever row holds it."""
+    winners: dict[str, JobValues] = {}  # key -> the row that holds it once we commit
+    fresh: list[JobValues] = []
+    for row in rows:
+        key = row["idempotency_key"]
+        if key is None or key not in winners:
+            fresh.append(row)
+            if key is not None:
+                winners[key] = row
+    taken = _insert_skipping_taken(session, fresh)
+    if taken:
+        holders = live_holders(session, taken, ttl_seconds)
+        retry = []
+        for row in taken:
+            holder = holders.get(row["idempotency_key"] or "")
+            if holder is None:
+                retry.append(row)  # expired and released just now (or gone): insert it
+            else:
+                winners[row["idempotency_key"] or ""] = holder
+        if retry:  # a concurrent group taking one of these keys fails this one: it looks again
+            insert_jobs(session, retry)
+    outcomes: list[Outcome] = []
+    for row in rows:
+        winner = winners.get(row["idempotency_key"] or "")
+        if winner is None or winner is row:
+            outcomes.append(Submitted(row))
+        else:
+            outcomes.append(replay_or_reject(winner, row.get("request_hash") or ""))
+    return outcomes
+
+
+def _insert_skipping_taken(session: Session, rows: list[JobValues]) -> list[JobValues]:
+    """Insert ``rows``, skipping those whose key is taken (committed, or by a concurrent
+    transaction that then commits); the skipped rows, in order. One executemany without
+    RETURNING (a pipelined, prepared statement), then a look-up only when it fell short."""
+    statement = _skipping_taken_keys(session.get_bind().dialect.name)
+    statement = statement.execution_options(preserve_rowcount=True)  # SQLAlchemy drops it
+    connection = session.connection()
+    result = connection.execute(statement, rows[0] if len(rows) == 1 else rows)
+    if result.rowcount == len(rows):
+        return []
+    ids = [row["id"] for row in rows]  # ours alone: a fresh UUIDv7 each
+    query = sa.select(JOBS_TABLE.c.id).where(JOBS_TABLE.c.id.in_(ids))
+    inserted = set(connection.execute(query).scalars())
+    return [row for row in rows if row["id"] not in inserted]
+
+
+def _skipping_taken_keys(dialect: str) -> sa.Insert:
+    if dialect == "postgresql":
+        return postgresql.insert(JOBS_TABLE).on_conflict_do_nothing(
+            index_elements=["idempotency_key"]
+        )
+    return sqlite.insert(JOBS_TABLE).on_conflict_do_nothing(index_elements=["idempotency_key"])
 
 
 def live_holders(

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import uuid
+from datetime import datetime
 
 _lock = threading.Lock()
 _last_ms = 0
@@ -16,26 +17,39 @@ _counter = 0
 def uuid7() -> str:
     """A UUIDv7 whose 12-bit sub-millisecond counter keeps ids from one process strictly
     increasing even within the same millisecond."""
+    return uuid7s(1)[0]
+
+
+def uuid7s(count: int) -> list[str]:
+    """``count`` ids as ``uuid7`` makes them, in increasing order, with one system call
+    for all their random bits (a batch submit makes a thousand)."""
     global _last_ms, _counter
+    stamps = []
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms <= _last_ms:
-            ms = _last_ms
-            _counter += 1
-            if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
-                ms += 1
-                _counter = 0
-        else:
-            _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave headroom
-        _last_ms = ms
-        counter = _counter
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= counter << 64
-    value |= 0b10 << 62
-    value |= rand_b
-    return str(uuid.UUID(int=value))
+        for _ in range(count):
+            ms = time.time_ns() // 1_000_000
+            if ms <= _last_ms:
+                ms = _last_ms
+                _counter += 1
+                if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                    ms += 1
+                    _counter = 0
+            else:
+                _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave headroom
+            _last_ms = ms
+            stamps.append((ms, _counter))
+    random_bits = os.urandom(8 * count)
+    ids = []
+    for index, (ms, counter) in enumerate(stamps):
+        rand_b = int.from_bytes(random_bits[8 * index : 8 * index + 8]) & ((1 << 62) - 1)
+        value = (ms & ((1 << 48) - 1)) << 80
+        value |= 0x7 << 76
+        value |= counter << 64
+        value |= 0b10 << 62
+        value |= rand_b
+        digits = f"{value:032x}"  # what str(uuid.UUID(int=value)) gives, faster
+        ids.append(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")
+    return ids
 
 
 def is_job_id(text: str) -> bool:
@@ -46,3 +60,10 @@ def is_job_id(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def floor_of(when: datetime) -> str:
+    """The smallest UUIDv7 text of the millisecond ``when``: every id made earlier sorts
+    below it, every id made at or after it sorts at or above it."""
+    digits = f"{int(when.timestamp() * 1000):012x}"
+    return f"{digits[:8]}-{digits[8:]}-0000-0000-000000000000"

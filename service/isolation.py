@@ -37,8 +37,9 @@ def is_row_error(exc: BaseException) -> bool:
         args: tuple[Any, ...] = getattr(exc.orig, "args", ())
         return bool(args) and args[0] in _MYSQL_ROW_CODES
     # Not from the driver: a value a type's bind processing could not convert (a date
-    # that overflows when moved to UTC) or the driver's adaptation refused.
-    return isinstance(exc, sa.exc.StatementError)
+    # that overflows when moved to UTC: OverflowError where our bulk insert converts the
+    # values itself, service/bulk.py) or the driver's adaptation refused.
+    return isinstance(exc, sa.exc.StatementError | OverflowError)
 
 
 def reason(exc: BaseException) -> str:

@@ -11,15 +11,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service import errors
+from service import bulk, errors, workflows
 from service.auth import Principal
-from service.effects import Dispatch, Effects
-from service.ids import is_job_id, uuid7
+from service.effects import Dispatch, Effects, Ended
+from service.ids import floor_of, is_job_id, uuid7
 from service.models import JOBS_TABLE, JobRow, JobValues
 from service.schemas import JobSubmit, WebhookSpec
 from service.states import FINISHED, RETRYABLE, JobStatus
@@ -47,9 +47,19 @@ def request_hash(spec: JobSubmit) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def new_job(spec: JobSubmit, now: datetime, defaults: Defaults) -> JobValues:
+# What a new job holds in the columns ``new_job`` does not set: NULL. Every row then has
+# every column, so the rows that one INSERT stores are alike, whoever else added to some.
+NULL_COLUMNS: dict[str, None] = dict.fromkeys(
+    column.key for column in JOBS_TABLE.columns if column.nullable and column.server_default is None
+)
+
+
+def new_job(
+    spec: JobSubmit, now: datetime, defaults: Defaults, job_id: str | None = None
+) -> JobValues:
     """The column values of a submitted job. Plain values, not an ORM object: submits
-    insert them in bulk, and the response is built from them without a read back."""
+    insert them in bulk, and the response is built from them without a read back.
+    ``job_id``: one of ``ids.uuid7s`` for a batch (else a fresh ``uuid7``)."""
     if spec.delay is not None and spec.run_at is not None:
         raise errors.ValidationFailed("give either delay or run_at, not both")
     if spec.delay:
@@ -61,8 +71,8 @@ def new_job(spec: JobSubmit, now: datetime, defaults: Defaults) -> JobValues:
     backoff = spec.retry_backoff
     webhook = defaults.webhooks.get(spec.queue) if spec.webhook is None else spec.webhook
     result_ttl = defaults.result_ttl if spec.result_ttl is None else spec.result_ttl
-    return dict(
-        id=uuid7(),
+    return cast(JobValues, NULL_COLUMNS | dict(
+        id=uuid7() if job_id is None else job_id,
         task=spec.task,
         queue=spec.queue,
         priority=spec.priority,
@@ -95,12 +105,15 @@ def new_job(spec: JobSubmit, now: datetime, defaults: Defaults) -> JobValues:
         result_ref=None,
         result_expires_at=None,
         result_expired=False,
-    )
+        limits=spec.limits or None,  # flow control (service/flow.py)
+        limit_key=spec.limits[0] if spec.limits else None,
+    ))  # fmt: skip
 
 
 def insert_jobs(session: Session, rows: list[JobValues]) -> None:
-    """One multi-row INSERT (per driver page), bypassing the unit of work."""
-    session.execute(sa.insert(JOBS_TABLE), rows)
+    """One INSERT for all ``rows`` (every row with the same keys, as ``new_job`` makes
+    them), in Core: not the ORM's unit of work, which costs more than the insert."""
+    bulk.insert_each(session, rows)
 
 
 # --- idempotency: per API key, for CELERIAC_IDEMPOTENCY_TTL_SECONDS ------------------------
@@ -185,6 +198,28 @@ def decode_cursor(cursor: str) -> str:
     return job_id
 
 
+@dataclass(frozen=True, slots=True)
+class IdWindow:
+    """A range of the time-ordered primary key: jobs created in ``[after, before)`` and
+    whose id starts with ``prefix`` (the dashboard's filters). A range scan of the key,
+    never a scan of the table."""
+
+    after: datetime | None = None
+    before: datetime | None = None
+    prefix: str | None = None
+
+    def conditions(self) -> list[sa.ColumnElement[bool]]:
+        found: list[sa.ColumnElement[bool]] = []
+        if self.after is not None:
+            found.append(JobRow.id >= floor_of(self.after))
+        if self.before is not None:
+            found.append(JobRow.id < floor_of(self.before))
+        if self.prefix:
+            # "~" sorts after every hex digit and "-": the ids that start with the prefix.
+            found += [JobRow.id >= self.prefix, JobRow.id < self.prefix + "~"]
+        return found
+
+
 def list_jobs(
     session: Session,
     *,
@@ -194,6 +229,7 @@ def list_jobs(
     limit: int,
     cursor: str | None,
     principal: Principal | None = None,
+    window: IdWindow | None = None,
 ) -> tuple[list[JobRow], str | None]:
     """Newest first, keyset-paginated on the time-ordered id. For a caller restricted to
     some queues: only jobs in those (a page may then hold fewer than ``limit`` jobs and
@@ -213,6 +249,8 @@ def list_jobs(
         query = query.where(JobRow.task == task)
     if cursor is not None:
         query = query.where(JobRow.id < decode_cursor(cursor))
+    if window is not None:
+        query = query.where(*window.conditions())
     rows = list(session.scalars(query))
     next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
     page = rows[:limit]
@@ -232,18 +270,40 @@ def cancel_job(
     row = get_job(session, job_id, for_update=True, visible_to=visible_to)
     if row.status in FINISHED:
         raise errors.JobFinished(f"job {job_id} is already {row.status}; nothing to cancel")
-    if row.status == JobStatus.running:
-        row.cancel_requested = True  # the worker hears of it at its next heartbeat
-        if effects is not None:
-            effects.cancelling.append(row.id)
-    else:
-        row.status = JobStatus.cancelled
-        row.finished_at = now
-        # The webhook outbox row commits with the cancellation.
-        record_finished(session, [{"id": row.id, "status": row.status, "webhook": row.webhook}],
-                        now, effects)  # fmt: skip
+    cancel_rows(session, [row], now, effects)
     session.flush()
     return row
+
+
+def cancel_rows(
+    session: Session, rows: Iterable[JobRow], now: datetime, effects: Effects | None = None
+) -> list[JobRow]:
+    """Cancel locked, unfinished rows (one job's cancel, or a bulk one): a pending job now,
+    a running one at its worker's next heartbeat. Returns the rows cancelled now."""
+    cancelled: list[JobRow] = []
+    for row in rows:
+        if row.status == JobStatus.running:
+            row.cancel_requested = True  # the worker hears of it at its next heartbeat
+            if effects is not None:
+                effects.cancelling.append(row.id)
+        else:
+            row.status = JobStatus.cancelled
+            row.finished_at = now
+            cancelled.append(row)
+    if cancelled:  # the webhook outbox rows commit with the cancellation
+        finished: list[JobValues] = [
+            {"id": r.id, "status": r.status, "webhook": r.webhook} for r in cancelled
+        ]
+        record_finished(session, finished, now, effects)
+        if any(r.workflow_id is not None for r in cancelled):  # what waits on them
+            session.flush()
+            workflows.on_finished(session, [{"id": r.id, "status": r.status,
+                                  "workflow_id": r.workflow_id} for r in cancelled], now,
+                                  effects)  # fmt: skip
+        if effects is not None:  # for metrics, after commit
+            effects.ended += [Ended(r.id, r.queue, r.task, JobStatus.cancelled, r.attempt,
+                                    ended_at=now) for r in cancelled]  # fmt: skip
+    return cancelled
 
 
 def retry_job(
@@ -253,16 +313,37 @@ def retry_job(
     row = get_job(session, job_id, for_update=True, visible_to=visible_to)
     if row.status not in RETRYABLE:
         raise errors.JobNotRetryable(f"job {job_id} is {row.status}; it cannot be retried")
-    row.status = JobStatus.queued
-    row.attempt = 0
-    row.run_at = now
-    row.result = row.error = row.progress = None
-    row.started_at = row.finished_at = None
-    row.cancel_requested = False
-    if row.expires_at is not None and row.expires_at <= now:
-        row.expires_at = None
+    requeue(row, now)
     session.flush()
     return row
+
+
+def requeued_values(now: datetime) -> dict[str, Any]:
+    """What a retry sets on a failed, cancelled or expired job: queued now, a fresh retry
+    budget, nothing left of its last run; and an expiry already past is dropped. The one
+    rule for one job's retry (``requeue``) and a bulk one (``POST /jobs/bulk``, a
+    set-based UPDATE with these values)."""
+    return {
+        "status": JobStatus.queued,
+        "attempt": 0,
+        "run_at": now,
+        "result": None,
+        "error": None,
+        "progress": None,
+        "started_at": None,
+        "finished_at": None,
+        "cancel_requested": False,
+        "expires_at": sa.case((JobRow.expires_at <= now, sa.null()), else_=JobRow.expires_at),
+    }
+
+
+def requeue(row: JobRow, now: datetime) -> None:
+    """A locked failed, cancelled or expired row queued again (one job's retry)."""
+    for column, value in requeued_values(now).items():
+        if column != "expires_at":  # a SQL expression: decided here in Python instead
+            setattr(row, column, value)
+    if row.expires_at is not None and row.expires_at <= now:
+        row.expires_at = None
 
 
 def queue_stats(session: Session, principal: Principal | None = None) -> list[dict[str, Any]]:

@@ -4,11 +4,12 @@ client), claim by id, and heartbeats. Granting itself is ``service.dispatch``'s.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service import errors
+from service import errors, flow
 from service.auth import Principal
 from service.leases import HeartbeatOutcome, LeaseTerms, Settle, claim_by_ids, heartbeat, new_token
 from service.models import JobValues
@@ -52,7 +53,7 @@ def terms(runtime: Runtime, worker: str, lease_seconds: float | None, key_id: st
     )
 
 
-def _check(runtime: Runtime, principal: Principal, body: LeaseRequest) -> list[str]:
+def check(runtime: Runtime, principal: Principal, body: LeaseRequest) -> list[str]:
     """The request's queues, once its limits and the caller's queues are checked."""
     settings = runtime.settings
     if body.max_jobs > settings.max_lease_jobs:
@@ -73,17 +74,25 @@ async def lease(
 ) -> Leased:
     """``POST /leases``: up to ``max_jobs`` jobs, waiting up to ``wait`` seconds for one.
     Jobs granted to a client that has gone are handed straight back."""
-    queues = _check(runtime, principal, body)
+    queues = check(runtime, principal, body)
     key_id = principal.key_id
     # Over a long-poll cap (service/longpoll.py) the request does not wait, but still
     # makes one attempt, so a busy service keeps handing out ready work.
     admitted = body.wait > 0 and runtime.long_polls.try_enter(key_id)
+    attempted_ns = [0]  # when the attempt that granted began (the lease spans' start)
+
+    def lease_terms() -> LeaseTerms:
+        attempted_ns[0] = time.time_ns()
+        return terms(runtime, body.worker, body.lease_seconds, key_id)
+
     granting = asyncio.ensure_future(
-        runtime.dispatcher.lease(
+        flow.lease_unpaused(  # the dispatcher's lease, minus paused queues
+            runtime,
             queues,
             body.max_jobs,
             body.wait if admitted else 0.0,
-            lambda: terms(runtime, body.worker, body.lease_seconds, key_id),
+            lease_terms,
+            lambda rows: _release(runtime, rows, key_id),
         )
     )
     if admitted:  # a long-poll: it may outlive its client
@@ -98,6 +107,9 @@ async def lease(
         # them leased to nobody until the deadline.
         await _release(runtime, rows, key_id)
         rows = []
+    runtime.observer.leased(rows)
+    worker = {"celeriac.worker": body.worker}
+    runtime.tracing.record("celeriac lease", rows, attempted_ns[0], worker)
     return Leased(rows, refused=body.wait > 0 and not admitted and not rows)
 
 
@@ -138,7 +150,9 @@ async def claim(runtime: Runtime, principal: Principal, body: LeaseClaim) -> lis
     granted = terms(runtime, body.worker, body.lease_seconds, principal.key_id)
     ids = list(dict.fromkeys(body.ids))
     allows = None if principal.queues is None else principal.allows_queue
-    return await runtime.db.run(lambda session: claim_by_ids(session, ids, granted, allows))
+    rows = await runtime.db.run(lambda session: claim_by_ids(session, ids, granted, allows))
+    runtime.observer.leased(rows)
+    return rows
 
 
 async def extend(
@@ -149,7 +163,12 @@ async def extend(
 ) -> list[HeartbeatOutcome]:
     """Heartbeats: extend leases (and store progress). items: (job id, token, progress)."""
     extended = terms(runtime, "", lease_seconds, key_id)
-    return await runtime.db.run(lambda session: heartbeat(session, items, extended))
+    outcomes = await runtime.db.run(lambda session: heartbeat(session, items, extended))
+    with_progress = {job_id for job_id, _token, progress in items if progress is not None}
+    if with_progress:  # GET /events
+        stored = [o.id for o in outcomes if o.id in with_progress and o.problem is None]
+        runtime.observer.progressed(stored)
+    return outcomes
 
 
 async def extend_one(

@@ -10,6 +10,7 @@ ORM. Plain functions over a Session; the caller owns the transaction."""
 
 from __future__ import annotations
 
+import functools
 import random
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -20,27 +21,28 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service import joblogs, workflows
 from service.bulk import update_each
-from service.effects import Dispatch
+from service.effects import Dispatch, Ended
 from service.effects import Effects as Effects  # re-exported: the domain's callers use it
 from service.ids import is_job_id
-from service.models import JOBS_TABLE, JobValues
+from service.models import JOBS_TABLE, JobValues, UTCDateTime
 from service.states import PENDING, JobStatus, LeaseProblem, Outcome
 from service.webhooks import record_finished
 
 BATCH_LIMIT = 1000
 jobs_c = JOBS_TABLE.c
 
-# What a worker receives with a lease.
+# What a worker receives with a lease (parents: NULL but for a workflow's jobs).
 CLAIM_COLUMNS = ("id", "task", "args", "kwargs", "queue", "priority", "attempt", "max_retries",
-                 "timeout")  # fmt: skip
+                 "timeout", "parents", "traceparent")  # fmt: skip
 # What deciding a lease's fate needs: never the (possibly large) arguments or result.
 # (webhook and result_ttl decide the outbox row and the result's expiry.)
 STATE_COLUMNS = ("id", "status", "queue", "priority", "attempt", "max_retries", "timeout",
                  "run_at", "lease_token", "lease_worker", "lease_key", "cancel_requested",
                  "backoff_base",
                  "backoff_max", "backoff_jitter", "started_at",
-                 "webhook", "result_ttl")  # fmt: skip
+                 "webhook", "result_ttl", "task", "workflow_id", "traceparent")  # fmt: skip
 # What settling a lease may change: one shape for every row, so one executemany.
 SETTLE_COLUMNS = ("status", "result", "error", "attempt", "run_at", "finished_at",
                   "lease_token", "lease_expires_at", "lease_worker", "started_at",
@@ -55,9 +57,11 @@ def _select(columns: Sequence[str]) -> sa.Select[Any]:
     return sa.select(*(jobs_c[name] for name in columns))
 
 
-def _rows(session: Session, query: sa.Select[Any]) -> list[JobValues]:
+def _rows(
+    session: Session, query: sa.Select[Any], params: dict[str, Any] | None = None
+) -> list[JobValues]:
     # The columns asked for, typed by JobValues (a row of a narrower select has fewer).
-    return [cast(JobValues, dict(row._mapping)) for row in session.execute(query)]
+    return [cast(JobValues, dict(row._mapping)) for row in session.execute(query, params)]
 
 
 def _update_each(session: Session, columns: Sequence[str], changes: list[JobValues]) -> None:
@@ -81,33 +85,152 @@ class LeaseTerms:
         return self.now + timedelta(seconds=seconds)
 
 
-def _ready(queue: str, now: datetime) -> sa.ColumnElement[bool]:
+def grantable() -> sa.ColumnElement[bool]:
+    """The one condition a job must meet to be leased: queued, and not past its expiry.
+    Every claim (from queues, by ids; in one statement or two) filters with it, so a
+    condition added here (flow control) holds for every dispatch path.
+
+    It is SQL over bind parameters, not values: the claim statements are built once per
+    shape and reused (building one costs more than running it). ``claim_params`` gives
+    the parameters' values for each claim (``now``, ``key_id``, ``worker``, ``token``);
+    a condition that needs another value adds it there."""
     return sa.and_(
-        jobs_c.queue == queue,
         jobs_c.status == JobStatus.queued,
-        sa.or_(jobs_c.expires_at.is_(None), jobs_c.expires_at > now),
+        sa.or_(jobs_c.expires_at.is_(None), jobs_c.expires_at > _NOW),
     )
+
+
+_NOW = sa.bindparam("now", type_=UTCDateTime())
+
+
+def claim_params(terms: LeaseTerms) -> dict[str, Any]:
+    """The bind parameters of one claim (see ``grantable``). ``deadline``: the lease's end
+    for a job whose own timeout does not decide it."""
+    seconds = terms.lease_seconds or terms.default_seconds
+    return {
+        "now": terms.now,
+        "token": terms.token,
+        "worker": terms.worker,
+        "key_id": terms.key_id,
+        "deadline": terms.now + timedelta(seconds=seconds),
+    }
+
+
+# What a claim returns: what the worker receives, and the lease it was granted.
+GRANTED_COLUMNS = (*CLAIM_COLUMNS, "lease_token", "lease_expires_at")
+
+
+def _grants_in_one_statement(session: Session) -> bool:
+    """PostgreSQL and SQLite (3.35+) claim and grant in one UPDATE … RETURNING; MariaDB
+    has no UPDATE … RETURNING: it selects the rows, then grants them (``_grant``)."""
+    return bool(session.get_bind().dialect.update_returning)
+
+
+def _own_deadline(dialect: str) -> sa.ColumnElement[Any]:
+    """``LeaseTerms.deadline`` in SQL for a request without a lease length: the job's
+    timeout if it has one, else ``:deadline`` (the default length)."""
+    if dialect == "postgresql":
+        own = _NOW + sa.type_coerce(
+            jobs_c.timeout * sa.literal_column("interval '1 second'"), sa.Interval()
+        )
+    else:  # SQLite: the text form SQLAlchemy stores, here to the millisecond
+        step = sa.func.printf("%+.6f seconds", jobs_c.timeout)
+        own = sa.func.strftime("%Y-%m-%d %H:%M:%f", _NOW, step)
+    return sa.case((jobs_c.timeout > 0, own), else_=sa.bindparam("deadline", type_=UTCDateTime()))
+
+
+@functools.cache
+def _grant_statement(dialect: str, by_ids: bool, own_deadlines: bool) -> sa.Update:
+    """Claim and grant in one statement: lock the jobs to grant (the next ready ones of
+    ``:claim_queue``, or those among ``:ids``), and turn them into running ones under the
+    lease, returning them as granted. One per shape, built once (``grantable``)."""
+    ready = _select(("id",)).where(grantable())
+    if by_ids:
+        # Wait for a row another transaction holds (a maintenance sweep scanning it)
+        # rather than skip it: a skipped id has already left the broker and would sit
+        # unoffered until the next reconcile. Locking in id order keeps two claims from
+        # deadlocking; a deadlock with anything else is retried by Database.run.
+        picked = (
+            ready.where(jobs_c.id.in_(sa.bindparam("ids", expanding=True)))
+            .order_by(jobs_c.id)
+            .with_for_update()
+        )
+    else:
+        picked = (
+            ready.where(jobs_c.queue == sa.bindparam("claim_queue"))
+            .order_by(jobs_c.priority.desc(), jobs_c.id)
+            .limit(sa.bindparam("want", type_=sa.Integer()))
+            .with_for_update(skip_locked=True)
+        )
+    deadline = _own_deadline(dialect) if own_deadlines else sa.bindparam("deadline")
+    # Picked once, in a materialized CTE: as a plain ``IN (subquery)`` PostgreSQL may
+    # scan the subquery again for each row it updates, and each scan, skipping the rows
+    # this very statement changed, would pick more jobs than LIMIT says.
+    chosen = picked.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
+    return (
+        sa.update(JOBS_TABLE)
+        .where(jobs_c.id == chosen.c.id, jobs_c.status == JobStatus.queued)
+        .values(
+            **_lease_values(
+                sa.bindparam("token"), sa.bindparam("worker"), sa.bindparam("key_id"), _NOW
+            ),
+            lease_expires_at=sa.type_coerce(deadline, UTCDateTime()),
+        )
+        .returning(*(jobs_c[name] for name in GRANTED_COLUMNS))
+    )
+
+
+def _grant_returning(
+    session: Session, terms: LeaseTerms, *, by_ids: bool, **params: Any
+) -> list[JobValues]:
+    """Run the one-statement claim and grant; the jobs as granted (status ``running``,
+    the token, the deadline, ``attempt + 1``), in no particular order."""
+    connection = session.connection()
+    statement = _grant_statement(connection.dialect.name, by_ids, not terms.lease_seconds)
+    result = connection.execute(statement, claim_params(terms) | params)
+    return [cast(JobValues, dict(row)) for row in result.mappings()]
 
 
 def claim_from_queues(
     session: Session, queues: Sequence[str], max_jobs: int, terms: LeaseTerms
 ) -> list[JobValues]:
     """SQL dispatch: take up to max_jobs ready jobs, queues in the given order, highest
-    priority then oldest first. SKIP LOCKED lets concurrent claimers pass each other."""
+    priority then oldest first. SKIP LOCKED lets concurrent claimers pass each other.
+    One statement per queue where the database can (``_grants_in_one_statement``)."""
+    from service import flow  # flow control, when any is configured (docs/flow-control.md)
+
+    if flow.active():
+        return flow.claim_from_queues(session, queues, max_jobs, terms)
+    one_statement = _grants_in_one_statement(session)
     claimed: list[JobValues] = []
     for queue in queues:
         want = max_jobs - len(claimed)
         if want <= 0:
             break
-        query = (
+        if one_statement:
+            rows = _grant_returning(session, terms, by_ids=False, claim_queue=queue, want=want)
+            # RETURNING keeps no order: the claim's own.
+            rows.sort(key=lambda row: (-row["priority"], row["id"]))
+            claimed.extend(rows)
+            continue
+        picked = (
             _select(CLAIM_COLUMNS)
-            .where(_ready(queue, terms.now))
+            .where(jobs_c.queue == queue, grantable())
             .order_by(jobs_c.priority.desc(), jobs_c.id)
             .limit(want)
             .with_for_update(skip_locked=True)
         )
-        claimed.extend(_grant(session, _rows(session, query), terms))
+        claimed.extend(_grant(session, _rows(session, picked, claim_params(terms)), terms))
     return claimed
+
+
+def short_means_drained() -> bool:
+    """Whether a claim that returns fewer jobs than asked found its queues without ready
+    jobs then. Not under flow control: it holds ready jobs back, and lets them go on
+    events (a limit's slot freed, a rate window passed) that signal nothing."""
+    from service import flow
+
+    return not flow.active()
 
 
 def claim_by_ids(
@@ -117,28 +240,28 @@ def claim_by_ids(
     allows_queue: Callable[[str], bool] | None = None,
 ) -> list[JobValues]:
     """Broker dispatch: the broker proposed these ids; SQL decides which are still ready
-    (and, for a caller restricted to some queues, which it may have)."""
+    (and, for a caller restricted to some queues, which it may have). Locks in id order,
+    returns in the broker's order (it encodes priority)."""
     if not ids:
         return []
-    query = (
+    from service import flow  # flow control, when any is configured (docs/flow-control.md)
+
+    if flow.active():
+        return flow.claim_by_ids(session, ids, terms, allows_queue)
+    if allows_queue is None and _grants_in_one_statement(session):
+        granted = {row["id"]: row for row in _grant_returning(session, terms, by_ids=True,
+                                                                 ids=list(ids))}  # fmt: skip
+        return [granted[i] for i in ids if i in granted]
+    picked = (
         _select(CLAIM_COLUMNS)
-        .where(
-            jobs_c.id.in_(ids),
-            jobs_c.status == JobStatus.queued,
-            sa.or_(jobs_c.expires_at.is_(None), jobs_c.expires_at > terms.now),
-        )
-        # Wait for a row another transaction holds (a maintenance sweep scanning it)
-        # rather than skip it: a skipped id has already left the broker and would sit
-        # unoffered until the next reconcile. Locking in id order keeps two claims from
-        # deadlocking; a deadlock with anything else is retried by Database.run.
-        .order_by(jobs_c.id)
+        .where(jobs_c.id.in_(ids), grantable())
+        .order_by(jobs_c.id)  # as in _grant_statement
         .with_for_update()
     )
-    rows = {row["id"]: row for row in _rows(session, query)}
+    found = {row["id"]: row for row in _rows(session, picked, claim_params(terms))}
     if allows_queue is not None:
-        rows = {i: row for i, row in rows.items() if allows_queue(row["queue"])}
-    # Keep the broker's order: it encodes priority.
-    return _grant(session, [rows[i] for i in ids if i in rows], terms)
+        found = {i: row for i, row in found.items() if allows_queue(row["queue"])}
+    return _grant(session, [found[i] for i in ids if i in found], terms)
 
 
 def _grant(session: Session, rows: list[JobValues], terms: LeaseTerms) -> list[JobValues]:
@@ -175,15 +298,22 @@ def grant(session: Session, ids: Sequence[str], lease: Lease) -> None:
         sa.update(JOBS_TABLE)
         .where(jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued)
         .values(
-            status=JobStatus.running,
-            attempt=jobs_c.attempt + 1,
-            lease_token=lease.token,
-            lease_worker=lease.worker,
-            lease_key=lease.key_id,
+            **_lease_values(lease.token, lease.worker, lease.key_id, lease.now),
             lease_expires_at=lease.expires_at,
-            started_at=lease.now,
         )
     )
+
+
+def _lease_values(token: Any, worker: Any, key_id: Any, now: Any) -> dict[str, Any]:
+    """What every grant writes, but the deadline."""
+    return {
+        "status": JobStatus.running,
+        "attempt": jobs_c.attempt + 1,
+        "lease_token": token,
+        "lease_worker": worker,
+        "lease_key": key_id,
+        "started_at": now,
+    }
 
 
 @dataclass(slots=True)
@@ -289,6 +419,8 @@ class Settle:
     retry_in: float | None = None
     # The result's key in the result store (``result`` is then None).
     result_ref: str | None = None
+    # What the task logged during this attempt (service/joblogs.py).
+    logs: str | None = None
 
 
 @dataclass(slots=True)
@@ -312,6 +444,7 @@ def settle(
     ``key_id``: the reporting API key; "" is the Redis protocol's (or auth off)."""
     outcomes: list[SettleOutcome] = []
     changes: list[JobValues] = []
+    logs: list[joblogs.AttemptLog] = []
     checks = _lock_and_check(session, ((r.id, r.token) for r in reports), key_id, grants)
     settled: set[str] = set()
     for report, check in zip(reports, checks, strict=True):
@@ -320,13 +453,38 @@ def settle(
             continue
         settled.add(check.id)
         change = _settled(check.row, report, now, effects)
+        effects.ended.append(_ended(check.row, change, now))  # for metrics, after commit
         changes.append(change)
         outcomes.append(SettleOutcome(check.id, None, JobStatus(change["status"])))
+        if report.logs is not None:
+            logs.append(_attempt_log(check.row, change, report.logs))
+        if check.row.get("traceparent"):
+            effects.trace(check.row)  # its "celeriac settle" span, after commit
     _update_each(session, SETTLE_COLUMNS, changes)
+    joblogs.record(session, logs, now)
     # Webhook outbox rows commit with the final states; no query when no job in
     # the batch has a webhook (``change["webhook"]`` comes from STATE_COLUMNS).
     record_finished(session, changes, now, effects)
+    if any(change["workflow_id"] for change in changes):  # only jobs of a workflow
+        workflows.on_finished(session, changes, now, effects)  # release what waits on them
     return outcomes
+
+
+def keep_settled(session: Session, effects: Effects, waited: Callable[[str], bool]) -> None:
+    """The jobs this transaction finished that a ``?wait=`` in this process waits on
+    (``waited``), read whole in the same transaction after their update, into
+    ``effects.settled``: the waiter answers with them and reads nothing itself. One
+    primary-key query, only when some waiter is here."""
+    ids = [job_id for job_id in effects.finished if waited(job_id)]
+    if ids:
+        for row in _rows(session, sa.select(JOBS_TABLE).where(jobs_c.id.in_(ids))):
+            effects.settled[row["id"]] = row
+
+
+def _attempt_log(row: JobValues, change: JobValues, text: str) -> joblogs.AttemptLog:
+    # row["attempt"] as leased: a release lowers the change's, not the attempt that ran.
+    worker, status = row["lease_worker"], change["status"]
+    return joblogs.AttemptLog(row["id"], row["attempt"], worker, status, text)
 
 
 def _settled(row: JobValues, report: Settle, now: datetime, effects: Effects) -> JobValues:
@@ -354,9 +512,16 @@ def _unleased(row: JobValues, status: JobStatus, error: Any = None) -> JobValues
         "started_at": row["started_at"],
         # Not written (not in SETTLE_COLUMNS); read by record_finished.
         "webhook": row["webhook"],
+        "workflow_id": row["workflow_id"],  # read by workflows.on_finished
         "result_ref": None,
         "result_expires_at": None,
     }
+
+
+def _ended(row: JobValues, change: JobValues, now: datetime, *, reclaimed: bool = False) -> Ended:
+    """The attempt ``row`` (as locked, before ``change``) ended, as observers see it."""
+    return Ended(row["id"], row["queue"], row["task"], change["status"], row["attempt"],
+                 row["lease_worker"], row["run_at"], row["started_at"], now, reclaimed)  # fmt: skip
 
 
 def _finished(change: JobValues, now: datetime, effects: Effects) -> JobValues:
@@ -490,8 +655,11 @@ def reclaim_expired_leases(
         .with_for_update(skip_locked=True),
     )
     changes = [_reclaimed(row, now, effects) for row in rows]
+    effects.ended += [_ended(r, c, now, reclaimed=True) for r, c in zip(rows, changes, strict=True)]
     _update_each(session, SETTLE_COLUMNS, changes)
     record_finished(session, changes, now, effects)  # webhook outbox
+    if any(change["workflow_id"] for change in changes):  # only jobs of a workflow
+        workflows.on_finished(session, changes, now, effects)
     return len(rows)
 
 
@@ -508,12 +676,16 @@ def _reclaimed(row: JobValues, now: datetime, effects: Effects) -> JobValues:
     return _released(row, effects, counts_as_attempt=True)
 
 
+EXPIRY_COLUMNS = ("id", "webhook", "queue", "task", "attempt", "workflow_id")
+
+
 def expire_pending(
     session: Session, now: datetime, effects: Effects, scope: Scope = EVERY_JOB
 ) -> int:
     rows = _rows(
         session,
-        scope.narrow(_select(("id", "webhook")).where(_is_past_expiry(now)))  # webhook: outbox
+        # webhook: the outbox; queue, task, attempt: metrics
+        scope.narrow(_select(EXPIRY_COLUMNS).where(_is_past_expiry(now)))
         .limit(BATCH_LIMIT)
         .with_for_update(skip_locked=True),
     )
@@ -525,9 +697,14 @@ def expire_pending(
             .values(status=JobStatus.expired, finished_at=now)
         )
         effects.finished.extend(ids)
+        effects.ended += [Ended(r["id"], r["queue"], r["task"], JobStatus.expired, r["attempt"],
+                                ended_at=now) for r in rows]  # fmt: skip
         # Webhook outbox rows commit with the expiry.
         record_finished(session, [row | {"status": JobStatus.expired} for row in rows], now,
                         effects)  # fmt: skip
+        if any(row["workflow_id"] for row in rows):  # only jobs of a workflow
+            workflows.on_finished(session, [r | {"status": JobStatus.expired} for r in rows],
+                                  now, effects)  # fmt: skip
     return len(ids)
 
 
@@ -550,6 +727,7 @@ def set_aside(session: Session, job_id: str, now: datetime, why: str, effects: E
     if getattr(done, "rowcount", 0) != 1:
         return False
     effects.finished.append(job_id)
+    workflows.on_set_aside(session, job_id, now, effects)  # one query; rare path
     return True
 
 

@@ -94,6 +94,23 @@ class JobRow(Base):
     # Set when the job succeeds; cleared (and result_expired set) once the cleanup ran.
     result_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     result_expired: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    # Flow control (service/flow.py, docs/flow-control.md): the limit keys the job counts
+    # against, its unique key (and until when it holds), its debounce key.
+    limits: Mapped[Any | None] = mapped_column(sa.JSON(none_as_null=True))
+    # Its first limit key: the group the claim skips while that key is full.
+    limit_key: Mapped[str | None] = mapped_column(sa.String(128))
+    unique_key: Mapped[str | None] = mapped_column(sa.String(255))
+    unique_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    debounce_key: Mapped[str | None] = mapped_column(sa.String(255))
+    # W3C trace context of the submit (service/tracing.py), handed to the worker with
+    # the lease so its span continues the submitter's trace. NULL: none was given.
+    traceparent: Mapped[str | None] = mapped_column(sa.String(55))
+    # Workflows (service/workflows.py, docs/workflows.md): the workflow the job belongs
+    # to (NULL for a plain job: the settle path skips workflows on that alone), and what
+    # its lease adds once its parents finished: {"parents": {ref: result},
+    # "parent_status": {ref: status}}.
+    workflow_id: Mapped[str | None] = mapped_column(sa.String(36))
+    parents: Mapped[Any | None] = mapped_column(sa.JSON(none_as_null=True))
 
     __table_args__ = (
         # Where the database supports it (PostgreSQL, SQLite), the indexes that serve one
@@ -113,6 +130,8 @@ class JobRow(Base):
         sa.Index(None, "queue", "id"),
         # Results due for deletion (only rows still holding one have a value).
         sa.Index(None, "result_expires_at"),
+        # Finished in a time window: the dashboard's throughput chart (service/ui).
+        sa.Index(None, "finished_at", **_only("finished_at IS NOT NULL")),
     )
 
 
@@ -157,6 +176,14 @@ class JobValues(TypedDict, total=False):
     result_ref: str | None
     result_expires_at: datetime | None
     result_expired: bool
+    limits: list[str] | None
+    limit_key: str | None
+    unique_key: str | None
+    unique_until: datetime | None
+    debounce_key: str | None
+    workflow_id: str | None
+    traceparent: str | None
+    parents: Any | None
 
 
 def values_of(row: JobRow) -> JobValues:
@@ -289,3 +316,136 @@ class WorkerRow(Base):
 
 
 WORKERS_TABLE = cast(sa.Table, WorkerRow.__table__)
+
+
+class LimitRow(Base):
+    """A named limit, or a pattern (``customer-*``) whose values every matching name takes
+    unless that name has a row of its own (docs/flow-control.md)."""
+
+    __tablename__ = "limits"
+
+    name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    max_running: Mapped[int | None] = mapped_column(sa.Integer)
+    rate_limit: Mapped[int | None] = mapped_column(sa.Integer)
+    rate_period: Mapped[float | None] = mapped_column(sa.Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class QueueSettingsRow(Base):
+    """A queue's flow control: paused, and its own limit on running jobs and grant rate."""
+
+    __tablename__ = "queue_settings"
+
+    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    paused: Mapped[bool] = mapped_column(sa.Boolean)
+    max_running: Mapped[int | None] = mapped_column(sa.Integer)
+    rate_limit: Mapped[int | None] = mapped_column(sa.Integer)
+    rate_period: Mapped[float | None] = mapped_column(sa.Float)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LimitGrantRow(Base):
+    """One lease counted against one limit key: a slot while the job runs under that
+    token, and a grant in the rate window until ``granted_at`` falls out of it."""
+
+    __tablename__ = "limit_grants"
+
+    limit_name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    lease_token: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    granted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (sa.Index(None, "limit_name", "granted_at"),)
+
+
+class JobKeyRow(Base):
+    """The claim on a unique or debounce key: the primary key serialises concurrent
+    submits of one key across replicas."""
+
+    __tablename__ = "job_keys"
+
+    kind: Mapped[str] = mapped_column(sa.String(16), primary_key=True)  # unique | debounce
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.String(36))
+
+
+class JobLogRow(Base):
+    """What a task logged during one attempt (issue 16, docs/operations.md "Per-attempt
+    job logs"): sent by the worker with its report, bounded by the report's limit.
+    Deleted with its job (service/retention.py); no foreign key, as for the other rows
+    that hang off a job, so a delete never waits on a cascade."""
+
+    __tablename__ = "job_logs"
+
+    # A release does not count as an attempt, so (job_id, attempt) may repeat.
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(sa.String(36), index=True)
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    worker: Mapped[str | None] = mapped_column(sa.String(200))
+    outcome: Mapped[str] = mapped_column(sa.String(16))
+    # 64 KiB of UTF-8 plus a truncation marker: more than MariaDB's TEXT holds.
+    logs: Mapped[str] = mapped_column(
+        sa.Text().with_variant(mysql.MEDIUMTEXT(), "mariadb", "mysql")
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WorkflowRow(Base):
+    """A workflow (docs/workflows.md): jobs with dependencies between them, submitted
+    together. ``unfinished`` and ``failures`` count its jobs as they finish for good (each
+    job once), so the settle that finishes the last one finishes the workflow without a
+    scan of its jobs."""
+
+    __tablename__ = "workflows"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(16))  # running succeeded failed cancelled
+    on_failure: Mapped[str] = mapped_column(sa.String(24))  # cancel_dependents | continue
+    jobs_total: Mapped[int] = mapped_column(sa.Integer)
+    unfinished: Mapped[int] = mapped_column(sa.Integer)
+    failures: Mapped[int] = mapped_column(sa.Integer)  # jobs that finished but not succeeded
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean)
+    webhook: Mapped[Any | None] = mapped_column(sa.JSON(none_as_null=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WorkflowJobRow(Base):
+    """A job's place in its workflow. ``pending_parents`` counts the parents that have not
+    finished: each parent's settle decrements it (the row lock orders concurrent settles),
+    and the one that takes it to 0 queues the job, exactly once."""
+
+    __tablename__ = "workflow_jobs"
+
+    job_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(sa.String(36))
+    ref: Mapped[str] = mapped_column(sa.String(128))
+    position: Mapped[int] = mapped_column(sa.Integer)  # in the submitted list
+    pending_parents: Mapped[int] = mapped_column(sa.Integer)
+    # "one" | "list": the parents' results go first in its args (the Python canvas).
+    parents_arg: Mapped[str | None] = mapped_column(sa.String(8))
+    # Its first final status has been counted (a job retried by hand counts once).
+    settled: Mapped[bool] = mapped_column(sa.Boolean)
+
+    __table_args__ = (sa.UniqueConstraint("workflow_id", "ref"),)
+
+
+class WorkflowEdgeRow(Base):
+    """``child_id`` runs after ``parent_id``; ``position``: the parent's place in the
+    child's ``after`` (the order of a chord callback's results)."""
+
+    __tablename__ = "workflow_edges"
+
+    parent_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    child_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    position: Mapped[int] = mapped_column(sa.Integer)
+
+    __table_args__ = (sa.Index(None, "child_id"),)
+
+
+WORKFLOWS_TABLE = cast(sa.Table, WorkflowRow.__table__)
+WORKFLOW_JOBS_TABLE = cast(sa.Table, WorkflowJobRow.__table__)
+WORKFLOW_EDGES_TABLE = cast(sa.Table, WorkflowEdgeRow.__table__)

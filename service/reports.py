@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from service import errors, results
 from service.jobs import get_job
-from service.leases import Effects, Settle, SettleOutcome, settle
-from service.models import JobRow
+from service.leases import Effects, Settle, SettleOutcome, keep_settled, settle
+from service.models import JobRow, values_of
 from service.runtime import Runtime
 from service.schemas import Report
 from service.states import LeaseProblem, Outcome
@@ -33,7 +33,9 @@ async def settle_many(runtime: Runtime, reports: list[Settle], key_id: str) -> l
     now = runtime.clock.now()
 
     def work(session: Session, effects: Effects) -> list[SettleOutcome]:
-        return settle(session, reports, now, effects, key_id=key_id)
+        outcomes = settle(session, reports, now, effects, key_id=key_id)
+        keep_settled(session, effects, runtime.signals.is_waited)  # for waiters here
+        return outcomes
 
     return await runtime.transact(work)
 
@@ -49,7 +51,10 @@ async def settle_one(
     def work(session: Session, effects: Effects) -> JobRow:
         [outcome] = settle(session, [report], now, effects, key_id=key_id)
         raise_problem(report.id, outcome.problem)
-        return get_job(session, report.id)
+        row = get_job(session, report.id)
+        if report.id in effects.finished and runtime.signals.is_waited(report.id):
+            effects.settled[report.id] = values_of(row)  # the waiter answers with it
+        return row
 
     try:
         return await runtime.transact(work)
@@ -84,4 +89,7 @@ def _settle_of(item: Report) -> Settle:
         None if item.error is None else item.error.model_dump(exclude_none=True)
     )
     outcome = Outcome(item.outcome)
-    return Settle(item.id, item.token, outcome, item.result, error, item.retry, item.retry_in)
+    return Settle(
+        item.id, item.token, outcome, item.result, error, item.retry, item.retry_in,
+        logs=item.logs,
+    )  # fmt: skip

@@ -209,9 +209,12 @@ async def discard(runtime: Runtime, keys: Sequence[str]) -> None:
 # --- reading results back --------------------------------------------------------------------
 
 
-async def inline_stored(runtime: Runtime, row: JobRow, body: dict[str, Any]) -> dict[str, Any]:
-    """GET /jobs/{id}: put a stored result into the job's body, as if it were inline."""
-    if not body.get("result_stored") or row.result_ref is None:
+async def inline_stored(
+    runtime: Runtime, result_ref: str | None, body: dict[str, Any]
+) -> dict[str, Any]:
+    """GET /jobs/{id}: put a stored result (``result_ref``, the job's) into the job's
+    body, as if it were inline."""
+    if not body.get("result_stored") or result_ref is None:
         return body
     store = store_of(runtime.settings)
     if store is None:
@@ -220,7 +223,7 @@ async def inline_stored(runtime: Runtime, row: JobRow, body: dict[str, Any]) -> 
             "(CELERIAC_RESULT_STORE)"
         )
     try:
-        data = await anyio.to_thread.run_sync(store.read, row.result_ref)
+        data = await anyio.to_thread.run_sync(store.read, result_ref)
     except FileNotFoundError:  # deleted by the cleanup since the row was read
         return body | {"result": None, "result_stored": False, "result_expired": True}
     return body | {"result": json.loads(data)}

@@ -4,7 +4,9 @@ every router shares: run a unit of work, then apply its effects after commit."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -18,15 +20,18 @@ from service.brokers.base import Broker
 from service.db import Database
 from service.dispatch import Dispatcher
 from service.effects import Effects
-from service.idempotency import Submitted, store_group
+from service.idempotency import Outcome, Submitted, store_group
 from service.isolation import is_row_error, not_storable
 from service.jobs import Defaults, dispatch_of_values
 from service.longpoll import LongPolls
 from service.models import JobValues
+from service.observe import Observer
 from service.settings import Settings
 from service.signals import Signals
+from service.tracing import Tracing
 
 T = TypeVar("T")
+log = logging.getLogger("celeriac.submit")
 
 
 class Clock:
@@ -56,18 +61,29 @@ class Clock:
 
 
 Waiter = tuple[JobValues, asyncio.Future[Submitted]]
+# Committed groups whose publish may be in flight at once: the next group commits while
+# the previous one is being published, and a slow broker holds commits back only once
+# this many wait (backpressure, not an unbounded pile of tasks).
+PUBLISHES_IN_FLIGHT = 4
 
 
 class SubmitBatcher:
     """Group commit for ``POST /jobs``: requests that arrive while a commit is in flight
     are stored together in the next transaction, so 16 concurrent clients cost a few
     commits, not sixteen. Requests with an Idempotency-Key join the same group
-    (service/idempotency.py resolves their replays in it)."""
+    (service/idempotency.py resolves their replays in it). Each group is published after
+    its commit, never before, and beside the next group's commit rather than ahead of it:
+    a client submitting in a loop does not wait for the previous submit's publish."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._pending: list[Waiter] = []
         self._flushing = False
+        self._publishing = asyncio.Semaphore(PUBLISHES_IN_FLIGHT)
+        self._publish_failing = False
+        # Groups commit one at a time, each on this thread: a lighter hop than the shared
+        # pool's (which also makes a group wait for a token while reads hold them all).
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="celeriac-submit")
 
     async def submit(self, row: JobValues) -> Submitted:
         future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
@@ -80,43 +96,88 @@ class SubmitBatcher:
     async def _flush(self) -> None:
         try:
             while self._pending:
+                # One turn of the loop first: requests whose bodies were parsed while the
+                # last commit ran join this group instead of waiting for the next one.
+                await asyncio.sleep(0)
                 batch, self._pending = self._pending, []
                 committed = await self._insert(batch)
-                if committed:
-                    await self.runtime.after_submit(committed)
+                if not committed.rows:
+                    continue
+                if committed.effects.announced:  # the broker's part rode the commit
+                    await self._publish(committed)  # what is left: this process's wake-ups
+                    continue
+                await self._publishing.acquire()
+                self.runtime.spawn(self._publish(committed, slot=True), "celeriac-submit-publish")
         finally:
             self._flushing = False
 
-    async def _insert(self, batch: list[Waiter], retried: bool = False) -> list[JobValues]:
-        """Store the rows of ``batch`` and settle their futures; returns the rows inserted
-        (replays are not)."""
-        rows = [row for row, _ in batch]
-        ttl = self.runtime.settings.idempotency_ttl_seconds
+    async def _publish(self, committed: Committed, slot: bool = False) -> None:
+        """A failure is logged once until a publish succeeds again: the jobs are committed,
+        and the maintenance pass's reconcile indexes what a lost publish missed."""
         try:
-            outcomes = await self.runtime.db.run(partial(store_group, rows=rows, ttl_seconds=ttl))
+            await self.runtime.after_submit(committed.rows, committed.effects)
+        except Exception:
+            if not self._publish_failing:
+                log.exception("publishing submitted jobs failed; reconcile will index them")
+            self._publish_failing = True
+        else:
+            self._publish_failing = False
+        finally:
+            if slot:
+                self._publishing.release()
+
+    def _store(self, session: Session, rows: list[JobValues]) -> tuple[list[Outcome], Committed]:
+        """One group's unit of work: its rows stored, and announced in the same transaction
+        where the broker can (on PostgreSQL the SQL broker's NOTIFY rides the commit)."""
+        outcomes = store_group(session, rows, self.runtime.settings.idempotency_ttl_seconds)
+        inserted = [o.row for o in outcomes if isinstance(o, Submitted) and not o.replayed]
+        effects = self.runtime.announce_submitted(session, inserted) if inserted else Effects()
+        return outcomes, Committed(inserted, effects)
+
+    async def _insert(self, batch: list[Waiter], retried: bool = False) -> Committed:
+        """Store the rows of ``batch`` and settle their futures; returns the rows inserted
+        (replays are not) and what their commits leave to do."""
+        rows = [row for row, _ in batch]
+        work = partial(self.runtime.db.run_sync, partial(self._store, rows=rows))
+        try:
+            loop = asyncio.get_running_loop()
+            outcomes, committed = await loop.run_in_executor(self._committer, work)
         except Exception as exc:
             return await self._refused(batch, exc, retried)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             _settle(future, outcome)
-        return [o.row for o in outcomes if isinstance(o, Submitted) and not o.replayed]
+        return committed
 
-    async def _refused(self, batch: list[Waiter], exc: Exception, retried: bool) -> list[JobValues]:
+    async def _refused(self, batch: list[Waiter], exc: Exception, retried: bool) -> Committed:
         """When the database refuses a row, the halves are tried apart (bisection) until
         the refused row is alone: it gets a 422 and the others commit. An outage is no
         row's fault: every waiter still in ``batch`` gets it."""
         if not is_row_error(exc):
             for _, future in batch:
                 _settle(future, exc)
-            return []
+            return Committed([], Effects())
         if isinstance(exc, IntegrityError) and not retried and _keyed(batch):
             # Most likely a concurrent group (another replica) committed one of our keys
             # after our look-up: looking again finds it and replays it.
             return await self._insert(batch, retried=True)
         if len(batch) == 1:
             _settle(batch[0][1], not_storable(exc))
-            return []
+            return Committed([], Effects())
         middle = len(batch) // 2
-        return await self._insert(batch[:middle]) + await self._insert(batch[middle:])
+        first, second = await self._insert(batch[:middle]), await self._insert(batch[middle:])
+        if not (first.rows and second.rows):
+            return first if first.rows else second
+        first.effects.merge(second.effects)  # announced only if both commits were
+        return Committed(first.rows + second.rows, first.effects)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The rows a group's commit (or commits, once bisected) inserted, and what is left to
+    do after it (``Runtime.after_submit``)."""
+
+    rows: list[JobValues]
+    effects: Effects
 
 
 def _keyed(batch: list[Waiter]) -> bool:
@@ -139,11 +200,14 @@ class Runtime:
     signals: Signals
     broker: Broker
     clock: Clock = field(default_factory=Clock)
+    # Hears of committed work after each commit (service/metrics.py); a no-op by default.
+    observer: Observer = field(default_factory=Observer)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     # False until the database answered at start-up (service/startup.py): routes 503.
     started: bool = False
 
     def __post_init__(self) -> None:
+        self.tracing = Tracing(self.settings.tracing)  # no-op unless CELERIAC_TRACING
         self.defaults = Defaults(
             max_retries=self.settings.default_max_retries,
             # Per-queue webhooks and the result TTL (0 = forever).
@@ -181,33 +245,56 @@ class Runtime:
 
         def attempt(session: Session) -> tuple[T, Effects]:
             effects = Effects()  # fresh for each try: a retried transaction starts over
-            return work(session, effects), effects
+            result = work(session, effects)
+            self.broker.in_transaction(session, effects)  # a NOTIFY rides the commit
+            return result, effects
 
         result, effects = await self.db.run(attempt)
         await self.apply(effects)
         return result
 
     async def apply(self, effects: Effects) -> None:
+        self.observer.committed(effects)
         if effects.dispatch:
             # This process's SQL waiters (the SQL broker, or any broker's fallback)
             # hear of it at once; the broker tells everyone else.
             self.signals.queues_ready({job.queue for job in effects.dispatch})
-            await self.broker.publish(effects.dispatch)
+            if not effects.announced:
+                await self.broker.publish(effects.dispatch)
         if effects.finished:
-            self.signals.jobs_finished(effects.finished)
+            self.signals.jobs_finished(effects.finished, effects.settled)
         if effects.earliest_due is not None:
             self.signals.due_at(effects.earliest_due)
         if effects.deliveries:  # webhook outbox rows committed
             self.signals.webhooks.set()
-        if effects.finished or effects.earliest_due is not None:
+        if (effects.finished or effects.earliest_due is not None) and not effects.announced:
             await self.broker.announce(effects.finished, effects.earliest_due)
         await self.broker.after_commit(effects)
+        if effects.traced:
+            self.tracing.record("celeriac settle", effects.traced, effects.traced_since_ns)
 
-    async def after_submit(self, rows: list[JobValues]) -> None:
-        effects = Effects()
-        for row in rows:
-            if row["status"] == "queued":
-                effects.dispatch.append(dispatch_of_values(row))
-            else:
-                effects.due_at(row["run_at"])
-        await self.apply(effects)
+    def announce_submitted(self, session: Session, rows: list[JobValues]) -> Effects:
+        """Inside the transaction that inserts ``rows``, just before its commit: what that
+        commit leaves to do, with the broker's in-transaction part done (on PostgreSQL
+        with the SQL broker, the NOTIFY that rides the commit). Runs in the database's
+        thread. Hand the result to ``after_submit(rows, effects)`` after the commit."""
+        effects = _submitted(rows)
+        self.broker.in_transaction(session, effects)
+        return effects
+
+    async def after_submit(self, rows: list[JobValues], effects: Effects | None = None) -> None:
+        """After the commit of ``rows``: publish them, wake waiters. ``effects``: what
+        ``announce_submitted`` returned inside that transaction, if it was called."""
+        self.observer.submitted(rows)
+        await self.apply(_submitted(rows) if effects is None else effects)
+
+
+def _submitted(rows: list[JobValues]) -> Effects:
+    """What committing new jobs leaves to do: dispatch the queued, time the delayed."""
+    effects = Effects()
+    for row in rows:
+        if row["status"] == "queued":
+            effects.dispatch.append(dispatch_of_values(row))
+        else:
+            effects.due_at(row["run_at"])
+    return effects

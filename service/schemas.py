@@ -82,9 +82,15 @@ DATE_MIN = datetime(1970, 1, 1, tzinfo=UTC)
 DATE_MAX = datetime(9000, 1, 1, tzinfo=UTC)
 
 
+_RFC3339_START = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}")
+
+
 def _date_text(value: Any) -> Any:
-    # RFC 3339 text only (a bare number would be read as a Unix time).
-    if not isinstance(value, str | datetime):
+    # RFC 3339 text only: a bare number, or a numeric string (a query value is always a
+    # string), would be read as a Unix time.
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339_START.match(value):
         raise ValueError("give an RFC 3339 date-time string with an offset")
     return value
 
@@ -178,6 +184,43 @@ class WebhookSpec(Strict):
     )
 
 
+class RateSpec(Strict):
+    limit: Int = Field(ge=1, le=1_000_000, description="grants at most, in any window of period")
+    period: Float = Field(gt=0, le=86400, description="seconds (a sliding window)")
+
+
+UniqueState = Literal["scheduled", "queued", "running", "retrying", "succeeded", "failed"]
+
+
+def _unfinished() -> list[UniqueState]:
+    return ["scheduled", "queued", "running", "retrying"]
+
+
+FlowKey = Annotated[str, StringConstraints(min_length=1, max_length=200), *LINE]
+
+
+class UniqueSpec(Strict):
+    key: FlowKey | None = Field(None, description="default: a hash of task, queue, args, kwargs")
+    for_: Float | None = Field(
+        None, alias="for", ge=0, le=366 * 86400,
+        description="seconds after the first submit during which the key holds, whatever "
+        "the job's state",
+    )  # fmt: skip
+    while_: list[UniqueState] = Field(
+        default_factory=_unfinished,
+        alias="while",
+        max_length=6,
+        description="the states of the existing job in which the key holds",
+    )
+
+
+class DebounceSpec(Strict):
+    key: FlowKey
+    period: Float = Field(
+        gt=0, le=366 * 86400, description="seconds: the job starts this long after the last submit"
+    )
+
+
 class JobSubmit(Strict):
     """One job to submit. Options (everything but task/args/kwargs) never reach the task."""
 
@@ -203,6 +246,16 @@ class JobSubmit(Strict):
         le=366 * 86400,
         description="seconds the result is kept after success (default "
         "CELERIAC_RESULT_EXPIRES_SECONDS); 0 keeps it forever",
+    )
+    # Flow control (docs/flow-control.md).
+    limits: list[Name] | None = Field(
+        None, max_length=8, description="limit keys the job counts against (PUT /limits/{name})"
+    )
+    unique: UniqueSpec | None = Field(
+        None, description="no second job while one with the key is in the given states"
+    )
+    debounce: DebounceSpec | None = Field(
+        None, description="a later submit with the key replaces this job while it waits"
     )
 
 
@@ -242,6 +295,29 @@ class Job(BaseModel):
         False,
         description="the result is in the result store: GET /jobs/{id} and "
         "GET /jobs/{id}/result include it, other responses show null",
+    )
+    limits: list[str] | None = Field(None, description="the limit keys it counts against")
+    unique_key: str | None = None
+    debounce_key: str | None = None
+    blocked_by: list[str] | None = Field(
+        None,
+        description="GET /jobs/{id} of a queued job: what holds it back now (limit keys with "
+        "no room, or queue/<name> for its paused or full queue)",
+    )
+
+
+class AttemptLog(BaseModel):
+    attempt: int = Field(description="the attempt number the lease had (1 = the first run)")
+    worker: str | None
+    outcome: JobStatus = Field(description="the job's status right after this attempt")
+    logs: str
+    created_at: datetime = Field(description="when the report was settled")
+
+
+class JobLogs(BaseModel):
+    id: str
+    attempts: list[AttemptLog] = Field(
+        description="oldest first; an attempt whose worker sent no logs is absent"
     )
 
 
@@ -293,6 +369,18 @@ class LeasedJob(BaseModel):
     attempt: int
     max_retries: int
     lease: Lease
+    # Only for a workflow job with parents (docs/workflows.md).
+    parents: dict[str, Any] | None = Field(
+        None, description="a workflow job's parents' results, by ref (absent for others)"
+    )
+    parent_status: dict[str, JobStatus] | None = Field(
+        None, description="a workflow job's parents' final statuses, by ref"
+    )
+    traceparent: str | None = Field(
+        None,
+        description="the W3C trace context its submit gave (absent when none): continue the "
+        "trace around the task",
+    )
 
 
 class LeaseResponse(BaseModel):
@@ -310,9 +398,20 @@ class HeartbeatResponse(BaseModel):
     cancel_requested: bool
 
 
+# Per-attempt job logs (service/joblogs.py): what the task logged, bounded.
+AttemptLogs = Annotated[
+    Annotated[str, StringConstraints(max_length=65536 + 256), *TEXT] | None,
+    Field(
+        description="what the task logged during this attempt (at most 65,792 characters; "
+        "the Python worker keeps 64 KiB and marks the cut); GET /jobs/{id}/logs serves it",
+    ),
+]
+
+
 class Complete(Strict):
     token: Token
     result: Any = None
+    logs: AttemptLogs = None
 
 
 class Fail(Strict):
@@ -320,6 +419,7 @@ class Fail(Strict):
     error: ErrorInfo
     retry: Bool = Field(True, description="false: fail now whatever retries are left")
     retry_in: Float | None = Field(None, ge=0, le=366 * 86400, description="override backoff")
+    logs: AttemptLogs = None
 
 
 class Release(Strict):
@@ -357,10 +457,16 @@ class Report(Strict):
     error: ErrorInfo | None = None
     retry: Bool = True
     retry_in: Float | None = Field(None, ge=0, le=366 * 86400)
+    logs: AttemptLogs = None
 
 
 class ReportBatch(Strict):
     reports: list[Report] = Field(min_length=1)
+    # Report-and-fetch (docs/protocol.md): the worker's next POST /leases in this call.
+    next: LeaseRequest | None = Field(
+        None, description="lease more jobs once the reports are settled, as POST /leases "
+        "with this body would; they come back in `jobs`",
+    )  # fmt: skip
 
 
 class ReportItem(BaseModel):
@@ -372,6 +478,9 @@ class ReportItem(BaseModel):
 
 class ReportBatchResponse(BaseModel):
     reports: list[ReportItem]
+    jobs: list[LeasedJob] | None = Field(
+        None, description="the jobs leased for `next` (absent without it)"
+    )
 
 
 class QueueStats(BaseModel):
@@ -569,3 +678,76 @@ class Worker(BaseModel):
 
 class WorkerList(BaseModel):
     workers: list[Worker]
+
+
+LIMIT_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$|^[A-Za-z0-9_.:-]{0,127}\*$"
+LimitName = Annotated[str, StringConstraints(pattern=LIMIT_PATTERN)]
+
+
+class LimitSpec(Strict):
+    """``PUT /limits/{name}``: either or both; a name ending in ``*`` is a pattern."""
+
+    max_running: Int | None = Field(None, ge=1, le=1_000_000, description="running at once")
+    rate: RateSpec | None = None
+
+
+class Limit(BaseModel):
+    name: str
+    max_running: int | None
+    rate: RateSpec | None
+    pattern: bool = Field(description="a name ending in *: the defaults of every match")
+    running: int | None = Field(None, description="jobs holding a slot now (not for patterns)")
+
+
+class LimitList(BaseModel):
+    limits: list[Limit]
+
+
+class QueuePatch(Strict):
+    """``PATCH /queues/{name}``: the fields given change; null clears a limit."""
+
+    paused: Bool | None = None
+    max_running: Int | None = Field(None, ge=1, le=1_000_000)
+    rate: RateSpec | None = None
+
+
+class QueueView(BaseModel):
+    name: str
+    paused: bool
+    max_running: int | None
+    rate: RateSpec | None
+    counts: dict[str, int]
+
+
+# --- bulk actions (POST /jobs/bulk; service/bulk_actions.py) ------------------------------
+BULK_IDS_MAX = 1000
+
+
+class BulkFilter(Strict):
+    """Which jobs: every field given must match (at least one is required)."""
+
+    status: JobStatus | list[JobStatus] | None = Field(
+        None, description="one status or a list; the action's own statuses when absent"
+    )
+    queue: Name | None = None
+    task: Name | None = None
+    finished_before: SafeDatetime | None = Field(
+        None, description="only jobs that finished before this instant"
+    )
+    ids: list[Annotated[str, StringConstraints(min_length=36, max_length=36)]] | None = Field(
+        None, max_length=BULK_IDS_MAX, description=f"at most {BULK_IDS_MAX} job ids"
+    )
+
+
+class BulkRequest(Strict):
+    action: Literal["retry", "cancel", "delete"] = Field(
+        description="retry: failed, cancelled or expired jobs are queued again; cancel: "
+        "pending jobs are cancelled, running ones asked to stop; delete: finished jobs are "
+        "deleted, with their results and webhook deliveries"
+    )
+    filter: BulkFilter
+
+
+class BulkResult(BaseModel):
+    matched: int = Field(description="jobs the filter selected among those the action applies to")
+    changed: int = Field(description="jobs the action changed (the rest changed meanwhile)")

@@ -3,13 +3,15 @@ variable (or a ``.env`` file); nothing is read at import time."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import cached_property
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.auth import ApiKey, parse_api_keys
+from service.auth import MIN_KEY_LENGTH, ApiKey, parse_api_keys
 from service.schemas import WebhookSpec
+from service.states import JobStatus
 
 
 def normalise_database_url(url: str) -> str:
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
 
     max_payload_bytes: int = 1024 * 1024
     max_batch_jobs: int = 1000
+    # Jobs in one POST /workflows (docs/workflows.md): one transaction, bounded by
+    # max_request_bytes too.
+    max_workflow_jobs: int = Field(20_000, ge=1, le=100_000)
     # Cap on batch bodies (jobs/batch, leases/report): a full batch at the per-job limit
     # would be 1 GiB. 16 MiB parses in about 0.1 s, which bounds how long one request can
     # hold the interpreter (docs/security.md).
@@ -84,6 +89,12 @@ class Settings(BaseSettings):
     schedule_misfire_grace_seconds: float = Field(default=60.0, ge=1)
     schedules_file: str | None = None
     log_level: str = "info"
+    # "text" or "json" (one JSON object per line; docs/operations.md, Logs).
+    log_format: str = Field("text", pattern="^(text|json)$")
+    # GET /metrics (docs/operations.md): a key that may read it and nothing else (besides
+    # any API key with the read scope); the queue gauges are read from SQL at most this often.
+    metrics_key: str = Field(default="", repr=False)
+    metrics_refresh_seconds: float = Field(5.0, ge=0, le=3600)
 
     # --- webhooks (docs/webhooks.md) ---
     # "whsec_<base64>"; several, space-separated, while rotating: each signs every delivery.
@@ -113,6 +124,20 @@ class Settings(BaseSettings):
     result_cleanup_batch: int = Field(100, ge=1, le=1000)
     result_cleanup_interval_seconds: float = Field(60.0, gt=0)
 
+    # --- retention (docs/operations.md, Retention) ---
+    # "<status>=<period>,…" over the defaults succeeded=7d,failed=30d,cancelled=7d,expired=7d
+    # (periods in s, m, h, d or w; "forever" keeps a status; "off" keeps every job).
+    retention: str = ""
+    retention_batch: int = Field(500, ge=1, le=10000)
+    retention_interval_seconds: float = Field(60.0, gt=0)
+    # GET /events: a stream ends after this many seconds (EventSource clients reconnect).
+    events_max_seconds: float = Field(300.0, gt=0, le=86400)
+
+    # --- traces (docs/operations.md, Traces) ---
+    # The service's own spans (submit, lease, settle) through the global OpenTelemetry
+    # tracer provider; needs the otel extra. A traceparent header is stored either way.
+    tracing: bool = False
+
     @field_validator("database_url")
     @classmethod
     def _normalise(cls, value: str) -> str:
@@ -123,6 +148,27 @@ class Settings(BaseSettings):
     def _valid_keys(cls, value: str) -> str:
         parse_api_keys(value)  # refuse placeholders, short keys and unknown scopes at start
         return value
+
+    @field_validator("metrics_key")
+    @classmethod
+    def _valid_metrics_key(cls, value: str) -> str:
+        if value and len(value) < MIN_KEY_LENGTH:
+            raise ValueError(f"CELERIAC_METRICS_KEY must be at least {MIN_KEY_LENGTH} characters")
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _valid_retention(cls, value: str) -> str:
+        from service.retention import parse_retention  # it imports this module
+
+        parse_retention(value)  # a malformed period fails start-up with its reason
+        return value
+
+    @cached_property
+    def retention_periods(self) -> dict[JobStatus, timedelta | None]:
+        from service.retention import parse_retention
+
+        return parse_retention(self.retention)
 
     @cached_property
     def parsed_api_keys(self) -> tuple[ApiKey, ...]:

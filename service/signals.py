@@ -5,14 +5,27 @@ instead of re-querying."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
+from typing import Any
+
+from service.models import JobValues
+
+
+class FinishedWaiter(asyncio.Event):
+    """A ``?wait=`` waiter's wake-up. A settle in this process also leaves the job as it
+    committed it (``job``), so the waiter answers without reading it back; a wake-up from
+    elsewhere (NOTIFY, pub/sub, the shared poll) leaves None: read the job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job: JobValues | None = None
 
 
 class Signals:
     def __init__(self) -> None:
         self._ready: dict[str, set[asyncio.Event]] = {}
-        self._finished: dict[str, set[asyncio.Event]] = {}
+        self._finished: dict[str, set[FinishedWaiter]] = {}
         self.maintenance = asyncio.Event()
         self.earliest_due: datetime | None = None
         # Set when a schedule is created or changed here: the scheduler re-plans its sleep.
@@ -22,6 +35,13 @@ class Signals:
         # Set when any long-poll waiter registers: a broker whose events cannot reach
         # other processes re-checks SQL for all waiters at once while it is set.
         self.waiting = asyncio.Event()
+        # Moves whenever jobs may have become ready in some queue (a local commit, a
+        # NOTIFY, the shared poll, a listener that reconnected): a claim that found its
+        # queues drained at one value need not look again until it moves (dispatch).
+        self.ready_generation = 0
+        # Told of every finish this process hears of, local or from another replica, while
+        # an events stream is open (service/events.py); None: nobody listens.
+        self.on_finished: Callable[[list[str]], None] | None = None
 
     # A waiter registers *before* it checks the database, so a wake-up that lands between
     # its check and its wait is never lost.
@@ -45,22 +65,46 @@ class Signals:
         return list(self._finished)
 
     def queues_ready(self, queues: Iterable[str]) -> None:
+        self.ready_generation += 1
         for queue in set(queues):
             for event in self._ready.get(queue, ()):
                 event.set()
 
-    def finished_waiter(self, job_id: str) -> asyncio.Event:
-        event = asyncio.Event()
+    def wake_everyone(self) -> None:
+        """Notifications may have been missed (a LISTEN connection came back): every
+        lease waiter and maintenance look again."""
+        self.queues_ready(list(self._ready))
+        self.due_at(None)
+
+    def finished_waiter(self, job_id: str) -> FinishedWaiter:
+        event = FinishedWaiter()
         self._finished.setdefault(job_id, set()).add(event)
         self.waiting.set()
         return event
 
-    def drop_finished_waiter(self, job_id: str, event: asyncio.Event) -> None:
+    def drop_finished_waiter(self, job_id: str, event: FinishedWaiter) -> None:
         _discard(self._finished, job_id, event)
 
-    def jobs_finished(self, job_ids: Iterable[str]) -> None:
+    def is_waited(self, job_id: str) -> bool:
+        """Whether a ``?wait=`` here waits on the job. Safe from a database thread (one
+        dict look-up): a settle asks it to decide whether to keep the settled row for the
+        waiter. A waiter that registers just after the answer was no is woken without the
+        row and reads it, as it would be from another process."""
+        return job_id in self._finished
+
+    def jobs_finished(
+        self, job_ids: Iterable[str], settled: Mapping[str, JobValues] | None = None
+    ) -> None:
+        """Wake the waiters of these jobs; ``settled``: the jobs as just committed, for
+        the waiters to answer with (those missing from it are read back)."""
+        if self.on_finished is not None:
+            job_ids = list(job_ids)
+            self.on_finished(job_ids)
         for job_id in job_ids:
+            job = settled.get(job_id) if settled else None
             for event in self._finished.get(job_id, ()):
+                if job is not None:
+                    event.job = job
                 event.set()
 
     def due_at(self, when: datetime | None) -> None:
@@ -70,7 +114,7 @@ class Signals:
             self.maintenance.set()
 
 
-def _discard(index: dict[str, set[asyncio.Event]], key: str, event: asyncio.Event) -> None:
+def _discard(index: dict[str, set[Any]], key: str, event: asyncio.Event) -> None:
     waiters = index.get(key)
     if waiters is not None:
         waiters.discard(event)

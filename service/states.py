@@ -9,6 +9,7 @@ from enum import StrEnum
 
 class JobStatus(StrEnum):
     scheduled = "scheduled"  # stored with a run_at in the future (or a retry's backoff)
+    waiting = "waiting"  # a workflow job whose parents have not all finished (not leasable)
     queued = "queued"  # ready: offered to workers
     running = "running"  # leased: a worker holds it under a token with a deadline
     retrying = "retrying"  # failed with attempts left; queued again at run_at
@@ -23,6 +24,15 @@ FINISHED = frozenset(
 )
 PENDING = (JobStatus.scheduled, JobStatus.queued, JobStatus.retrying)
 RETRYABLE = (JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
+
+
+class WorkflowStatus(StrEnum):
+    """A workflow's (service/workflows.py): running until its last job finished."""
+
+    running = "running"
+    succeeded = "succeeded"  # every job succeeded
+    failed = "failed"  # some job failed, expired or was cancelled by a failure upstream
+    cancelled = "cancelled"  # POST /workflows/{id}/cancel
 
 
 class Outcome(StrEnum):

@@ -93,7 +93,11 @@ def payload(claim: Claim) -> bytes:
     """``{type, timestamp, data}``: data is the job as GET /jobs/{id} shows it, except a
     result kept in the result store (``result_stored: true``), which is not inlined."""
     assert claim.job is not None
-    body = {"type": claim.event, "timestamp": iso(claim.created_at), "data": values_body(claim.job)}
+    data = values_body(claim.job)
+    if claim.event.startswith("workflow."):  # docs/workflows.md: named by its last job
+        data = {"workflow_id": claim.job.get("workflow_id"), "status": claim.event[9:],
+                "last_job": data}  # fmt: skip
+    body = {"type": claim.event, "timestamp": iso(claim.created_at), "data": data}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -251,6 +255,7 @@ class Deliverer(Plugin):
         # A retry due before the loop means to wake (it slept towards this attempt's
         # claim, or longer): wake it now.
         # (Mid-pass or after a failed pass, sleeping_until is None: the loop looks again.)
+        self.runtime.observer.webhook_delivered(outcome.status)  # metrics
         retry_at = outcome.next_attempt_at
         if retry_at is not None and (self.sleeping_until is None or retry_at < self.sleeping_until):
             self.wake.set()

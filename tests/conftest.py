@@ -131,6 +131,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "first_backend_only: run a backend-matrix test only on the first selected backend "
         "(that its brokers marker allows)",
     )
+    config.addinivalue_line(
+        "markers",
+        "only_backends(*names): run a backend-matrix test only on these backends (the "
+        "database-and-broker pairs a feature's behaviour depends on; keeps the suite short)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -152,6 +157,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             for backend in SELECTED_BACKENDS
             if marker is None or backend.split("-")[1] in marker.args
         ]
+        only = item.get_closest_marker("only_backends")
+        if only is not None:
+            allowed = [backend for backend in allowed if backend in only.args]
         if item.get_closest_marker("first_backend_only") is not None:
             allowed = allowed[:1]
         (keep if name in allowed else dropped).append(item)

@@ -373,7 +373,11 @@ def test_compose_hardening() -> None:
     assert "-@all" in worker_rules and "resetchannels" in worker_rules
     assert not [r for r in worker_rules if r.startswith(("+@", "&", "allkeys", "allcommands"))]
     patterns = [r for r in worker_rules if r.startswith(("~", "%"))]
-    assert patterns and all(r.startswith(f"~{tag}:") for r in patterns), patterns
+    # Redis 7 selectors "(+cmd … ~pattern)": commands allowed on their own keys only.
+    selectors = [r.strip("()").split() for r in worker_rules if r.startswith("(")]
+    patterns += [part for selector in selectors for part in selector if "~" in part]
+    assert not [p for s in selectors for p in s if p.startswith(("+@", "&", "allkeys"))]
+    assert patterns and all(r.split("~", 1)[1].startswith(f"{tag}:") for r in patterns), patterns
     assert {r for r in worker_rules if r.startswith("+fcall")} == {
         f"+fcall|celeriac_v1_{op}" for op in ("lease", "heartbeat", "complete", "fail", "release")
     }

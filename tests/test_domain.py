@@ -379,3 +379,38 @@ def test_cancelling_a_running_job_asks_its_worker(db: Database, now: datetime) -
     answer, effects = report(db, job_id, token, "failed", now, error=BOOM)
     assert answer.status == "cancelled" and row(db, job_id)["status"] == "cancelled"
     assert effects.finished == [job_id] and effects.earliest_due is None
+
+
+# --- claims: claimed and granted in one statement where the database allows (issue 14) ------
+
+
+def claim(
+    db: Database, now: datetime, max_jobs: int, lease_seconds: float | None = None
+) -> list[Any]:
+    from service.leases import claim_from_queues, new_token
+
+    terms = LeaseTerms("w1", new_token(), now, lease_seconds, LEASE_SECONDS)
+    return db.run_sync(lambda session: claim_from_queues(session, [QUEUE], max_jobs, terms))
+
+
+def test_a_claim_takes_max_jobs_at_most_highest_priority_then_oldest(
+    db: Database, now: datetime
+) -> None:
+    ids = [submit(db, now, priority=priority) for priority in (0, 9, 0, 9, 5)]
+    first = claim(db, now, 1)
+    assert [job["id"] for job in first] == [ids[1]]
+    assert first[0]["attempt"] == 1 and row(db, ids[1])["lease_token"] == first[0]["lease_token"]
+    assert [job["id"] for job in claim(db, now, 3)] == [ids[3], ids[4], ids[0]]
+    assert row(db, ids[2])["status"] == "queued"
+
+
+def test_a_lease_lasts_the_requested_length_else_the_job_timeout_else_the_default(
+    db: Database, now: datetime
+) -> None:
+    own, plain = submit(db, now, timeout=7.5), submit(db, now)
+    granted = {job["id"]: job["lease_expires_at"] for job in claim(db, now, 5)}
+    assert granted == {own: now + timedelta(seconds=7.5), plain: now + timedelta(seconds=30)}
+    assert row(db, own)["lease_expires_at"] == granted[own]
+    fixed = submit(db, now, timeout=7.5)
+    [job] = claim(db, now, 5, lease_seconds=12.0)
+    assert job["id"] == fixed and job["lease_expires_at"] == now + timedelta(seconds=12)

@@ -103,6 +103,8 @@ def fuzzed_service(
                 "CELERIAC_API_KEYS": f"{ADMIN_KEY}:admin",
                 "CELERIAC_MAX_LEASE_WAIT_SECONDS": str(MAX_WAIT_SECONDS),
                 "CELERIAC_MAX_RESULT_WAIT_SECONDS": str(MAX_WAIT_SECONDS),
+                # GET /events streams until this cap: short, like the long-polls'.
+                "CELERIAC_EVENTS_MAX_SECONDS": "0.2",
                 "CELERIAC_LOG_LEVEL": "warning",
             },
         )

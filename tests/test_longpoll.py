@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import Api, Spawner, expect
+import pytest
+from conftest import SELECTED_BACKENDS, Api, Spawner, expect
 
 
 class Holders:
@@ -295,3 +296,42 @@ def test_connections_beyond_limit_concurrency_get_503(spawner: Spawner) -> None:
         while client.get("/healthz").status_code != 200:  # the closes reach it in a moment
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_a_poll_that_skips_its_claim_is_woken_by_a_submit_on_either_postgres_replica(
+    spawner: Spawner,
+) -> None:
+    """PostgreSQL, SQL broker (issue 14): a lease long-poll whose queue a claim in its
+    process just found drained waits without claiming first; the NOTIFY that rides the
+    submit's own transaction on another replica wakes it, and so does a submit on its own
+    replica (which skips its own NOTIFY and wakes it in process)."""
+    if "postgres-sql" not in SELECTED_BACKENDS:
+        pytest.skip("needs postgres-sql (CELERIAC_TEST_BACKENDS)")
+    backend = spawner.backend("postgres", "sql")
+    # One long-poll at most here: a refused probe proves the holder before it is waiting.
+    first = spawner.service(backend, extra={"CELERIAC_MAX_LONG_POLLS": "1"})
+    second = spawner.service(backend)
+    here, there = spawner.api(first.url), spawner.api(second.url)
+    queue = "drained"
+    for submitter in (there, here):
+        submitter.submit(queue=queue)
+        [drained] = here.lease(queue, max_jobs=2, wait=5)  # came back short
+        expect(here.complete(drained), 200)  # (not back in the queue when its lease ends)
+        holders = Holders(first.url, 1, queue)
+        try:
+            probe_until_refused(here, "probe")
+            submitted = time.monotonic()
+            job = submitter.submit(queue=queue)
+            got_at, got = holders.wait_for_job(10.0)
+            assert got["id"] == job["id"]
+            assert got_at - submitted < 1.0, f"leased {got_at - submitted:.2f}s after submit"
+            expect(here.complete(got), 200)
+        finally:
+            holders.stop()
+    # Drained here, then a job submitted elsewhere before the next poll: that poll must
+    # not skip its claim on the strength of the drained claim (the NOTIFY moved on).
+    assert here.lease(queue, max_jobs=2) == []
+    submitted = time.monotonic()
+    job = there.submit(queue=queue)
+    [got] = here.lease(queue, max_jobs=2, wait=10)
+    assert got["id"] == job["id"] and time.monotonic() - submitted < 1.0

@@ -91,3 +91,18 @@ def test_bad_events_do_not_stop_the_good_ones(spawner: Spawner, queue: str, data
     log = service.log(10**6)
     assert "Traceback" not in log, log
     assert len([line for line in log.splitlines() if refused in line]) <= 1, log
+
+
+def test_a_reports_logs_are_checked_as_over_http_and_never_cost_the_report() -> None:
+    from service.brokers.redis_events import decode
+
+    job_id = "01a24877-03d9-7244-a4a1-5583813f332d"
+    base = {"k": "C", "id": job_id, "t": "tok", "r": "1"}
+    assert decode(base)["l"] is None
+    assert decode({**base, "l": "line 1\nline 2\n"})["l"] == "line 1\nline 2\n"
+    for bad in ("bell \x07", "x" * (65536 + 257)):
+        event = decode({**base, "l": bad})
+        assert event["k"] == "C" and event["r"] == 1  # the report still counts
+        assert event["l"].startswith("[celeriac: the worker's logs were refused")
+    failed = decode({"k": "F", "id": job_id, "t": "tok", "e": '{"type": "E"}', "l": "why\n"})
+    assert failed["l"] == "why\n"

@@ -2,6 +2,10 @@
 each scenario. The first variant of a scenario is the system's headline configuration: the
 one celeriac's ratios are computed against.
 
+"sequential" is one thread submitting one job at a time (``delay()``, ``send()``, …), for
+every system; "submit" is the bulk paths (celeriac's 16 client threads and ``POST
+/jobs/batch``, RQ's ``enqueue_many``), which the other peers do not have.
+
 A system's module reads its configuration from the environment when imported, so
 ``load()`` sets the variant's environment first; each sample runs in its own process.
 """
@@ -13,17 +17,23 @@ import os
 
 from peers.base import System
 
-SCENARIOS = ("submit", "drain", "latency", "fanout")
+SCENARIOS = ("sequential", "submit", "drain", "latency", "fanout")
 
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "celeriac": {
+        "sequential": ["delay(), PostgreSQL"],
         "submit": ["POST /jobs x16 clients", "POST /jobs/batch of 1000"],
         "drain": ["http worker -c 8", "redis worker -c 8", "redis protocol loop"],
-        "latency": ["http worker -c 8"],
+        "latency": [
+            "http worker -c 8",
+            "http worker -c 8, SQL broker",
+            "redis worker -c 8",
+            "SQLite default, http worker -c 8",
+        ],
         "fanout": ["4 x http worker -c 8"],
     },
     "celery": {
-        "submit": ["delay()"],
+        "sequential": ["delay()"],
         "drain": [
             "prefork -c 2, redis results",
             "prefork -c 2, postgres results",
@@ -33,23 +43,24 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "fanout": ["4 nodes x prefork -c 1"],
     },
     "dramatiq": {
-        "submit": ["send(), redis", "send(), rabbitmq"],
+        "sequential": ["send(), redis", "send(), rabbitmq"],
         "drain": [
             "redis, 2 proc x 8 threads (default)",
             "redis, 1 proc x 8 threads",
             "rabbitmq, 2 proc x 8 threads",
         ],
-        "latency": ["redis, 2 proc x 8 threads (default)"],
+        "latency": ["redis, 2 proc x 8 threads (default)", "rabbitmq, 2 proc x 8 threads"],
         "fanout": ["redis, 4 proc x 8 threads"],
     },
     "huey": {
-        "submit": ["call"],
+        "sequential": ["call"],
         "drain": ["2 processes"],
         "latency": ["2 processes"],
         "fanout": ["4 processes"],
     },
     "rq": {
-        "submit": ["enqueue()", "enqueue_many() of 1000"],
+        "sequential": ["enqueue()"],
+        "submit": ["enqueue_many() of 1000"],
         "drain": ["SimpleWorker --burst"],
         "latency": ["SimpleWorker"],
         "fanout": ["4 x SimpleWorker --burst"],

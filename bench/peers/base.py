@@ -5,7 +5,9 @@ A system (celeriac, Celery, Dramatiq, Huey, RQ) implements a few hooks — how t
 fast, how to start a worker of a given kind, how many results are stored, one submit-and-
 wait round trip — and the base class runs the scenarios the same way for all of them:
 
-- ``submit(n)``: the system's own timed submit path (``submit_timed``);
+- ``sequential(n)``: one thread submits ``n`` jobs one call at a time (``submit_one``),
+  after ``WARMUP_SUBMITS`` untimed calls (connections open);
+- ``submit(n)``: the system's own bulk submit path (``submit_timed``);
 - ``drain(n)``: ``n`` no-op jobs queued first (untimed), then one worker started; time from
   its start until ``done_count()`` (results *stored*) reaches ``n``;
 - ``latency(n)``: an idle worker ready, ``n`` sequential round trips;
@@ -48,6 +50,7 @@ MB = 1024 * 1024
 # A drain slower than this many jobs/s counts as hung (the whole sample also has a timeout).
 SLOWEST_DRAIN_PER_S = 5.0
 WARMUP_ROUND_TRIPS = 5
+WARMUP_SUBMITS = 20
 
 
 class BenchFailure(RuntimeError):
@@ -117,6 +120,11 @@ class System:
         way the system offers; untimed."""
         raise NotImplementedError
 
+    def submit_one(self, i: int) -> None:
+        """Submit ``noop(i)`` the way an application does one call at a time (Celery's
+        ``delay()``, Dramatiq's ``send()``, …)."""
+        raise NotImplementedError
+
     def submit_timed(self, n: int) -> Metrics:
         raise NotImplementedError
 
@@ -131,7 +139,17 @@ class System:
     def service_pids(self) -> list[int]:
         return []
 
+    def durability(self) -> Metrics:
+        """Settings that say how durable the system's commits are (celeriac: the
+        database's), added to every sample's metrics; most peers keep nothing durable."""
+        return {}
+
     # -- scenarios ---------------------------------------------------------------------
+
+    def sequential(self, n: int) -> Metrics:
+        for i in range(WARMUP_SUBMITS):
+            self.submit_one(n + i)  # arguments past n: the timed calls keep 0…n-1
+        return timed_loop(n, self.submit_one)
 
     def submit(self, n: int) -> Metrics:
         return self.submit_timed(n)

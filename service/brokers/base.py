@@ -28,6 +28,11 @@ Guarantees every implementation keeps:
   It is idempotent and safe to run on every replica at once.
 - ``after_commit`` sees every commit's effects; a broker acts on what concerns its own
   workers (default: nothing).
+- ``in_transaction`` sees a transaction's effects before its commit, in the database's
+  thread. A broker whose messages can ride that transaction (a PostgreSQL NOTIFY is
+  delivered at commit, and never without it) sends them there and sets
+  ``effects.announced``: then ``publish`` and ``announce`` are not called for that
+  commit, which saves a transaction of their own. Default: nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+
+from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.effects import Dispatch, Effects
@@ -109,6 +116,11 @@ class Broker(ABC):
 
     async def after_commit(self, effects: Effects) -> None:
         """A commit's effects, after the runtime applied them."""
+        return None
+
+    def in_transaction(self, session: Session, effects: Effects) -> None:
+        """A transaction's effects, just before its commit (see the module's guarantees).
+        Runs in the database's thread: no awaiting, no other I/O than ``session``."""
         return None
 
     @abstractmethod

@@ -148,6 +148,7 @@ class RedisBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._lua: LuaScripts | None = None
         self.closing = False  # set first at close: the loops end even if a cancel is lost
+        self._publish_failing = False  # logged once until a publish succeeds again
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -197,17 +198,27 @@ class RedisBroker(Broker):
         try:
             await self._index(jobs)
         except RedisError as exc:
-            # The jobs are committed; reconcile will index them. Never fail the caller.
-            log.warning("publish to Redis failed (%s); reconcile will repair", exc)
+            # The jobs are committed; reconcile will index them. Never fail the caller, and
+            # say so once per outage, not once per group commit.
+            if not self._publish_failing:
+                log.warning("publish to Redis failed (%s); reconcile will repair", exc)
+            self._publish_failing = True
+        else:
+            if self._publish_failing:
+                log.warning("publishing to Redis works again")
+            self._publish_failing = False
 
     async def _index(self, jobs: Sequence[Dispatch]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             if self.serve_workers:
                 envelopes = await self._envelopes(jobs)
                 redis_protocol.publish_commands(pipe, self.layout, jobs, envelopes, score)
-            else:
+            else:  # one ZADD per queue, whatever the number of jobs
+                by_queue: dict[str, dict[str, float]] = {}
                 for job in jobs:
-                    pipe.zadd(self.layout.ready(job.queue), {job.id: score(job)})
+                    by_queue.setdefault(job.queue, {})[job.id] = score(job)
+                for queue, members in by_queue.items():
+                    pipe.zadd(self.layout.ready(queue), members)
             await pipe.execute()
 
     async def _envelopes(self, jobs: Sequence[Dispatch]) -> dict[str, str]:

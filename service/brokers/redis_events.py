@@ -40,6 +40,7 @@ LEASE_MS_MAX = 7 * 86400 * 1000
 RETRY_IN_MAX = 366 * 86400.0
 WHY_CHARS = 200
 _PROGRESS: TypeAdapter[Any] = TypeAdapter(schemas.Progress)
+_LOGS: TypeAdapter[str | None] = TypeAdapter(schemas.AttemptLogs)
 
 
 class BadEvent(ValueError):
@@ -130,13 +131,28 @@ def decode(fields: dict[str, str]) -> Event:
 
 
 def _report_fields(kind: str, fields: dict[str, str]) -> Event:
+    logs = _logs(fields.get("l"))
     if kind == Kind.complete:
-        return {"r": strict_json(fields.get("r", ""))}
+        return {"r": strict_json(fields.get("r", "")), "l": logs}
     return {
         "e": _error(fields.get("e", "")),
         "retry": fields.get("retry", "1") != "0",
         "retry_in": _retry_in(fields.get("in") or ""),
+        "l": logs,
     }
+
+
+def _logs(raw: str | None) -> str | None:
+    """The attempt's logs as an HTTP report's ``logs`` would be accepted; logs that would
+    not are replaced by a note saying why (the report itself still counts: the worker
+    was told OK)."""
+    if not raw:
+        return None
+    try:
+        return _LOGS.validate_python(raw)
+    except ValidationError as exc:
+        why = exc.errors()[0]["msg"][:WHY_CHARS]
+        return f"[celeriac: the worker's logs were refused: {why}]\n"
 
 
 def decode_all(entries: list[tuple[str, dict[str, str]]]) -> list[Event]:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from itertools import groupby
@@ -48,7 +48,8 @@ CLAIM_IDLE_MS = 15_000
 
 
 def load_envelopes(session: Session, ids: Sequence[str]) -> dict[str, str]:
-    query = sa.select(*(jobs_c[c] for c in leases.CLAIM_COLUMNS)).where(
+    columns = (*leases.CLAIM_COLUMNS, "limits")  # limits: for the Lua lease's flow control
+    query = sa.select(*(jobs_c[c] for c in columns)).where(
         jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued
     )
     return {row.id: envelope(dict(row._mapping)) for row in session.execute(query)}
@@ -57,8 +58,12 @@ def load_envelopes(session: Session, ids: Sequence[str]) -> dict[str, str]:
 def envelope(values: Mapping[str, Any]) -> str:
     """The job as a Redis worker receives it: like an HTTP lease without the lease, which
     the lease function splices in. ``attempt`` is the attempt this run will be."""
-    body = {name: values[name] for name in leases.CLAIM_COLUMNS}
+    body = {name: values[name] for name in leases.CLAIM_COLUMNS if name != "parents"}
+    if values.get("parents") is not None:  # a workflow job (service/workflows.py)
+        body.update(values["parents"])
     body["attempt"] = values["attempt"] + 1
+    if values.get("limits"):  # the keys the Lua lease counts it against (flow control)
+        body["limits"] = values["limits"]
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -77,6 +82,7 @@ class EventIngest:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self.forget = broker.lua["forget"]
         self.broker = broker
+        self.waited = broker.signals.is_waited
 
     async def run(self) -> None:
         # Not ``while True``: a cancel that redis-py turns into a RedisError while a read
@@ -129,10 +135,11 @@ class EventIngest:
     async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         events = redis_events.decode_all(entries)  # malformed ones dropped, logged once
         effects = await self._apply_events(events, self.now())
+        # Waiters and dispatch first: they wait on this commit, the tombstones do not.
+        await self.after_commit(effects)
         reported = [self.layout.job(e["id"]) for e in events if e["k"] in REPORTS]
         if reported:  # SQL has the reports now: the tombstones may go
             await self.forget(keys=reported)
-        await self.after_commit(effects)
         ids = [entry_id for entry_id, _fields in entries]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.stream, GROUP, *ids)
@@ -144,14 +151,15 @@ class EventIngest:
         in a transaction of its own (stream order), dropping the ones it still refuses.
         An outage propagates: the batch stays unacknowledged and is read again."""
         try:
-            return await self.db.run(partial(_applied, events=events, now=now))
+            return await self.db.run(partial(_applied, events=events, now=now, waited=self.waited))
         except Exception as exc:
             if not is_row_error(exc):
                 raise
         effects = Effects()
         for event in events:
             try:
-                effects.merge(await self.db.run(partial(_applied, events=[event], now=now)))
+                one = partial(_applied, events=[event], now=now, waited=self.waited)
+                effects.merge(await self.db.run(one))
             except Exception as exc:
                 if not is_row_error(exc):
                     raise
@@ -160,9 +168,12 @@ class EventIngest:
         return effects
 
 
-def _applied(session: Session, events: list[Event], now: datetime) -> Effects:
+def _applied(
+    session: Session, events: list[Event], now: datetime, waited: Callable[[str], bool]
+) -> Effects:
     effects = Effects()  # fresh for each try: a retried transaction starts over
     apply_events(session, events, now, effects)
+    leases.keep_settled(session, effects, waited)  # ``?wait=`` here answers without a read
     return effects
 
 
@@ -178,6 +189,7 @@ def apply_events(session: Session, events: list[Event], now: datetime, effects: 
     settled = {(r.id, r.token) for r in reports}
     grants = {e["id"]: Grant(e["t"], e["w"], now) for e in leased if (e["id"], e["t"]) in settled}
     _grant(session, [e for e in leased if e["id"] not in grants], now)
+    effects.leases_recorded += len(leased)  # metrics (may count a re-applied event twice)
     _extend(session, beats, now)
     if reports:
         leases.settle(session, reports, now, effects, grants)
@@ -186,10 +198,14 @@ def apply_events(session: Session, events: list[Event], now: datetime, effects: 
 def _grant(session: Session, events: list[Event], now: datetime) -> None:
     """Mirror Redis leases into SQL. A job that SQL no longer has queued (cancelled,
     expired) is not granted: its worker's report will be refused as stale."""
+    from service.flow import record_mirrored  # flow imports the runtime, which imports us
+
     for (token, worker, lease_ms), run in groupby(events, key=itemgetter("t", "w", "ms")):
         # No API keys on the Redis protocol: only it (or auth off) may settle.
         lease = leases.Lease(token, worker, "", now + timedelta(milliseconds=int(lease_ms)), now)
-        leases.grant(session, [e["id"] for e in run], lease)
+        ids = [e["id"] for e in run]
+        leases.grant(session, ids, lease)
+        record_mirrored(session, ids, token, now)  # HTTP grants count these too
 
 
 def _extend(session: Session, events: list[Event], now: datetime) -> None:
@@ -201,7 +217,9 @@ def _extend(session: Session, events: list[Event], now: datetime) -> None:
 def _report(kind: str, event: Event) -> Settle:
     """Events come decoded and checked (``redis_events.decode``)."""
     if kind == Kind.complete:
-        return Settle(event["id"], event["t"], Outcome.succeeded, result=event["r"])
+        return Settle(
+            event["id"], event["t"], Outcome.succeeded, result=event["r"], logs=event.get("l")
+        )
     if kind == Kind.release:
         return Settle(event["id"], event["t"], Outcome.released)
     return Settle(
@@ -211,6 +229,7 @@ def _report(kind: str, event: Event) -> Settle:
         error=event["e"],
         retry=event["retry"],
         retry_in=event["retry_in"],
+        logs=event.get("l"),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ import sqlalchemy as sa
 from service import errors
 from service.brokers.base import Announcements, Broker, BrokerHooks, chunks
 from service.db import Database
-from service.effects import Dispatch
+from service.effects import Dispatch, Effects
 from service.models import JOBS_TABLE
 from service.signals import Signals
 from service.states import FINISHED, JobStatus
@@ -32,6 +33,7 @@ from service.states import FINISHED, JobStatus
 log = logging.getLogger("celeriac.broker.sql")
 
 CHANNEL = "celeriac"
+_SENDER_MARK = "~"  # in no queue name or job id
 _IN_CHUNK = 500  # values per IN (...) list in the shared poll
 
 
@@ -48,11 +50,13 @@ class SqlBroker(Broker):
         self._listener: _PgListener | None = None
         self._poll: _SharedPoll | None = None
         self._now: Callable[[], datetime] = lambda: datetime.now(UTC)
+        # Names this process in its NOTIFY payloads (``_signed``).
+        self._sender = _SENDER_MARK + secrets.token_hex(6)
 
     async def start(self, hooks: BrokerHooks) -> None:
         self._now = hooks.now
         if self.db.dialect == "postgresql":
-            self._listener = _PgListener(self.db.engine.url, self.signals)
+            self._listener = _PgListener(self.db.engine.url, self.signals, self._sender)
             self._listener.start(asyncio.get_running_loop())
         else:
             # As the app's broker it also wakes result waiters (GET /jobs/{id}?wait=)
@@ -67,14 +71,32 @@ class SqlBroker(Broker):
             self._poll = _SharedPoll(self, finished=False)
             spawn(self._poll.run(), "celeriac-sql-poll")
 
+    def hears_every_commit(self) -> bool:
+        """Whether a job made ready by any process's commit wakes this process's waiters
+        within moments (a connected PostgreSQL listener), so that a claim may trust
+        ``Signals.ready_generation``; never while the listener is (re)connecting."""
+        return self._listener is not None and self._listener.connected
+
     async def close(self) -> None:
         if self._poll is not None:
             await self._poll.stop()
         if self._listener is not None:
             await asyncio.to_thread(self._listener.stop)
 
+    def in_transaction(self, session: sa.orm.Session, effects: Effects) -> None:
+        """On PostgreSQL the NOTIFY rides the transaction that makes it true: delivered
+        at its commit, dropped with its rollback, and no transaction of its own."""
+        if self._listener is None:
+            return
+        ready = Announcements.ready(job.queue for job in effects.dispatch)
+        messages = ready + Announcements.encode(effects.finished, effects.earliest_due)
+        if messages:
+            _pg_notify(session, messages, self._sender)
+        effects.announced = True
+
     async def publish(self, jobs: Sequence[Dispatch]) -> None:
-        # This process's waiters were woken by the runtime; NOTIFY wakes the others'.
+        # This process's waiters were woken by the runtime; NOTIFY wakes the others'
+        # (for a commit that did not carry it itself: ``in_transaction``).
         await self._notify(Announcements.ready(job.queue for job in jobs))
 
     async def announce(self, finished: Sequence[str], due: datetime | None) -> None:
@@ -86,7 +108,7 @@ class SqlBroker(Broker):
         # Best effort after a commit: an outage must not turn a committed change into an
         # error (nor stop group commit); the listeners' reconnect wakes every waiter anyway.
         with contextlib.suppress(errors.DatabaseUnavailable):
-            await self.db.run(lambda session: _pg_notify(session, messages))
+            await self.db.run(lambda session: _pg_notify(session, messages, self._sender))
 
     async def ping(self) -> None:
         await self.db.read(lambda session: session.execute(sa.text("SELECT 1")).scalar())
@@ -161,22 +183,43 @@ def _ready_and_finished(
     return ready, finished
 
 
-def _pg_notify(session: sa.orm.Session, messages: list[str]) -> None:
+def _pg_notify(session: sa.orm.Session, messages: list[str], sender: str) -> None:
     session.execute(
         sa.text("SELECT pg_notify(:channel, :payload)"),
-        [{"channel": CHANNEL, "payload": m} for m in messages],
+        [{"channel": CHANNEL, "payload": _signed(m, sender)} for m in messages],
     )
+
+
+def _signed(message: str, sender: str) -> str:
+    """``message`` naming its sender, so that the sender's own listener can skip it (its
+    runtime woke its waiters at commit already): a last list item, which a replica that
+    does not know of it reads as one more queue or job id, waited on by nobody."""
+    return f"{message}{sender}" if message.endswith(":") else f"{message},{sender}"
+
+
+def _unsigned(payload: str) -> tuple[str, str]:
+    """(message, sender); sender "" for a message that names none."""
+    head, comma, last = payload.rpartition(",")
+    if comma and last.startswith(_SENDER_MARK):
+        return head, last
+    kind, colon, body = payload.partition(":")
+    if colon and body.startswith(_SENDER_MARK):
+        return f"{kind}:", body
+    return payload, ""
 
 
 class _PgListener:
     """LISTEN on a dedicated autocommit connection in a thread; hands each notification
     to the event loop."""
 
-    def __init__(self, url: sa.URL, signals: Signals) -> None:
+    def __init__(self, url: sa.URL, signals: Signals, sender: str) -> None:
         self.conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.signals = signals
+        self.sender = sender  # this process's own messages are skipped
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # True while LISTEN holds (set from the listener's thread, read on the loop).
+        self.connected = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._thread = threading.Thread(
@@ -200,15 +243,21 @@ class _PgListener:
                     if lost:
                         log.warning("LISTEN connection back")
                         lost = False
+                    self.connected = True
                     # A reconnect may have missed messages: wake everyone to re-check.
-                    loop.call_soon_threadsafe(self.signals.due_at, None)
+                    loop.call_soon_threadsafe(self.signals.wake_everyone)
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            loop.call_soon_threadsafe(
-                                Announcements.apply, self.signals, note.payload
-                            )
+                            message, sender = _unsigned(note.payload)
+                            if sender != self.sender:
+                                loop.call_soon_threadsafe(
+                                    Announcements.apply, self.signals, message
+                                )
             except psycopg.Error as exc:
+                self.connected = False
                 if not lost:
                     log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
                     lost = True
                 self._stop.wait(1.0)
+            finally:
+                self.connected = False

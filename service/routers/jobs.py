@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse
 
-from service import job_commands, jobs, results, submit, waiting
+from service import flow, job_commands, jobs, results, submit, waiting
 from service.auth import Principal
 from service.idempotency import Submitted
 from service.longpoll import RETRY_AFTER
@@ -29,8 +28,10 @@ from service.schemas import (
     JobPage,
     JobStatus,
     JobSubmit,
+    SafeDatetime,
 )
-from service.serialize import job_body, values_body
+from service.serialize import JSONResponse, job_body, values_body
+from service.tracing import valid_traceparent
 
 # The same bound on ``?wait=`` for reading a job and for submitting one; the service's own
 # cap (CELERIAC_MAX_RESULT_WAIT_SECONDS, service/waiting.py) may shorten it further.
@@ -39,6 +40,13 @@ router = APIRouter(route_class=GuardedRoute, tags=["jobs"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 # Who is calling: its queue patterns and its idempotency keys (docs/security.md).
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+# W3C Trace Context (docs/operations.md, Traces): stored with the job, handed out with
+# its lease; a malformed value is ignored, as the W3C spec asks, never refused.
+TraceparentHeader = Annotated[
+    str | None,
+    Header(description="W3C trace context, continued by the worker (ignored if malformed)"),
+]
 
 
 @router.post(
@@ -64,13 +72,15 @@ async def submit_job(
         str | None, Header(max_length=255, pattern=IDEMPOTENCY_KEY_PATTERN)
     ] = None,
     wait: Annotated[float | None, Query(ge=0, le=MAX_WAIT_QUERY)] = None,
+    traceparent: TraceparentHeader = None,
 ) -> JSONResponse:
     length = content_length(request)
+    trace = valid_traceparent(traceparent)
     if wait is None:  # no read back: the row as committed
-        done = await submit.submit_one(runtime, principal, spec, idempotency_key, length)
+        done = await submit.submit_one(runtime, principal, spec, idempotency_key, length, trace)
         return _submitted(done, values_body(done.row))
     done, found = await submit.submit_and_wait(
-        runtime, principal, spec, idempotency_key, length, wait
+        runtime, principal, spec, idempotency_key, length, wait, trace
     )
     return _submitted(done, await _waited_body(runtime, found), refused=found.refused)
 
@@ -87,7 +97,8 @@ def _submitted(done: Submitted, body: dict[str, Any], refused: bool = False) -> 
 
 async def _waited_body(runtime: Runtime, found: waiting.Waited) -> dict[str, Any]:
     # A result kept in the result store is read back into the body.
-    return await results.inline_stored(runtime, found.row, job_body(found.row))
+    job = found.job
+    return await results.inline_stored(runtime, job["result_ref"], values_body(job))
 
 
 @router.post(
@@ -99,10 +110,15 @@ async def _waited_body(runtime: Runtime, found: waiting.Waited) -> dict[str, Any
     summary="Submit up to max_batch_jobs jobs in one transaction",
 )
 async def submit_batch(
-    batch: JobBatchSubmit, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+    batch: JobBatchSubmit,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: PrincipalDep,
+    traceparent: TraceparentHeader = None,
 ) -> JSONResponse:
     length = content_length(request)
-    rows = await submit.submit_batch(runtime, principal, batch.jobs, length)
+    trace = valid_traceparent(traceparent)
+    rows = await submit.submit_batch(runtime, principal, batch.jobs, length, trace)
     return JSONResponse({"jobs": [values_body(row) for row in rows]}, status_code=202)
 
 
@@ -121,6 +137,9 @@ async def get_job(
 ) -> JSONResponse:
     found = await waiting.read_job(runtime, principal, job_id, wait)
     body = await _waited_body(runtime, found)
+    queued = body["status"] == "queued" and flow.active()  # what holds it back, if anything
+    if queued and (blocked := await flow.blocked(runtime, body["queue"], body["limits"])):
+        body["blocked_by"] = blocked
     return JSONResponse(body, headers=RETRY_AFTER if found.refused else None)
 
 
@@ -139,7 +158,17 @@ async def list_jobs(
     task: Annotated[str | None, Query(max_length=128)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    created_after: Annotated[
+        SafeDatetime | None, Query(description="RFC 3339: jobs created at or after")
+    ] = None,
+    created_before: Annotated[
+        SafeDatetime | None, Query(description="RFC 3339: jobs created before")
+    ] = None,
+    id_prefix: Annotated[
+        str | None, Query(pattern=r"^[0-9a-f-]{1,36}$", description="the id starts with this")
+    ] = None,
 ) -> JSONResponse:
+    window = jobs.IdWindow(created_after, created_before, id_prefix)
     rows, next_cursor = await runtime.db.read(
         lambda session: jobs.list_jobs(
             session,
@@ -149,6 +178,7 @@ async def list_jobs(
             limit=limit,
             cursor=cursor,
             principal=principal,
+            window=window,
         )
     )
     return JSONResponse({"jobs": [job_body(row) for row in rows], "next_cursor": next_cursor})

@@ -4,10 +4,9 @@ The domain is in service.lease_requests and service.reports."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from service import lease_requests, reports
 from service.auth import Principal
@@ -38,7 +37,7 @@ from service.schemas import (
     ReportBatch,
     ReportBatchResponse,
 )
-from service.serialize import iso, job_body, leased_body
+from service.serialize import JSONResponse, iso, job_body, leased_body
 from service.states import Outcome
 
 router = APIRouter(route_class=GuardedRoute, tags=["worker protocol"])
@@ -163,7 +162,7 @@ async def _settle_one(
 async def complete(
     job_id: str, body: Complete, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> JSONResponse:
-    report = Settle(job_id, body.token, Outcome.succeeded, result=body.result)
+    report = Settle(job_id, body.token, Outcome.succeeded, result=body.result, logs=body.logs)
     return await _settle_one(runtime, report, principal, request)
 
 
@@ -184,6 +183,7 @@ async def fail(
         error=body.error.model_dump(exclude_none=True),
         retry=body.retry,
         retry_in=body.retry_in,
+        logs=body.logs,
     )
     return await _settle_one(runtime, report, principal, request)
 
@@ -207,23 +207,33 @@ async def release(
     response_model=ReportBatchResponse,
     responses=PROBLEMS,
     dependencies=[Depends(require("work", BodyKind.batch))],
-    summary="Settle many leases in one call",
+    summary="Settle many leases in one call (and, with `next`, lease the next jobs)",
+    description="With `next` (report-and-fetch, docs/protocol.md) the reports are settled "
+    "and committed first, exactly as without it; then jobs are leased as `POST /leases` "
+    "with that body would (waiting up to its `wait`), and the answer carries them in "
+    "`jobs`. A `next` the lease refuses (a queue the key may not use, a limit) refuses "
+    "the request before any report is settled.",
 )
 async def report_many(
     body: ReportBatch, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> JSONResponse:
     length = content_length(request)
+    if body.next is not None:  # refused before anything is settled, not after
+        lease_requests.check(runtime, principal, body.next)
     outcomes = await reports.report_many(runtime, body.reports, principal.key_id, length)
-    return JSONResponse(
-        {
-            "reports": [
-                {
-                    "id": o.id,
-                    "ok": o.problem is None,
-                    "status": o.status,
-                    "detail": o.problem,
-                }
-                for o in outcomes
-            ]
-        }
-    )
+    answer: dict[str, Any] = {
+        "reports": [
+            {
+                "id": o.id,
+                "ok": o.problem is None,
+                "status": o.status,
+                "detail": o.problem,
+            }
+            for o in outcomes
+        ]
+    }
+    if body.next is None:
+        return JSONResponse(answer)
+    leased = await lease_requests.lease(runtime, principal, body.next, _Connection(request))
+    answer["jobs"] = [leased_body(row) for row in leased.rows]
+    return JSONResponse(answer, headers=RETRY_AFTER if leased.refused else None)

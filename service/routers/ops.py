@@ -7,7 +7,6 @@ from collections.abc import Awaitable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from service import jobs
@@ -16,6 +15,7 @@ from service.routers.deps import GuardedRoute, get_principal, get_runtime, requi
 from service.routers.problems import GATE
 from service.runtime import Runtime
 from service.schemas import Health, QueueList
+from service.serialize import JSONResponse
 
 router = APIRouter(route_class=GuardedRoute, tags=["operations"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
 from service import errors, schedule_requests, schedules
 from service.auth import Principal
@@ -19,7 +18,7 @@ from service.routers.deps import (
 from service.routers.problems import PROBLEMS
 from service.runtime import Runtime
 from service.schemas import Job, Schedule, ScheduleCreate, ScheduleList, ScheduleUpdate
-from service.serialize import values_body
+from service.serialize import JSONResponse, values_body
 
 router = APIRouter(route_class=GuardedRoute, tags=["schedules"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

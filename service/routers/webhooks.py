@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from service import jobs, webhooks
@@ -15,6 +14,7 @@ from service.routers.deps import GuardedRoute, get_principal, get_runtime, requi
 from service.routers.problems import PROBLEMS
 from service.runtime import Runtime
 from service.schemas import Delivery, DeliveryList
+from service.serialize import JSONResponse
 
 router = APIRouter(route_class=GuardedRoute, tags=["webhooks"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

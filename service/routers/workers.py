@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from service import workers
@@ -23,6 +22,7 @@ from service.schemas import (
     WorkerRegister,
     WorkerRegistered,
 )
+from service.serialize import JSONResponse
 
 router = APIRouter(route_class=GuardedRoute, tags=["workers"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

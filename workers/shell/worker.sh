@@ -9,7 +9,8 @@
 # this script), or else a shell function task_<name> ('.', ':' and '-' become '_')
 # defined in $CELERIAC_TASKS_FILE, which is sourced. It gets the job's args as its
 # arguments (strings as they are, anything else as JSON) and, in the environment,
-# CELERIAC_JOB_ID, CELERIAC_JOB_ATTEMPT, CELERIAC_JOB_ARGS, CELERIAC_JOB_KWARGS (JSON)
+# CELERIAC_JOB_ID, CELERIAC_JOB_ATTEMPT, CELERIAC_JOB_ARGS, CELERIAC_JOB_KWARGS (JSON),
+# CELERIAC_JOB_PARENTS (a workflow job's parents' results by ref, JSON; {} for others)
 # and CELERIAC_PROGRESS_FILE (write a JSON value there: the next heartbeat sends it).
 # Exit 0: stdout is the result (JSON if it is one JSON value, else a string). Other
 # statuses fail the job, which the service retries while attempts remain; 100 fails it
@@ -102,8 +103,10 @@ run_job() {
   CELERIAC_JOB_ATTEMPT=$(jq .attempt "$tmp/job")
   CELERIAC_JOB_ARGS=$(jq -c .args "$tmp/job")
   CELERIAC_JOB_KWARGS=$(jq -c .kwargs "$tmp/job")
+  CELERIAC_JOB_PARENTS=$(jq -c '.parents // {}' "$tmp/job")
   CELERIAC_PROGRESS_FILE=$tmp/progress
   export CELERIAC_JOB_ID CELERIAC_JOB_ATTEMPT CELERIAC_JOB_ARGS CELERIAC_JOB_KWARGS CELERIAC_PROGRESS_FILE
+  export CELERIAC_JOB_PARENTS
   rm -f "$tmp/flag" "$tmp/progress"
 
   handler=task_$(printf '%s' "$task" | tr '.:-' '___')

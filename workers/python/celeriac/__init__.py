@@ -12,6 +12,7 @@ add.delay(2, 3).get(timeout=10)  # 5, once a worker runs: celeriac worker -A pro
 """
 
 from .app import Celeriac
+from .canvas import Signature, WorkflowHandle, chain, chord, group
 from .client import AsyncClient, Client
 from .context import JobContext, current_job, get_current_job
 from .errors import (
@@ -40,9 +41,14 @@ __all__ = [
     "JobHandle",
     "Retry",
     "ServerUnreachable",
+    "Signature",
     "SoftTimeLimitExceeded",
     "Task",
     "TimeLimitExceeded",
+    "WorkflowHandle",
+    "chain",
+    "chord",
     "current_job",
     "get_current_job",
+    "group",
 ]

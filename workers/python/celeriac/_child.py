@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from queue import SimpleQueue
 from typing import Any
 
+from . import _joblog, _logging
 from ._execution import AnyTask, LeasedJob, call_task, run_job
 from ._limits import AlarmLimits
 from ._loader import load_app
@@ -87,6 +88,8 @@ class _Child:
             context = JobContext(
                 job["id"], job["task"], job["attempt"], job["queue"], self.spec.worker
             )
+            if "parents" in job:  # a workflow job (docs/workflows.md)
+                context.parents, context.parent_status = job["parents"], job["parent_status"]
             context.on_progress(partial(self._progress, job["id"]))
             self.current = context
             task = tasks.get(job["task"])
@@ -113,9 +116,10 @@ def _configure_logging(spec: ChildSpec) -> None:
         handler = logging.handlers.WatchedFileHandler(spec.log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler()
-    if spec.log_format:
-        handler.setFormatter(logging.Formatter(spec.log_format))
+    if spec.log_format:  # a %-format string, or "json" (celeriac._logging.JsonFormatter)
+        handler.setFormatter(_logging.formatter(spec.log_format, spec.worker))
     logging.basicConfig(level=spec.log_level, handlers=[handler], force=True)
+    _joblog.install()  # after basicConfig(force=True), which drops the root's handlers
 
 
 def child_main(spec: ChildSpec, conn: Connection) -> None:

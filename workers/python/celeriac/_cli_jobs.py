@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
@@ -30,11 +31,11 @@ def _print(value: Any) -> None:
 
 
 @contextmanager
-def _client(server: str | None) -> Iterator[Client]:
+def _client(server: str | None, timeout: float = 30.0) -> Iterator[Client]:
     """A client whose errors end the command with a readable message. The API key
     comes from $CELERIAC_API_KEY only: on the command line it would show up in ps."""
     try:
-        with Client(server) as client:
+        with Client(server, timeout=timeout) as client:
             yield client
     except CeleriacError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -115,15 +116,124 @@ def list_jobs(
         _print(client.list(status=status, queue=queue, task=task, limit=limit))
 
 
-@jobs.command()
-def cancel(job_id: JobId, server: Server = None) -> None:
-    """Cancel a job: waiting ones never run, a running one is asked to stop."""
-    with _client(server) as client:
-        _print(client.cancel(job_id))
+# --- one job by id, or every job a filter selects (POST /jobs/bulk) ----------------------------
+
+MaybeJobId = Annotated[
+    str | None, typer.Argument(help="The job's id (or select jobs with the options).")
+]
+Statuses = Annotated[
+    list[str] | None, typer.Option("--status", help="Only jobs in this status (repeatable).")
+]
+QueueFilter = Annotated[str | None, typer.Option("--queue", help="Only jobs in this queue.")]
+TaskFilter = Annotated[str | None, typer.Option("--task", help="Only jobs of this task.")]
+FinishedBefore = Annotated[
+    str | None,
+    typer.Option(
+        "--finished-before",
+        help="Only jobs that finished before this instant (RFC 3339, e.g. "
+        "2026-01-31T00:00:00Z) or this long ago (30m, 12h, 7d).",
+    ),
+]
+# A bulk action runs batch after batch in one request: give it time.
+BULK_TIMEOUT = 3600.0
+_AGO = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _instant(text: str) -> str:
+    """RFC 3339 as given, or ``<n><unit>`` ago as RFC 3339 (UTC)."""
+    unit = text[-1:].lower()
+    if unit in _AGO and text[:-1].replace(".", "", 1).isdigit():
+        seconds = float(text[:-1]) * _AGO[unit]
+        return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            "give an RFC 3339 instant or an age such as 30m, 12h, 7d",
+            param_hint="--finished-before",
+        ) from None
+    return text
+
+
+def bulk_filter(
+    status: list[str] | None,
+    queue: str | None,
+    task: str | None,
+    finished_before: str | None,
+    ids: list[str] | None = None,
+) -> dict[str, Any]:
+    """The ``filter`` of ``POST /jobs/bulk`` from the command's options."""
+    chosen: dict[str, Any] = {}
+    if status:
+        chosen["status"] = status
+    if queue is not None:
+        chosen["queue"] = queue
+    if task is not None:
+        chosen["task"] = task
+    if finished_before is not None:
+        chosen["finished_before"] = _instant(finished_before)
+    if ids:
+        chosen["ids"] = ids
+    return chosen
+
+
+def _one_or_bulk(action: str, job_id: str | None, server: str | None, **options: Any) -> None:
+    chosen = bulk_filter(**options)
+    if job_id is not None and chosen:
+        raise typer.BadParameter("give a job id or filter options, not both")
+    if job_id is None and not chosen:
+        raise typer.BadParameter(
+            "give a job id, or select jobs with --status, --queue, --task or --finished-before"
+        )
+    with _client(server, BULK_TIMEOUT) as client:
+        if job_id is None:
+            _print(client.bulk(action, **chosen))
+        elif action == "cancel":
+            _print(client.cancel(job_id))
+        elif action == "retry":
+            _print(client.retry(job_id))
+        else:
+            _print(client.bulk(action, ids=[job_id]))
 
 
 @jobs.command()
-def retry(job_id: JobId, server: Server = None) -> None:
-    """Queue a failed, cancelled or expired job again."""
-    with _client(server) as client:
-        _print(client.retry(job_id))
+def cancel(
+    job_id: MaybeJobId = None,
+    status: Statuses = None,
+    queue: QueueFilter = None,
+    task: TaskFilter = None,
+    server: Server = None,
+) -> None:
+    """Cancel a job, or every unfinished job the options select: waiting ones never run,
+    running ones are asked to stop. A bulk action prints {"matched", "changed"}."""
+    _one_or_bulk("cancel", job_id, server, status=status, queue=queue, task=task,
+                 finished_before=None)  # fmt: skip
+
+
+@jobs.command()
+def retry(
+    job_id: MaybeJobId = None,
+    status: Statuses = None,
+    queue: QueueFilter = None,
+    task: TaskFilter = None,
+    finished_before: FinishedBefore = None,
+    server: Server = None,
+) -> None:
+    """Queue a failed, cancelled or expired job again, or every such job the options select."""
+    _one_or_bulk("retry", job_id, server, status=status, queue=queue, task=task,
+                 finished_before=finished_before)  # fmt: skip
+
+
+@jobs.command()
+def delete(
+    job_id: MaybeJobId = None,
+    status: Statuses = None,
+    queue: QueueFilter = None,
+    task: TaskFilter = None,
+    finished_before: FinishedBefore = None,
+    server: Server = None,
+) -> None:
+    """Delete a finished job, or every finished job the options select (with their results,
+    webhook deliveries and logs)."""
+    _one_or_bulk("delete", job_id, server, status=status, queue=queue, task=task,
+                 finished_before=finished_before)  # fmt: skip

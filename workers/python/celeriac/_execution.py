@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import threading
@@ -14,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import _joblog
+from ._tracing import task_span
 from .context import JobContext, set_current_job
 from .errors import Cancelled, Retry, WorkerShutdown
 from .task import BaseTask
@@ -44,12 +47,14 @@ class Report:
     error: dict[str, Any] | None = None
     retry: bool = True
     retry_in: float | None = None
+    # What the task logged during this attempt (celeriac._joblog); None if nothing.
+    logs: str | None = None
 
     @property
     def size(self) -> int:
         """Roughly its encoded length, for batching."""
         extra = len(self.error.get("traceback") or "") + 400 if self.error else 0
-        return len(self.result) + extra + 100
+        return len(self.result) + extra + len(self.logs or "") + 100
 
 
 # One encoder: json.dumps with options builds a new one per call.
@@ -119,18 +124,20 @@ def run_job(task: AnyTask | None, job: LeasedJob, context: JobContext, invoke: I
     """Run ``job`` and return its report; never raises for anything the task does."""
     if task is None:
         return _unknown(job)
+    log = _joblog.start_attempt(context)
     set_current_job(context)
     try:
-        result = invoke(task, job, context)
+        with task_span(job):
+            result = invoke(task, job, context)
     except WorkerShutdown:
         raise  # a cold shutdown of the solo pool: the job is released, not failed
     # Anything the task raises, SystemExit included, is the job's failure, not the worker's.
     except BaseException as exc:
-        return failed_report(task, job, context, exc)
+        return with_logs(failed_report(task, job, context, exc), log)
     finally:
         set_current_job(None)
     logger.debug("%s[%s] succeeded", job["task"], job["id"])
-    return _success(job, result)
+    return with_logs(_success(job, result), log)
 
 
 async def arun_job(
@@ -139,12 +146,20 @@ async def arun_job(
     """``run_job`` inside an asyncio task (the async pool)."""
     if task is None:
         return _unknown(job)
+    log = _joblog.start_attempt(context)
     set_current_job(context)  # each asyncio task has its own copy of the context
     try:
-        result = await invoke(task, job, context)
+        with task_span(job):
+            result = await invoke(task, job, context)
     except BaseException as exc:
-        return failed_report(task, job, context, exc)
-    return _success(job, result)
+        return with_logs(failed_report(task, job, context, exc), log)
+    return with_logs(_success(job, result), log)
+
+
+def with_logs(report: Report, log: _joblog.AttemptLog) -> Report:
+    """The report with what the task logged (the failure's own warning included)."""
+    text = log.text()
+    return report if text is None else dataclasses.replace(report, logs=text)
 
 
 def failed_report(task: AnyTask, job: LeasedJob, context: JobContext, exc: BaseException) -> Report:

@@ -1,10 +1,12 @@
-"""The worker's own HTTP client: ``http.client`` over one persistent connection per thread.
+"""The SDK's own HTTP client (``Client`` and the worker): one persistent connection per thread.
 
 The worker makes the same few calls (lease, heartbeat, report, registry) thousands of times
-a minute, and at low concurrency a request's client-side CPU is most of a job's cost: about
-1 ms with httpx, a few hundred microseconds here (bench/worker.py measures both). Each
-calling thread (leaser, heartbeat, reporter, registry) gets its own connection, because an
-``HTTPConnection`` carries one request at a time. Same errors as ``Client``: an error
+a minute, and a producer calls ``delay()`` from its request threads: at low concurrency a
+request's client-side CPU is a large part of a call's cost. It was about 1 ms with httpx,
+about 200 microseconds with ``http.client``, and is a few tens here: each request goes out
+in one write and its answer is read by ``_wire.Connection``. Each calling thread (leaser,
+heartbeat, reporter, registry, a web app's request threads) gets its own connection,
+because a connection carries one request at a time. Same errors as ``Client``: an error
 answer raises ``CeleriacError``, no answer ``ServerUnreachable`` (``ConnectFailed`` when
 the connection could not be opened, so nothing was sent). The session itself retries
 nothing but a kept-alive connection the service had closed; ``Client`` adds its retries
@@ -19,10 +21,11 @@ import json
 import select
 import socket
 import threading
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 from ._retry import parse_retry_after
+from ._wire import Answer, Connection, render_headers
 from .client import resolve_api_key, resolve_server
 from .errors import CeleriacError, ConnectFailed, ServerUnreachable
 
@@ -59,9 +62,11 @@ class HttpSession:
         key = resolve_api_key(api_key)
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
+        self._head = render_headers(self._headers)  # the same lines on every request
+        self._names = frozenset(name.lower() for name in self._headers)
         self._local = threading.local()
-        self._all: list[http.client.HTTPConnection] = []
-        self._waiting: set[http.client.HTTPConnection] = set()
+        self._all: list[Connection] = []
+        self._waiting: set[Connection] = set()
         self._waits_ended = False
         self._lock = threading.Lock()
 
@@ -113,7 +118,7 @@ class HttpSession:
 
     def _call(
         self,
-        conn: http.client.HTTPConnection,
+        conn: Connection,
         reused: bool,
         method: str,
         path: str,
@@ -122,8 +127,8 @@ class HttpSession:
         headers: dict[str, str] | None,
         resend: bool,
     ) -> Any:
-        self._set_timeout(conn, self._timeout + wait)
-        sent = {**self._headers, **headers} if headers else self._headers
+        conn.set_timeout(self._timeout + wait)
+        sent = self._render(headers)
         try:
             answer = self._exchange(conn, method, path, body, sent)
         except ConnectFailed:
@@ -143,7 +148,18 @@ class HttpSession:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise self._unreachable(method, path, exc) from exc
-        return _decode(*answer)
+        return _decode(answer.status, answer.reason, answer.body, answer.retry_after)
+
+    def _render(self, headers: dict[str, str] | None) -> bytes:
+        """The request's header lines: the session's, then the call's own (which replace
+        a session header of the same name)."""
+        if not headers:
+            return self._head
+        if any(name.lower() in self._names for name in headers):
+            given = {name.lower() for name in headers}
+            kept = {k: v for k, v in self._headers.items() if k.lower() not in given}
+            return render_headers({**kept, **headers})
+        return self._head + render_headers(headers)
 
     def close(self) -> None:
         with self._lock:
@@ -152,45 +168,25 @@ class HttpSession:
             self._all.clear()
 
     def _exchange(
-        self,
-        conn: http.client.HTTPConnection,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: dict[str, str],
-    ) -> tuple[int, str, bytes, str | None]:
+        self, conn: Connection, method: str, path: str, body: bytes | None, headers: bytes
+    ) -> Answer:
         if conn.sock is None:
             try:
                 conn.connect()
             except OSError as exc:  # nothing was sent
                 conn.close()
                 raise ConnectFailed(self._describe(method, path, exc)) from exc
-            # Headers and body go out in one write (http.client joins them), but a
-            # report right after a lease must not wait for a delayed ACK either.
-            cast(socket.socket, conn.sock).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.request(method, self._prefix + path, body, headers)
-        response = conn.getresponse()
-        data = response.read()
-        if response.will_close:
-            conn.close()
-        return response.status, response.reason, data, response.getheader("Retry-After")
+        return conn.exchange(method, self._prefix + path, body, headers)
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+    def _connection(self) -> tuple[Connection, bool]:
+        conn: Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, conn.sock is not None
-        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = kind(self._host, self._port, timeout=self._timeout)
+        conn = Connection(self._host, self._port, https=self._https, timeout=self._timeout)
         self._local.conn = conn
         with self._lock:
             self._all.append(conn)
         return conn, False
-
-    @staticmethod
-    def _set_timeout(conn: http.client.HTTPConnection, seconds: float) -> None:
-        conn.timeout = seconds
-        if conn.sock is not None:
-            conn.sock.settimeout(seconds)
 
     def _unreachable(self, method: str, path: str, exc: BaseException) -> ServerUnreachable:
         return ServerUnreachable(self._describe(method, path, exc))
@@ -199,7 +195,7 @@ class HttpSession:
         return f"{method} {self.server}{path}: {type(exc).__name__}: {exc}"
 
 
-def _peer_closed(conn: http.client.HTTPConnection) -> bool:
+def _peer_closed(conn: Connection) -> bool:
     """Whether the service has closed this idle kept-alive connection: it is readable
     (an end of file, or bytes no request asked for) when nothing is in flight."""
     sock = conn.sock

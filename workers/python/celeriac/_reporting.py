@@ -4,6 +4,10 @@ pipeline).
 
 Batching is natural: each request carries whatever finished while the previous one was
 in flight, so a busy worker sends few large requests and an idle one reports at once.
+
+Report-and-fetch: when the pool has room and the leaser is not already asking, a report
+also asks for the next jobs (``Transport.report_and_lease``), so a busy worker makes one
+request per batch rather than a report and a lease.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 
 from ._execution import Report, error_info, failure
 from ._leases import LeaseBook
-from ._transport import Transport
+from ._transport import Grant, Settled, Transport
 from .errors import CeleriacError, ServerUnreachable, is_transient
 
 logger = logging.getLogger("celeriac.worker")
@@ -71,18 +76,33 @@ class Outbox:
         return batch
 
 
+@dataclass(frozen=True, slots=True)
+class FetchHooks:
+    """How a report asks for jobs: ``take_turn`` returns how many to lease (0: not now;
+    else the leaser holds off until ``leased`` hands over what came, possibly nothing)."""
+
+    take_turn: Callable[[], int]
+    leased: Callable[[list[Grant]], None]
+
+
 class Reporter:
     """Sends outcomes until the outbox is closed and drained. A request that gets no
     answer is retried (the leases stay in the book, so heartbeats keep them alive)
     until ``give_up`` is set."""
 
     def __init__(
-        self, transport: Transport, outbox: Outbox, book: LeaseBook, on_done: Callable[[], None]
+        self,
+        transport: Transport,
+        outbox: Outbox,
+        book: LeaseBook,
+        on_done: Callable[[], None],
+        fetch: FetchHooks | None = None,
     ) -> None:
         self._transport = transport
         self._outbox = outbox
         self._book = book
         self._on_done = on_done
+        self._fetch = fetch
         self.give_up = threading.Event()
         self.done = threading.Event()
 
@@ -112,11 +132,23 @@ class Reporter:
 
     def _send(self, batch: list[Report]) -> None:
         started = time.monotonic()
-        answers = self._transport.report(batch)
+        answers = self._report(batch)
         logger.debug("reported %d outcomes in %.3fs", len(batch), time.monotonic() - started)
         for answer in answers:
             if not answer.ok:
                 logger.warning("report for job %s not applied: %s", answer.job_id, answer.detail)
+
+    def _report(self, batch: list[Report]) -> list[Settled]:
+        fetch = self._fetch
+        room = fetch.take_turn() if fetch is not None else 0
+        if fetch is None or not room:
+            return self._transport.report(batch)
+        grants: list[Grant] = []
+        try:
+            answers, grants = self._transport.report_and_lease(batch, room)
+        finally:
+            fetch.leased(grants)  # the leaser's turn again, whatever happened
+        return answers
 
     def _rejected(self, batch: list[Report], exc: CeleriacError) -> None:
         if exc.status == 413 and len(batch) > 1:

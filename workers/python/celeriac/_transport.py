@@ -67,6 +67,13 @@ class Transport(Protocol):
 
     def report(self, reports: Sequence[Report]) -> list[Settled]: ...
 
+    def report_and_lease(
+        self, reports: Sequence[Report], max_jobs: int
+    ) -> tuple[list[Settled], list[Grant]]:
+        """``report``, and in the same call up to ``max_jobs`` jobs that are ready now
+        (no waiting): report-and-fetch, where the transport has it (else no jobs)."""
+        ...
+
     def release(self, grants: Sequence[tuple[str, str]]) -> list[Settled]:
         """Give back jobs never started: (job id, token) pairs."""
         ...

@@ -13,6 +13,7 @@ from typing import Any
 from ._execution import Report, dumps
 from ._http import HttpSession
 from ._transport import BeatAnswer, BeatItem, Grant, Settled, release_all
+from .errors import CeleriacError
 
 MAX_LEASE_JOBS = 1000  # the API's limit on one POST /leases
 # How long to hold off after the service refused to hold a long-poll (it answers at once,
@@ -38,26 +39,34 @@ class HttpTransport:
         self._lease_seconds = lease_seconds
         self._poll_wait = poll_wait
         self._ended = threading.Event()
+        self._fetches = True  # until a service refuses report-and-fetch
 
     def lease(self, max_jobs: int) -> list[Grant]:
-        body: dict[str, Any] = {
-            "worker": self._worker,
-            "queues": self._queues,
-            "max_jobs": min(max_jobs, MAX_LEASE_JOBS),
-            "wait": self._poll_wait,
-        }
-        if self._lease_seconds:
-            body["lease_seconds"] = self._lease_seconds
+        body = self._lease_body(max_jobs, self._poll_wait)
         started = time.monotonic()
         answer = self._http.call("POST", "/leases", _encode(body), wait=self._poll_wait)
         if not answer["jobs"] and time.monotonic() - started < self._poll_wait / 2:
             # Nothing, long before the wait ran out: the service did not hold the poll
             # (its long-poll cap). Asking again at once would be a polling loop.
             self._ended.wait(REFUSED_BACKOFF)
+        return self._grants(answer["jobs"])
+
+    def _lease_body(self, max_jobs: int, wait: float) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "worker": self._worker,
+            "queues": self._queues,
+            "max_jobs": min(max_jobs, MAX_LEASE_JOBS),
+            "wait": wait,
+        }
+        if self._lease_seconds:
+            body["lease_seconds"] = self._lease_seconds
+        return body
+
+    def _grants(self, jobs: list[dict[str, Any]]) -> list[Grant]:
         left = _LeaseClock()
         return [
             Grant(job, job["lease"]["token"], left(job["lease"]["expires_at"]), self._lease_seconds)
-            for job in answer["jobs"]
+            for job in jobs
         ]
 
     def heartbeat(self, items: Sequence[BeatItem]) -> list[BeatAnswer]:
@@ -85,7 +94,26 @@ class HttpTransport:
     def report(self, reports: Sequence[Report]) -> list[Settled]:
         body = '{"reports":[' + ",".join(map(report_json, reports)) + "]}"
         answer = self._http.call("POST", "/leases/report", body.encode())
-        return [Settled(item["id"], item["ok"], item.get("detail")) for item in answer["reports"]]
+        return _settled(answer)
+
+    def report_and_lease(
+        self, reports: Sequence[Report], max_jobs: int
+    ) -> tuple[list[Settled], list[Grant]]:
+        """One ``POST /leases/report`` with ``next`` (report-and-fetch, docs/protocol.md):
+        one request per batch instead of two. A service without it (422 on ``next``) is
+        asked the old way from then on."""
+        if max_jobs <= 0 or not self._fetches:
+            return self.report(reports), []
+        items = ",".join(map(report_json, reports))
+        body = f'{{"reports":[{items}],"next":{_encode(self._lease_body(max_jobs, 0)).decode()}}}'
+        try:
+            answer = self._http.call("POST", "/leases/report", body.encode())
+        except CeleriacError as exc:
+            if exc.status != 422:
+                raise
+            self._fetches = False  # an older service; a report it refuses is refused again
+            return self.report(reports), []
+        return _settled(answer), self._grants(answer.get("jobs") or [])
 
     def release(self, grants: Sequence[tuple[str, str]]) -> list[Settled]:
         return release_all(self, grants)
@@ -98,6 +126,10 @@ class HttpTransport:
         self._http.close()
 
 
+def _settled(answer: dict[str, Any]) -> list[Settled]:
+    return [Settled(item["id"], item["ok"], item.get("detail")) for item in answer["reports"]]
+
+
 def _encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -105,6 +137,8 @@ def _encode(body: dict[str, Any]) -> bytes:
 def report_json(report: Report) -> str:
     """One item of ``reports``; the result is spliced in as the JSON text it already is."""
     head = f'{{"id":{dumps(report.job_id)},"token":{dumps(report.token)}'
+    if report.logs is not None:
+        head += f',"logs":{dumps(report.logs)}'
     if report.outcome == "succeeded":
         return f'{head},"outcome":"succeeded","result":{report.result}}}'
     if report.outcome == "released":

@@ -131,16 +131,23 @@ class RedisTransport:
             for report, answer in zip(reports, answers, strict=True)
         ]
 
+    def report_and_lease(
+        self, reports: Sequence[Report], max_jobs: int
+    ) -> tuple[list[Settled], list[Grant]]:
+        return self.report(reports), []  # the leaser's blocking pop serves at once
+
     def _settle_call(self, report: Report) -> tuple[Any, ...]:
         head = (self._events, self._job + report.job_id, PROTOCOL, report.job_id, report.token)
+        # The attempt's logs ride as an optional last argument (docs/protocol.md).
+        logs = () if report.logs is None else (report.logs,)
         if report.outcome == "succeeded":
-            return ("FCALL", "celeriac_v1_complete", 2, *head, report.result)
+            return ("FCALL", "celeriac_v1_complete", 2, *head, report.result, *logs)
         if report.outcome == "released":
             return ("FCALL", "celeriac_v1_release", 2, *head)
         retry_in = "" if report.retry_in is None else repr(report.retry_in)
         return (
             "FCALL", "celeriac_v1_fail", 2, *head, dumps(report.error),
-            "1" if report.retry else "0", retry_in,
+            "1" if report.retry else "0", retry_in, *logs,
         )  # fmt: skip
 
     def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:

@@ -18,7 +18,7 @@ from .client import (
     resolve_server,
 )
 from .handle import JobHandle
-from .task import AsyncTask, BaseTask, Task, TaskOptions, check_name
+from .task import AsyncTask, BaseTask, Task, TaskOptions, check_name, unique_option
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -156,6 +156,9 @@ class Celeriac:
         autoretry_for: Sequence[type[BaseException]] = (),
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
+        limits: Sequence[str] = (),
+        unique: bool | Mapping[str, Any] | None = None,
+        debounce: Mapping[str, Any] | None = None,
     ) -> TaskDecorator: ...
     def task(
         self,
@@ -171,6 +174,9 @@ class Celeriac:
         autoretry_for: Sequence[type[BaseException]] = (),
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
+        limits: Sequence[str] = (),
+        unique: bool | Mapping[str, Any] | None = None,
+        debounce: Mapping[str, Any] | None = None,
     ) -> AnyTask | TaskDecorator:
         """Register a task: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``.
 
@@ -181,6 +187,9 @@ class Celeriac:
         ``soft_time_limit`` raises ``SoftTimeLimitExceeded`` in the task after that many
         seconds; ``time_limit`` stops it for good (what each pool can enforce:
         docs/python.md, "Pools and time limits"). Both override the worker's defaults.
+        ``limits`` (limit keys), ``unique`` (True, or ``{"key", "for", "while"}``) and
+        ``debounce`` (``{"key", "period"}``) are flow control, enforced by the service
+        (docs/flow-control.md).
         """
         options = TaskOptions(
             queue=None if queue is None else check_name("queue", queue),
@@ -191,6 +200,9 @@ class Celeriac:
             autoretry_for=tuple(autoretry_for),
             soft_time_limit=_positive("soft_time_limit", soft_time_limit),
             time_limit=_positive("time_limit", time_limit),
+            limits=tuple(check_name("limit", limit) for limit in limits),
+            unique=unique_option(unique),
+            debounce=None if debounce is None else dict(debounce),
         )
         decorator = TaskDecorator(self, name, options)
         return decorator if func is None else decorator(func)

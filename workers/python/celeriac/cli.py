@@ -17,6 +17,8 @@ from typing import Annotated
 import typer
 
 from ._cli_jobs import jobs
+from ._cli_queues import purge
+from .cli_flow import limits, queues
 from .cli_schedules import schedules
 
 cli = typer.Typer(
@@ -28,6 +30,9 @@ cli = typer.Typer(
 )
 cli.add_typer(jobs, name="jobs")
 cli.add_typer(schedules, name="schedules")
+cli.add_typer(queues, name="queues")
+queues.command()(purge)  # beside pause/resume (cli_flow.py): cancels a queue's waiting jobs
+cli.add_typer(limits, name="limits")
 
 # Entry points in this group are callables taking the Typer app and adding commands to it.
 COMMANDS_GROUP = "celeriac.commands"
@@ -55,11 +60,13 @@ def dump_stacks_on_sigusr1() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
-def configure_logging(level_name: str, node: str, logfile: str | None = None) -> None:
+def configure_logging(
+    level_name: str, node: str, logfile: str | None = None, log_format: str | None = None
+) -> None:
     from . import _logging
 
     try:
-        _logging.configure(level_name, node, logfile)
+        _logging.configure(level_name, node, logfile, log_format)
     except ValueError as exc:
         raise fail(str(exc)) from None
     except OSError as exc:
@@ -145,6 +152,22 @@ def worker(
             help="Hold up to concurrency x N leased jobs (1: no prefetch, for long jobs).",
         ),
     ] = 4,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="text or json: one JSON object per line (default: "
+            "$CELERIAC_LOG_FORMAT, else text)."
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve this worker's Prometheus metrics on this port (/metrics)."
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address for --metrics-port (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run a worker for the app's tasks (API key: $CELERIAC_API_KEY)."""
     from . import _daemon
@@ -152,7 +175,7 @@ def worker(
     from .worker import Worker
 
     node = _daemon.default_node_name(hostname)
-    configure_logging(loglevel, node, logfile and _daemon.expand_path(logfile, node))
+    configure_logging(loglevel, node, logfile and _daemon.expand_path(logfile, node), log_format)
     pidfile = pidfile and _daemon.expand_path(pidfile, node)
     try:
         _daemon.check_pidfile(pidfile)  # before importing the app: refuse fast
@@ -172,10 +195,13 @@ def worker(
             broker=broker, redis_prefix=redis_prefix, soft_time_limit=soft_time_limit,
             time_limit=time_limit, max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child, app_spec=app,
-            prefetch_multiplier=prefetch_multiplier,
+            prefetch_multiplier=prefetch_multiplier, metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )  # fmt: skip
     except ValueError as exc:  # an unknown pool, a broker that is not Redis
         raise fail(str(exc)) from None
+    except OSError as exc:  # --metrics-port taken
+        raise fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}", 1) from None
     dump_stacks_on_sigusr1()
     try:
         status = _daemon.run_with_pidfile(pidfile, the_worker.run)

@@ -62,6 +62,11 @@ class SubmitOptions(TypedDict, total=False):
     max_retries: int
     retry_backoff: RetryBackoff
     timeout: float
+    # Flow control (docs/flow-control.md): limit keys the job counts against, and
+    # {"key", "for", "while"} / {"key", "period"}.
+    limits: list[str]
+    unique: dict[str, Any]
+    debounce: dict[str, Any]
 
 
 class JobPage(TypedDict):
@@ -95,6 +100,10 @@ def _job_path(job_id: str, action: str = "") -> str:
     # Quoted: an id typed by a user must not be able to name another path.
     path = f"/jobs/{quote(job_id, safe='')}"
     return f"{path}/{action}" if action else path
+
+
+def _limit_path(name: str) -> str:
+    return f"/limits/{quote(name, safe='*')}"
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -296,10 +305,48 @@ class Client:
         job: Job = self.request("POST", _job_path(job_id, "retry"))
         return job
 
+    def bulk(self, action: str, **filter: Any) -> dict[str, int]:
+        """``POST /jobs/bulk`` (admin key): ``action`` retry, cancel or delete on every job
+        the filter selects (``status``, ``queue``, ``task``, ``finished_before``, ``ids``);
+        returns ``{"matched": n, "changed": n}``. Not retried: a lost answer leaves it
+        unknown how far the action got (sending it again is harmless)."""
+        answer: dict[str, int] = self.request(
+            "POST", "/jobs/bulk", json={"action": action, "filter": filter}
+        )
+        return answer
+
     def queues(self) -> list[dict[str, Any]]:
         answer = self.request("GET", "/queues")
         queues: list[dict[str, Any]] = answer["queues"]
         return queues
+
+    def set_queue(self, name: str, **settings: Any) -> dict[str, Any]:
+        """``PATCH /queues/{name}``: ``paused=True|False``, ``max_running=N|None``,
+        ``rate={"limit", "period"}|None`` (admin key)."""
+        path = f"/queues/{quote(name, safe='')}"
+        answer: dict[str, Any] = self.request("PATCH", path, json=settings)
+        return answer
+
+    def pause_queue(self, name: str) -> dict[str, Any]:
+        return self.set_queue(name, paused=True)
+
+    def resume_queue(self, name: str) -> dict[str, Any]:
+        return self.set_queue(name, paused=False)
+
+    def set_limit(
+        self, name: str, *, max_running: int | None = None, rate: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """``PUT /limits/{name}`` (a name ending in ``*`` sets a pattern's defaults)."""
+        body = {"max_running": max_running, "rate": None if rate is None else dict(rate)}
+        answer: dict[str, Any] = self.request("PUT", _limit_path(name), json=body)
+        return answer
+
+    def limits(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.request("GET", "/limits")["limits"]
+        return found
+
+    def delete_limit(self, name: str) -> None:
+        self.request("DELETE", _limit_path(name))
 
     def list(
         self,
@@ -432,6 +479,12 @@ class AsyncClient:
     async def retry(self, job_id: str) -> Job:
         job: Job = await self.request("POST", _job_path(job_id, "retry"))
         return job
+
+    async def bulk(self, action: str, **filter: Any) -> dict[str, int]:
+        answer: dict[str, int] = await self.request(
+            "POST", "/jobs/bulk", json={"action": action, "filter": filter}
+        )
+        return answer
 
     async def queues(self) -> list[dict[str, Any]]:
         answer = await self.request("GET", "/queues")

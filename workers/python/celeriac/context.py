@@ -7,8 +7,9 @@ The worker sets a ``JobContext`` in a context variable before calling the task, 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any, NoReturn, cast
 
 from .errors import Cancelled, Retry
@@ -19,6 +20,11 @@ _event_lock = threading.Lock()
 
 class JobContext:
     """The job being run. Created by the worker; tasks reach it as ``current_job``."""
+
+    # A workflow job's parents' results and final statuses by ref (docs/workflows.md);
+    # empty for other jobs. Set by the worker from the lease, never mutated.
+    parents: Mapping[str, Any] = MappingProxyType({})
+    parent_status: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, job_id: str, task: str, attempt: int, queue: str, worker: str) -> None:
         self.job_id = job_id
@@ -39,6 +45,8 @@ class JobContext:
         self.interrupted_by: type[BaseException] | None = None
         # A processes-pool child passes progress on to the worker process.
         self._on_progress: Callable[[dict[str, Any]], object] | None = None
+        # What the task logs during this attempt (celeriac._joblog), sent with its report.
+        self.attempt_log: Any = None
 
     def __repr__(self) -> str:
         return f"JobContext({self.task} {self.job_id} attempt={self.attempt})"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
+from .canvas import Signature
 from .client import Job, RetryBackoff, SubmitOptions
 from .handle import JobHandle
 
@@ -43,6 +44,10 @@ class TaskOptions:
     # Seconds; None: the worker's --soft-time-limit / --time-limit (docs/python.md).
     soft_time_limit: float | None = None
     time_limit: float | None = None
+    # Flow control (docs/flow-control.md).
+    limits: tuple[str, ...] = ()
+    unique: dict[str, Any] | None = None
+    debounce: dict[str, Any] | None = None
 
     def submit_defaults(self) -> SubmitOptions:
         options = SubmitOptions()
@@ -56,12 +61,34 @@ class TaskOptions:
             options["retry_backoff"] = self.retry_backoff
         if self.timeout is not None:
             options["timeout"] = self.timeout
+        if self.limits:
+            options["limits"] = list(self.limits)
+        if self.unique is not None:
+            options["unique"] = self.unique
+        if self.debounce is not None:
+            options["debounce"] = self.debounce
         return options
 
     def retries(self, exc: BaseException) -> bool:
         """Whether an attempt that raised ``exc`` may be retried; the service decides
         whether it is, by the job's ``max_retries``."""
         return not self.autoretry_for or isinstance(exc, self.autoretry_for)
+
+
+def unique_option(unique: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``unique=True``: the default key (a hash of task, queue and arguments); a mapping:
+    ``{"key", "for", "while"}`` as ``POST /jobs`` takes it."""
+    if unique is None or unique is False:
+        return None
+    return {} if unique is True else dict(unique)
+
+
+def debounce_option(key: str | None, period: float | None) -> dict[str, Any] | None:
+    if key is None and period is None:
+        return None
+    if key is None or period is None:
+        raise ValueError("debounce needs both a key and a period (seconds)")
+    return {"key": key, "period": period}
 
 
 def _merge(defaults: SubmitOptions, **overrides: Any) -> SubmitOptions:
@@ -105,13 +132,21 @@ class BaseTask(Generic[P, R]):
         max_retries: int | None = None,
         expires_at: datetime | str | None = None,
         timeout: float | None = None,
+        limits: Sequence[str] | None = None,
+        unique: bool | Mapping[str, Any] | None = None,
+        debounce: Mapping[str, Any] | None = None,
     ) -> JobHandle[R]:
         """Submit a job, overriding the task's options; arguments are not type-checked
-        here (use ``delay`` for that)."""
+        here (use ``delay`` for that). ``limits``, ``unique`` and ``debounce``: flow
+        control (docs/flow-control.md)."""
         options = _merge(
             self.options.submit_defaults(), delay=delay, run_at=run_at, queue=queue,
             priority=priority, max_retries=max_retries, expires_at=expires_at, timeout=timeout,
+            limits=None if limits is None else list(limits), unique=unique_option(unique),
+            debounce=None if debounce is None else dict(debounce),
         )  # fmt: skip
+        if unique is False:  # this call opts out of the task's unique default
+            options.pop("unique", None)
         job = self.app.client.submit(
             self.name, args, kwargs, idempotency_key=idempotency_key, **options
         )
@@ -134,12 +169,19 @@ class BaseTask(Generic[P, R]):
         max_retries: int | None = None,
         expires_at: datetime | str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the job's lease length, not ours
+        limits: Sequence[str] | None = None,
+        unique: bool | Mapping[str, Any] | None = None,
+        debounce: Mapping[str, Any] | None = None,
     ) -> JobHandle[R]:
         """``apply_async`` for asyncio code."""
         options = _merge(
             self.options.submit_defaults(), delay=delay, run_at=run_at, queue=queue,
             priority=priority, max_retries=max_retries, expires_at=expires_at, timeout=timeout,
+            limits=None if limits is None else list(limits), unique=unique_option(unique),
+            debounce=None if debounce is None else dict(debounce),
         )  # fmt: skip
+        if unique is False:  # this call opts out of the task's unique default
+            options.pop("unique", None)
         job = await self.app.async_client().submit(
             self.name, args, kwargs, idempotency_key=idempotency_key, **options
         )
@@ -147,6 +189,15 @@ class BaseTask(Generic[P, R]):
 
     def _handle(self, job: Job) -> JobHandle[R]:
         return JobHandle(self.app, job["id"], job)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature for the canvas (docs/workflows.md): in a chain it gets the previous
+        step's result as its first argument, in a chord's callback the group's results."""
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: only these arguments, whatever ran before it."""
+        return Signature(self, args, kwargs, immutable=True)
 
 
 class Task(BaseTask[P, R]):

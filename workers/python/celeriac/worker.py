@@ -25,14 +25,16 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+from . import _joblog
 from ._execution import LeasedJob, Report, error_info, failure, released
 from ._http import HttpSession
 from ._leases import ActiveLease, Heartbeater, LeaseBook, next_beat_in
 from ._limits import Deadlines, TimeLimits
 from ._loader import spec_of
+from ._metrics import MetricsServer, WorkerMetrics
 from ._pools import POOLS, Pool, PoolHost, PoolOptions, make_pool
 from ._registry import Registry, RegistryHooks
-from ._reporting import Outbox, Reporter
+from ._reporting import FetchHooks, Outbox, Reporter
 from ._transport import Grant, Transport
 from ._transport_http import HttpTransport
 from .app import Celeriac
@@ -65,6 +67,9 @@ class Slots:
         self.prefetch = prefetch
         self.busy = 0
         self.waiting: deque[Waiting] = deque()
+        # A lease request is out (the leaser's, or a report's ``next``): one at a time,
+        # so the room each saw stays theirs.
+        self.asking = False
         self.changed = threading.Condition(threading.RLock())
 
     def wait_room(self, stopping: threading.Event, quiet: threading.Event) -> int:
@@ -73,9 +78,27 @@ class Slots:
         until a slot is idle."""
         with self.changed:
             self.changed.wait_for(
-                lambda: stopping.is_set() or (not quiet.is_set() and self._worth_leasing())
+                lambda: (
+                    stopping.is_set()
+                    or (not quiet.is_set() and not self.asking and self._worth_leasing())
+                )
             )
+            self.asking = not stopping.is_set()
             return self._room()
+
+    def take_turn(self) -> int:
+        """For a report's ``next``: how many jobs to ask for (0: none now, or the leaser
+        is asking already). Non-zero holds the leaser off until ``done_asking``."""
+        with self.changed:
+            if self.asking or not self._worth_leasing() or self._room() <= 0:
+                return 0
+            self.asking = True
+            return self._room()
+
+    def done_asking(self) -> None:
+        with self.changed:
+            self.asking = False
+            self.changed.notify_all()
 
     def _room(self) -> int:
         return self.total + self.prefetch - self.busy - len(self.waiting)
@@ -159,6 +182,8 @@ class Worker:
         app_spec: str | None = None,
         register: bool = True,
         prefetch_multiplier: int = DEFAULT_PREFETCH_MULTIPLIER,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}: choose from {', '.join(POOLS)}")
@@ -185,13 +210,29 @@ class Worker:
         )  # fmt: skip
         self._pool: Pool = make_pool(self.concurrency, host, options)
         self._heartbeater = Heartbeater(self._transport, self._book)
-        self._reporter = Reporter(self._transport, self._outbox, self._book, self._slots.wake)
+        # Report-and-fetch over HTTP (Redis leases are one blocking pop away already):
+        # a report asks for jobs when the leaser is not asking already. Not the other
+        # way round (the leaser leaving every lease to the reports): measured slower,
+        # as a report's answer then waits for the lease and the pool runs dry.
+        fetch = None
+        if isinstance(self._transport, HttpTransport):
+            fetch = FetchHooks(self._take_turn, self._leased_by_report)
+        self._reporter = Reporter(
+            self._transport, self._outbox, self._book, self._slots.wake, fetch
+        )
         self._registry = self._make_registry() if register else None
         self._stopping = threading.Event()
         self._cold = threading.Event()
         self._quiet = threading.Event()
         self._leaser_done = threading.Event()
         self._fatal: Exception | None = None
+        # --metrics-port (celeriac._metrics); off, it costs nothing per job. The port is
+        # bound here, so that one in use fails the start (OSError), not a thread later.
+        self.metrics: WorkerMetrics | None = None
+        self._metrics_server: MetricsServer | None = None
+        if metrics_port is not None:
+            self.metrics = self._make_metrics()
+            self._metrics_server = MetricsServer(self.metrics, metrics_host, metrics_port)
 
     def _make_transport(
         self, broker: str | None, prefix: str, lease_seconds: float | None, poll_wait: float
@@ -218,6 +259,16 @@ class Worker:
             lease_seconds=lease_seconds, poll_wait=poll_wait,
         )  # fmt: skip
 
+    def _make_metrics(self) -> WorkerMetrics:
+        slots = self._slots
+        gauges = {
+            "celeriac_worker_busy_slots": ("Pool slots running a job.", lambda: slots.busy),
+            "celeriac_worker_prefetched_jobs": (
+                "Leased jobs waiting for a slot.", lambda: len(slots.waiting)),
+            "celeriac_worker_concurrency": ("Pool slots.", lambda: slots.total),
+        }  # fmt: skip
+        return WorkerMetrics(self.hostname, gauges)
+
     def _make_registry(self) -> Registry:
         about: dict[str, Any] = {
             "name": self.hostname[:200],
@@ -235,11 +286,15 @@ class Worker:
         """Work until told to stop; the exit status: 0 after a warm shutdown, 1 after a
         cold one or when the service refuses this worker."""
         self._install_signal_handlers()
+        _joblog.install()  # what tasks log is sent with their reports
         logger.info(
             "worker %s: %s transport (%s), %s pool, queues %s, concurrency %d, tasks: %s",
             self.hostname, self._transport.name, self._where(), self._pool.kind,
             ",".join(self.queues), self.concurrency, ", ".join(sorted(self.app.tasks)) or "(none)",
         )  # fmt: skip
+        if self._metrics_server is not None:
+            self._metrics_server.start()
+            logger.info("metrics on http://%s:%d/metrics", *self._metrics_server.address)
         # Daemon threads: after a cold shutdown some may still be blocked in I/O or in a
         # task, and must not keep the process alive.
         self._pool.start()
@@ -321,11 +376,14 @@ class Worker:
                 try:
                     grants = self._transport.lease(free)
                 except (ServerUnreachable, CeleriacError) as exc:
+                    self._slots.done_asking()
                     if self._stopping.is_set():
                         break  # the long-poll was ended for the shutdown
                     if isinstance(exc, CeleriacError) and not is_transient(exc):
                         self._fail(exc)
                         break
+                    if self.metrics is not None:
+                        self.metrics.lease_failed()
                     backoff = min(MAX_BACKOFF, backoff * 2 or 0.5)
                     logger.warning("leasing failed, retrying in %.1fs: %s", backoff, exc)
                     self._stopping.wait(backoff)
@@ -333,6 +391,7 @@ class Worker:
                 backoff = 0.0
                 if grants:
                     self._start_jobs(grants)
+                self._slots.done_asking()  # after admitting them: the room is counted
         finally:
             self._leaser_done.set()
             self._slots.wake()
@@ -348,6 +407,8 @@ class Worker:
             context = JobContext(
                 job["id"], job["task"], job["attempt"], job["queue"], self.hostname
             )
+            if "parents" in job:  # a workflow job (docs/workflows.md)
+                context.parents, context.parent_status = job["parents"], job["parent_status"]
             leases.append(
                 ActiveLease(
                     job["id"], grant.token, context, beats[grant.lease_left], grant.lease_seconds
@@ -360,9 +421,26 @@ class Worker:
                 self._release(lease)
             return
         logger.debug("leased %d jobs", len(leases))
+        if self.metrics is not None:
+            self.metrics.jobs_leased(len(leases))
         jobs = [(grant.job, lease) for grant, lease in zip(grants, leases, strict=True)]
         for job, lease in self._slots.admit(jobs):
-            self._pool.submit(job, lease)
+            self._submit(job, lease)
+
+    def _submit(self, job: LeasedJob, lease: ActiveLease) -> None:
+        if self.metrics is not None:
+            self.metrics.job_started(lease.job_id)
+        self._pool.submit(job, lease)
+
+    def _take_turn(self) -> int:
+        if self._stopping.is_set() or self._quiet.is_set():
+            return 0
+        return self._slots.take_turn()
+
+    def _leased_by_report(self, grants: list[Grant]) -> None:
+        if grants:
+            self._start_jobs(grants)
+        self._slots.done_asking()
 
     def _release(self, lease: ActiveLease) -> None:
         if lease.settle():
@@ -383,6 +461,8 @@ class Worker:
             report = failure(lease.job_id, lease.token, error, retry=True)
         if lease.settle():
             self._outbox.put(report)
+            if self.metrics is not None:
+                self.metrics.job_finished(lease.job_id, lease.context.task, report.outcome)
         if lease.end():
             self._free_slot()
 
@@ -399,7 +479,7 @@ class Worker:
     def _free_slot(self) -> None:
         following = self._slots.release(take_next=not self._stopping.is_set())
         if following is not None:
-            self._pool.submit(*following)
+            self._submit(*following)
 
     # -- shutdown --------------------------------------------------------------------
 
@@ -440,6 +520,8 @@ class Worker:
         return 1
 
     def _close(self, cold: bool) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         if self._registry is not None:
             self._registry.stop()
         self._heartbeater.stop()

@@ -1,0 +1,984 @@
+"""Flow control (docs/flow-control.md): named limits and their patterns, queue settings
+(pause, a queue's own limits), unique and debounced submits, and the admission check the
+lease grant runs inside its transaction.
+
+Plain functions over a ``Session``; the routers and the submit path call them once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import errors
+from service.effects import Dispatch
+from service.idempotency import Submitted
+from service.leases import LeaseTerms
+from service.loops import Pass, Plugin
+from service.models import (
+    JOBS_TABLE,
+    JobKeyRow,
+    JobRow,
+    JobValues,
+    LimitGrantRow,
+    LimitRow,
+    QueueSettingsRow,
+    values_of,
+)
+from service.runtime import Runtime
+from service.schemas import DebounceSpec, JobSubmit, LimitSpec, QueuePatch, UniqueSpec
+from service.signals import Signals
+from service.states import JobStatus
+
+# A queue's own limits count under this key ("/" is in no limit or queue name).
+QUEUE_KEY_PREFIX = "queue/"
+# job_keys kinds: a unique or debounce claim, and the lock row of a limit key.
+UNIQUE, DEBOUNCE, LIMIT_LOCK = "unique", "debounce", "limit"
+# How often a submit retries after losing a key's insert race to another replica.
+KEY_RACE_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What one limit key allows: running at once, and grants per sliding window."""
+
+    max_running: int | None
+    rate_limit: int | None
+    rate_period: float | None
+
+    @property
+    def limits_anything(self) -> bool:
+        return self.max_running is not None or self.rate_limit is not None
+
+
+def queue_key(queue: str) -> str:
+    return QUEUE_KEY_PREFIX + queue
+
+
+def is_pattern(name: str) -> bool:
+    return name.endswith("*")
+
+
+def _rate(limit: int | None, period: float | None) -> dict[str, Any] | None:
+    return None if limit is None else {"limit": limit, "period": period}
+
+
+# --- named limits ----------------------------------------------------------------------
+
+
+def limit_body(row: LimitRow, running: int | None) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "max_running": row.max_running,
+        "rate": _rate(row.rate_limit, row.rate_period),
+        "pattern": is_pattern(row.name),
+        "running": None if is_pattern(row.name) else running,
+    }
+
+
+def put_limit(session: Session, name: str, spec: LimitSpec, now: datetime) -> dict[str, Any]:
+    """Create or replace a limit (or a pattern's defaults)."""
+    if spec.max_running is None and spec.rate is None:
+        raise errors.ValidationFailed("give max_running, rate, or both")
+    row = session.get(LimitRow, name, with_for_update=True)
+    if row is None:
+        row = LimitRow(name=name, created_at=now)
+        session.add(row)
+    row.max_running = spec.max_running
+    row.rate_limit = None if spec.rate is None else spec.rate.limit
+    row.rate_period = None if spec.rate is None else spec.rate.period
+    row.updated_at = now
+    session.flush()
+    _changed()  # this process enforces it from its next claim on
+    return limit_body(row, running_counts(session, [name]).get(name, 0))
+
+
+def get_limit(session: Session, name: str) -> dict[str, Any]:
+    row = session.get(LimitRow, name)
+    if row is None:
+        raise errors.NotFound(f"no limit is named {name!r}")
+    return limit_body(row, running_counts(session, [name]).get(name, 0))
+
+
+def delete_limit(session: Session, name: str) -> None:
+    row = session.get(LimitRow, name, with_for_update=True)
+    if row is None:
+        raise errors.NotFound(f"no limit is named {name!r}")
+    session.delete(row)
+    _changed()
+
+
+def list_limits(session: Session) -> list[dict[str, Any]]:
+    rows = session.scalars(sa.select(LimitRow).order_by(LimitRow.name)).all()
+    running = running_counts(session, [row.name for row in rows if not is_pattern(row.name)])
+    return [limit_body(row, running.get(row.name, 0)) for row in rows]
+
+
+def rules_for(session: Session, names: Collection[str]) -> dict[str, Rule]:
+    """The rule of each name that has one: its own row, else the longest pattern it
+    matches. Names with neither are unlimited and absent from the answer."""
+    if not names:
+        return {}
+    rules: dict[str, Rule] = {}
+    limit_names = [n for n in names if not n.startswith(QUEUE_KEY_PREFIX)]
+    if limit_names:
+        found = session.scalars(sa.select(LimitRow).where(LimitRow.name.in_(limit_names)))
+        rules.update({row.name: _rule(row) for row in found})
+        missing = [n for n in limit_names if n not in rules]
+        if missing:
+            patterns = session.scalars(sa.select(LimitRow).where(LimitRow.name.like("%*"))).all()
+            for name in missing:
+                match = _longest_match(name, patterns)
+                if match is not None:
+                    rules[name] = _rule(match)
+    queues = [n[len(QUEUE_KEY_PREFIX) :] for n in names if n.startswith(QUEUE_KEY_PREFIX)]
+    if queues:
+        found_queues = session.scalars(
+            sa.select(QueueSettingsRow).where(QueueSettingsRow.name.in_(queues))
+        )
+        for settings in found_queues:
+            rule = _rule(settings)
+            if rule.limits_anything:
+                rules[queue_key(settings.name)] = rule
+    return {name: rule for name, rule in rules.items() if rule.limits_anything}
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every rule and pause, as the claim uses them: read at most every
+    ``SNAPSHOT_SECONDS`` per process (two small queries), not per claim. Counting is
+    never cached: only what the rules are."""
+
+    exact: dict[str, Rule]
+    patterns: list[tuple[str, Rule]]  # (prefix, rule), longest prefix first
+    queues: dict[str, Rule]
+    paused: frozenset[str]
+    read_at: float
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.exact or self.patterns or self.queues or self.paused)
+
+    def rules_for(self, names: Iterable[str]) -> dict[str, Rule]:
+        rules: dict[str, Rule] = {}
+        for name in names:
+            if name.startswith(QUEUE_KEY_PREFIX):
+                rule = self.queues.get(name[len(QUEUE_KEY_PREFIX) :])
+            else:
+                rule = self.exact.get(name) or next(
+                    (r for prefix, r in self.patterns if name.startswith(prefix)), None
+                )
+            if rule is not None:
+                rules[name] = rule
+        return rules
+
+
+SNAPSHOT_SECONDS = 0.5
+# Per database engine (a process serves one; tests open several).
+_SNAPSHOTS: weakref.WeakKeyDictionary[Any, Snapshot] = weakref.WeakKeyDictionary()
+
+
+def snapshot(session: Session) -> Snapshot:
+    """The current snapshot, read again when older than ``SNAPSHOT_SECONDS`` (a change
+    made in this process drops it at once)."""
+    engine = session.get_bind()
+    current = _SNAPSHOTS.get(engine)
+    if current is not None and time.monotonic() - current.read_at < SNAPSHOT_SECONDS:
+        return current
+    exact, patterns, queues, paused = {}, [], {}, set()
+    for limit in session.scalars(sa.select(LimitRow)):
+        rule = _rule(limit)
+        if not rule.limits_anything:
+            continue
+        if is_pattern(limit.name):
+            patterns.append((limit.name[:-1], rule))
+        else:
+            exact[limit.name] = rule
+    for settings in session.scalars(sa.select(QueueSettingsRow)):
+        if _rule(settings).limits_anything:
+            queues[settings.name] = _rule(settings)
+        if settings.paused:
+            paused.add(settings.name)
+    patterns.sort(key=lambda item: -len(item[0]))
+    current = Snapshot(exact, patterns, queues, frozenset(paused), time.monotonic())
+    _SNAPSHOTS[engine] = current
+    _ACTIVE["any"] = current.configured or len(_SNAPSHOTS) > 1
+    return current
+
+
+def _changed() -> None:
+    """A change made here: the next claim reads the rules again, and takes the
+    flow-control path from now on."""
+    _SNAPSHOTS.clear()
+    _ACTIVE["any"] = True
+
+
+def _rule(row: LimitRow | QueueSettingsRow) -> Rule:
+    return Rule(row.max_running, row.rate_limit, row.rate_period)
+
+
+def _longest_match(name: str, patterns: Iterable[LimitRow]) -> LimitRow | None:
+    best: LimitRow | None = None
+    for pattern in patterns:
+        prefix = pattern.name[:-1]
+        if name.startswith(prefix) and (best is None or len(prefix) > len(best.name) - 1):
+            best = pattern
+    return best
+
+
+def running_counts(session: Session, names: Collection[str]) -> dict[str, int]:
+    """Slots held now, per limit key: grants whose job still runs under that lease. A
+    dead worker's slot is held until its lease is reclaimed (the job leaves running)."""
+    if not names:
+        return {}
+    grant, job = LimitGrantRow, JobRow
+    query = (
+        sa.select(grant.limit_name, sa.func.count())
+        .join(job, sa.and_(job.id == grant.job_id, job.lease_token == grant.lease_token))
+        .where(grant.limit_name.in_(list(names)), job.status == JobStatus.running)
+        .group_by(grant.limit_name)
+    )
+    return {name: count for name, count in session.execute(query)}
+
+
+def _granted_in_window(session: Session, rules: dict[str, Rule], now: datetime) -> dict[str, int]:
+    """Grants per key within its own sliding window (keys with a rate only)."""
+    windows = [
+        sa.and_(
+            LimitGrantRow.limit_name == name,
+            LimitGrantRow.granted_at > now - timedelta(seconds=rule.rate_period or 0.0),
+        )
+        for name, rule in rules.items()
+        if rule.rate_limit is not None
+    ]
+    if not windows:
+        return {}
+    query = (
+        sa.select(LimitGrantRow.limit_name, sa.func.count())
+        .where(sa.or_(*windows))
+        .group_by(LimitGrantRow.limit_name)
+    )
+    return {name: count for name, count in session.execute(query)}
+
+
+# --- queue settings ----------------------------------------------------------------------
+
+
+def queue_body(session: Session, name: str) -> dict[str, Any]:
+    row = session.get(QueueSettingsRow, name)
+    query = (
+        sa.select(JobRow.status, sa.func.count())
+        .where(JobRow.queue == name)
+        .group_by(JobRow.status)
+    )
+    counts = {status: count for status, count in session.execute(query)}
+    return {
+        "name": name,
+        "paused": bool(row and row.paused),
+        "max_running": None if row is None else row.max_running,
+        "rate": None if row is None else _rate(row.rate_limit, row.rate_period),
+        "counts": counts,
+    }
+
+
+def patch_queue(session: Session, name: str, patch: QueuePatch, now: datetime) -> dict[str, Any]:
+    """Change the fields the patch names; an explicit null clears a limit."""
+    given = patch.model_fields_set
+    row = session.get(QueueSettingsRow, name, with_for_update=True)
+    if row is None:
+        row = QueueSettingsRow(name=name, paused=False)
+        session.add(row)
+    if "paused" in given:
+        if patch.paused is None:
+            raise errors.ValidationFailed("paused is true or false, not null")
+        row.paused = patch.paused
+    if "max_running" in given:
+        row.max_running = patch.max_running
+    if "rate" in given:
+        row.rate_limit = None if patch.rate is None else patch.rate.limit
+        row.rate_period = None if patch.rate is None else patch.rate.period
+    row.updated_at = now
+    session.flush()
+    _changed()
+    return queue_body(session, name)
+
+
+def paused_queues(session: Session, queues: Collection[str]) -> set[str]:
+    """Which of ``queues`` are paused: one primary-key look-up."""
+    if not queues:
+        return set()
+    query = sa.select(QueueSettingsRow.name).where(
+        QueueSettingsRow.name.in_(list(queues)), QueueSettingsRow.paused.is_(True)
+    )
+    return set(session.scalars(query))
+
+
+# --- admission: inside the granting transaction ----------------------------------------
+
+
+def keys_of(row: JobValues) -> list[str]:
+    """The limit keys a job counts against: its own, then its queue's."""
+    return [*(row.get("limits") or ()), queue_key(row["queue"])]
+
+
+def _lock_keys(session: Session, keys: Sequence[str]) -> None:
+    """Serialise grants on these keys across replicas: one lock row per key in job_keys,
+    created on first use, locked in a stable (sorted) order so two grants cannot
+    deadlock on each other. SQLite needs none: its writers are serialised already."""
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    existing = set(
+        session.scalars(
+            sa.select(JobKeyRow.key).where(JobKeyRow.kind == LIMIT_LOCK, JobKeyRow.key.in_(keys))
+        )
+    )
+    for key in sorted(set(keys) - existing):
+        _insert_ignoring_conflict(session, LIMIT_LOCK, key)
+    session.execute(
+        sa.select(JobKeyRow.key)
+        .where(JobKeyRow.kind == LIMIT_LOCK, JobKeyRow.key.in_(keys))
+        .order_by(JobKeyRow.key)
+        .with_for_update()
+    ).all()
+
+
+def _insert_ignoring_conflict(session: Session, kind: str, key: str) -> None:
+    values = {"kind": kind, "key": key, "job_id": ""}
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        session.execute(pg_insert(JobKeyRow).values(values).on_conflict_do_nothing())
+    else:
+        session.execute(sa.insert(JobKeyRow).values(values).prefix_with("IGNORE"))
+
+
+@dataclass(slots=True)
+class Admission:
+    """What a grant may take: the candidates with room, in their order; the others stay
+    queued and are handed back."""
+
+    admitted: list[JobValues]
+    blocked: list[JobValues]
+    # key -> rule, for the grant rows the admitted jobs need
+    rules: dict[str, Rule]
+    # the keys left without room: the claim's next look skips them
+    full: set[str] = field(default_factory=set)
+
+
+Counts = tuple[dict[str, int], dict[str, int]]  # slots held, grants in the window: per key
+
+
+def admit(
+    session: Session,
+    rows: Sequence[JobValues],
+    now: datetime,
+    known: Counts | None = None,
+    want: int | None = None,
+) -> Admission:
+    """The candidates (locked, queued, in grant order) that every limit key has room for:
+    fewer than ``max_running`` of its jobs running and fewer than ``rate.limit`` grants
+    within the last ``period`` seconds. Paused queues admit nothing. Costs one query when
+    no candidate names a limit and no queue has settings."""
+    if not rows:
+        return Admission([], [], {})
+    snap = snapshot(session)
+    rows = [row for row in rows if row["queue"] not in snap.paused]
+    keys = sorted({key for row in rows for key in keys_of(row)})
+    rules = snap.rules_for(keys)
+    if not rules:
+        return Admission(list(rows)[:want], [], {})
+    if known is None:
+        _lock_keys(session, sorted(rules))
+        running = running_counts(session, list(rules))
+        granted = _granted_in_window(session, rules, now)
+    else:  # counted already in this transaction, and nobody else can write meanwhile
+        running, granted = known
+    admitted: list[JobValues] = []
+    blocked: list[JobValues] = []
+    for row in rows:
+        if want is not None and len(admitted) >= want:
+            break  # the rest of the window is neither taken nor counted
+        limited = [key for key in keys_of(row) if key in rules]
+        if all(_has_room(rules[k], running.get(k, 0), granted.get(k, 0)) for k in limited):
+            admitted.append(row)
+            for key in limited:
+                running[key] = running.get(key, 0) + 1
+                granted[key] = granted.get(key, 0) + 1
+        else:
+            blocked.append(row)
+    full = {k for k, r in rules.items() if not _has_room(r, running.get(k, 0), granted.get(k, 0))}
+    return Admission(admitted, blocked, rules, full)
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """What the claim's candidate query leaves out this time: paused and full queues, and
+    full keys (a job is skipped while its first key, ``limit_key``, is full, so a queue
+    whose head is one busy customer still serves the others)."""
+
+    queues: frozenset[str]
+    keys: frozenset[str]
+    # The counts of every key with grants, taken at the claim's start.
+    counts: Counts = field(default_factory=lambda: ({}, {}))
+
+
+def closed(session: Session, queues: Collection[str], now: datetime) -> Closed:
+    """Inside the claim, before candidates are chosen. Full keys are found among the keys
+    with recent grants (``limit_grants`` holds only those: it is pruned as it is used)."""
+    snap = snapshot(session)
+    shut = {queue for queue in queues if queue in snap.paused}
+    recent = set(session.scalars(sa.select(LimitGrantRow.limit_name).distinct()))
+    recent |= {queue_key(q) for q in queues}
+    rules = snap.rules_for(recent)
+    running: dict[str, int] = {}
+    granted: dict[str, int] = {}
+    if rules:
+        running = running_counts(session, list(rules))
+        granted = _granted_in_window(session, rules, now)
+    full = {k for k, r in rules.items() if not _has_room(r, running.get(k, 0), granted.get(k, 0))}
+    shut |= {key[len(QUEUE_KEY_PREFIX) :] for key in full if key.startswith(QUEUE_KEY_PREFIX)}
+    keys = frozenset(key for key in full if not key.startswith(QUEUE_KEY_PREFIX))
+    return Closed(frozenset(shut), keys, (running, granted))
+
+
+def _has_room(rule: Rule, running: int, granted: int) -> bool:
+    if rule.max_running is not None and running >= rule.max_running:
+        return False
+    return rule.rate_limit is None or granted < rule.rate_limit
+
+
+def record_grants(session: Session, admission: Admission, token: str, now: datetime) -> None:
+    """Write the grant rows of the jobs just leased under ``token``, and prune the rows
+    of these keys that hold nothing any more (out of the window, job not running)."""
+    if not admission.rules:
+        return
+    grants = [
+        {"limit_name": key, "job_id": row["id"], "lease_token": token, "granted_at": now}
+        for row in admission.admitted
+        for key in keys_of(row)
+        if key in admission.rules
+    ]
+    if grants:
+        session.execute(sa.insert(LimitGrantRow), grants)
+    if time.monotonic() - _PRUNED[0] >= PRUNE_SECONDS:
+        _PRUNED[0] = time.monotonic()
+        _prune(session, now)
+
+
+# The grant rows that hold nothing any more are deleted at most this often per process.
+PRUNE_SECONDS = 1.0
+_PRUNED = [0.0]
+
+
+def _prune(session: Session, now: datetime) -> None:
+    """Delete the grant rows that hold nothing: out of every rate window (the longest
+    period of any rule) and no longer running under their token."""
+    snap = snapshot(session)
+    rules = [*snap.exact.values(), *(r for _, r in snap.patterns), *snap.queues.values()]
+    longest = max((rule.rate_period or 0.0 for rule in rules), default=0.0)
+    grant, job = LimitGrantRow, JOBS_TABLE
+    still_running = (
+        sa.select(sa.literal(1))
+        .where(
+            job.c.id == grant.job_id,
+            job.c.lease_token == grant.lease_token,
+            job.c.status == JobStatus.running,
+        )
+        .exists()
+    )
+    cutoff = now - timedelta(seconds=longest)
+    session.execute(sa.delete(grant).where(grant.granted_at <= cutoff, ~still_running))
+
+
+def blocked_by(
+    session: Session, queue: str, limits: list[str] | None, now: datetime
+) -> list[str] | None:
+    """For ``GET /jobs/{id}`` of a queued job: the keys without room now (None: none)."""
+    keys = [*(limits or ()), queue_key(queue)]
+    blocked = [queue_key(queue)] if paused_queues(session, [queue]) else []
+    rules = rules_for(session, keys)
+    running = running_counts(session, list(rules))
+    granted = _granted_in_window(session, rules, now)
+    blocked += [
+        key
+        for key in keys
+        if key in rules
+        and key not in blocked
+        and not _has_room(rules[key], running.get(key, 0), granted.get(key, 0))
+    ]
+    return blocked or None
+
+
+async def blocked(runtime: Runtime, queue: str, limits: list[str] | None) -> list[str] | None:
+    now = runtime.clock.now()
+    return await runtime.db.read(lambda session: blocked_by(session, queue, limits, now))
+
+
+# --- unique and debounced submits --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedSubmit:
+    row: JobValues
+    existing: bool  # an earlier job answers (200), not a new one (202)
+
+
+def default_unique_key(spec: JobSubmit) -> str:
+    canonical = json.dumps(
+        [spec.task, spec.queue, spec.args, spec.kwargs], sort_keys=True, separators=(",", ":")
+    )
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit_keyed(session: Session, row: JobValues, spec: JobSubmit, now: datetime) -> KeyedSubmit:
+    """A submit with ``unique`` or ``debounce``: the existing job it resolves to, or the
+    new ``row`` inserted. The key's claim row (job_keys) is locked first, so two replicas'
+    submits of one key are serialised; a lost insert race retries (``with_key_retries``)."""
+    if spec.unique is not None and spec.debounce is not None:
+        raise errors.ValidationFailed("give unique or debounce, not both")
+    if spec.unique is not None:
+        return _submit_unique(session, row, spec, spec.unique, now)
+    assert spec.debounce is not None
+    return _submit_debounced(session, row, spec.debounce, now)
+
+
+def _claimed_job(session: Session, kind: str, key: str) -> tuple[JobKeyRow | None, JobRow | None]:
+    claim = session.get(JobKeyRow, (kind, key), with_for_update=True)
+    if claim is None:
+        return None, None
+    return claim, session.get(JobRow, claim.job_id, with_for_update=True)
+
+
+def _store(session: Session, claim: JobKeyRow | None, kind: str, key: str, row: JobValues) -> None:
+    if claim is None:
+        session.add(JobKeyRow(kind=kind, key=key, job_id=row["id"]))
+    else:
+        claim.job_id = row["id"]
+    session.execute(sa.insert(JOBS_TABLE), [row])
+    session.flush()
+
+
+def _submit_unique(
+    session: Session, row: JobValues, spec: JobSubmit, unique: UniqueSpec, now: datetime
+) -> KeyedSubmit:
+    key = unique.key or default_unique_key(spec)
+    claim, job = _claimed_job(session, UNIQUE, key)
+    if job is not None:
+        holds_for = job.unique_until is not None and job.unique_until > now
+        if job.status in unique.while_ or holds_for:
+            return KeyedSubmit(values_of(job), existing=True)
+    row["unique_key"] = key
+    row["unique_until"] = None if unique.for_ is None else now + timedelta(seconds=unique.for_)
+    _store(session, claim, UNIQUE, key, row)
+    return KeyedSubmit(row, existing=False)
+
+
+def _submit_debounced(
+    session: Session, row: JobValues, debounce: DebounceSpec, now: datetime
+) -> KeyedSubmit:
+    """While the job with the key has not come due (``scheduled``), a submit replaces
+    its arguments and moves its start to now + period; once due, a new job is made."""
+    claim, job = _claimed_job(session, DEBOUNCE, debounce.key)
+    start = now + timedelta(seconds=debounce.period)
+    if job is not None and job.status == JobStatus.scheduled and job.started_at is None:
+        job.args, job.kwargs, job.run_at = row["args"], row["kwargs"], max(start, row["run_at"])
+        session.flush()
+        return KeyedSubmit(values_of(job), existing=True)
+    row["debounce_key"] = debounce.key
+    row["run_at"] = max(start, row["run_at"])
+    row["status"] = JobStatus.scheduled
+    _store(session, claim, DEBOUNCE, debounce.key, row)
+    return KeyedSubmit(row, existing=False)
+
+
+async def submit_with_key(runtime: Runtime, row: JobValues, spec: JobSubmit) -> Submitted:
+    """``POST /jobs`` with ``unique`` or ``debounce``, in its own transaction (not the
+    group commit: the key's lock decides). Another replica that inserted the same key's
+    claim first makes this one look again and find its job."""
+    for attempt in range(KEY_RACE_RETRIES):
+        try:
+            done = await runtime.db.run(
+                lambda session: submit_keyed(session, row.copy(), spec, runtime.clock.now())
+            )
+            break
+        except IntegrityError:
+            if attempt == KEY_RACE_RETRIES - 1:
+                raise
+    if not done.existing:
+        await runtime.after_submit([done.row])
+    return Submitted(done.row, replayed=done.existing)
+
+
+async def store(runtime: Runtime, row: JobValues, spec: JobSubmit) -> Submitted:
+    """Where a single submit's row goes: the group commit, or, with ``unique`` or
+    ``debounce``, a transaction of its own."""
+    if spec.unique is None and spec.debounce is None:
+        return await runtime.submits.submit(row)
+    # The key decides whether the submit makes a job, so a retried request finds its
+    # job by it: an Idempotency-Key (the SDK sends one with every submit) adds nothing.
+    row["idempotency_key"] = row["request_hash"] = None
+    return await submit_with_key(runtime, row, spec)
+
+
+def refuse_keyed_in_batch(specs: Sequence[JobSubmit]) -> None:
+    for index, spec in enumerate(specs):
+        if spec.unique is not None or spec.debounce is not None:
+            raise errors.ValidationFailed(
+                f"jobs[{index}]: unique and debounce are for single submits (POST /jobs)"
+            )
+
+
+# --- pause: what a lease request sees ----------------------------------------------------
+
+# How often a waiting long-poll looks again while any flow control is configured.
+FLOW_RECHECK_SECONDS = 0.5
+# How stale this process's view of the paused queues may be: a pause reaches every
+# replica's leases within this (plus one grant), without a query per lease request.
+PAUSED_VIEW_SECONDS = 0.5
+
+
+class PausedView:
+    """The paused queues as this process last read them (one query per interval, shared
+    by every lease request), updated at once by a PATCH in this process."""
+
+    def __init__(self) -> None:
+        self.queues: frozenset[str] = frozenset()
+        self.read_at = -1e9
+        self._reading: asyncio.Future[None] | None = None
+
+    async def current(self, runtime: Runtime) -> frozenset[str]:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self.read_at < PAUSED_VIEW_SECONDS:
+            return self.queues
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read(runtime))
+        reading = self._reading
+        try:
+            await asyncio.shield(reading)
+        finally:
+            if self._reading is reading and reading.done():
+                self._reading = None
+        return self.queues
+
+    async def _read(self, runtime: Runtime) -> None:
+        names, configured = await runtime.db.read(_paused_and_configured)
+        self.queues = frozenset(names)
+        _ACTIVE["any"] = configured
+        self.read_at = asyncio.get_running_loop().time()
+
+    def changed(self, queue: str, paused: bool) -> None:
+        self.queues = self.queues | {queue} if paused else self.queues - {queue}
+
+
+def _paused_and_configured(session: Session) -> tuple[list[str], bool]:
+    """The paused queues, and whether any flow control is configured at all."""
+    query = sa.select(QueueSettingsRow.name).where(QueueSettingsRow.paused.is_(True))
+    paused = list(session.scalars(query))
+    some_limit = session.scalars(sa.select(LimitRow.name).limit(1)).first() is not None
+    some_queue = session.scalars(sa.select(QueueSettingsRow.name).limit(1)).first() is not None
+    return paused, some_limit or some_queue
+
+
+# One view per runtime (keyed by its Signals: the Runtime dataclass is not hashable).
+_views: weakref.WeakKeyDictionary[Signals, PausedView] = weakref.WeakKeyDictionary()
+
+
+def paused_view(runtime: Runtime) -> PausedView:
+    view = _views.get(runtime.signals)
+    if view is None:
+        view = _views[runtime.signals] = PausedView()
+    return view
+
+
+Release = Callable[[list[JobValues]], Awaitable[None]]
+
+
+async def lease_unpaused(
+    runtime: Runtime,
+    queues: Sequence[str],
+    max_jobs: int,
+    wait: float,
+    terms: Callable[[], LeaseTerms],
+    release: Release,
+) -> list[JobValues]:
+    """``Dispatcher.lease`` over the queues that are not paused. With every queue paused
+    the request waits for a resume (woken at once by one in this process; another
+    replica's is seen within ``PAUSED_VIEW_SECONDS``). Jobs granted after a long wait in
+    a queue paused meanwhile are handed back, never returned."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    view = paused_view(runtime)
+    while True:
+        paused = await view.current(runtime)
+        open_queues = [queue for queue in queues if queue not in paused]
+        remaining = max(deadline - loop.time(), 0.0)
+        if open_queues:
+            # Under flow control a slot or a rate window frees without any event a
+            # waiter hears (a settle elsewhere, time passing): look again this often.
+            chunk = min(remaining, FLOW_RECHECK_SECONDS) if active() else remaining
+            started = loop.time()
+            rows = await runtime.dispatcher.lease(open_queues, max_jobs, chunk, terms)
+            if rows and loop.time() - started > PAUSED_VIEW_SECONDS:
+                rows = await _without_paused(runtime, rows, release)
+            if rows or loop.time() >= deadline:
+                return rows
+            continue
+        if remaining <= 0:
+            return []
+        event = runtime.signals.ready_waiter(queues)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(remaining, PAUSED_VIEW_SECONDS))
+        finally:
+            runtime.signals.drop_ready_waiter(queues, event)
+
+
+async def _without_paused(
+    runtime: Runtime, rows: list[JobValues], release: Release
+) -> list[JobValues]:
+    queues = {row["queue"] for row in rows}
+    paused = await runtime.db.read(lambda session: paused_queues(session, queues))
+    if not paused:
+        return rows
+    await release([row for row in rows if row["queue"] in paused])
+    return [row for row in rows if row["queue"] not in paused]
+
+
+async def set_queue(runtime: Runtime, name: str, patch: QueuePatch) -> dict[str, Any]:
+    """``PATCH /queues/{name}``; a resume wakes this process's waiting long-polls now,
+    and re-announces the queue's ready jobs so other replicas' waiters wake too."""
+    now = runtime.clock.now()
+    body = await runtime.db.run(lambda session: patch_queue(session, name, patch, now))
+    paused_view(runtime).changed(name, body["paused"])
+    _changed()
+    resumed = "paused" in patch.model_fields_set and not body["paused"]
+    await sync_redis(runtime, [name] if resumed else ())
+    if resumed:
+        runtime.signals.queues_ready([name])
+        ready = await runtime.db.read(lambda session: _some_ready(session, name))
+        await runtime.broker.publish(ready)
+    return body
+
+
+def _some_ready(session: Session, queue: str) -> list[Dispatch]:
+    query = (
+        sa.select(JobRow.id, JobRow.queue, JobRow.priority)
+        .where(JobRow.queue == queue, JobRow.status == JobStatus.queued)
+        .order_by(JobRow.priority.desc(), JobRow.id)
+        .limit(RESUME_ANNOUNCE_JOBS)
+    )
+    return [Dispatch(job_id, q, priority) for job_id, q, priority in session.execute(query)]
+
+
+# A resume re-publishes this many of the queue's ready jobs: enough to wake every waiting
+# long-poll; the index holds them already (re-adding is harmless).
+RESUME_ANNOUNCE_JOBS = 100
+
+
+# --- the Redis worker protocol's copy of the rules ---------------------------------------
+
+
+def redis_rules(session: Session) -> dict[str, str]:
+    """The ``{tag}:flow`` hash the Lua lease reads (service/lua/celeriac.lua): every
+    limit and pattern, every queue's own limits, and the paused queues."""
+    fields = {"synced": "1"}
+    for limit in session.scalars(sa.select(LimitRow)):
+        fields[f"rule:{limit.name}"] = _rule_text(_rule(limit))
+    for queue in session.scalars(sa.select(QueueSettingsRow)):
+        if _rule(queue).limits_anything:
+            fields[f"rule:{queue_key(queue.name)}"] = _rule_text(_rule(queue))
+        if queue.paused:
+            fields[f"paused:{queue.name}"] = "1"
+    return fields
+
+
+def _rule_text(rule: Rule) -> str:
+    def text(value: float | None) -> str:
+        return "" if value is None else str(int(value))
+
+    period_ms = None if rule.rate_period is None else rule.rate_period * 1000
+    return f"{text(rule.max_running)},{text(rule.rate_limit)},{text(period_ms)}"
+
+
+async def sync_redis(runtime: Runtime, woken: Collection[str] = ()) -> None:
+    """Write the rules for the Lua lease (one MULTI: the hash is replaced whole), and wake
+    the Redis workers of ``woken`` queues (a resume). Nothing without the protocol."""
+    from service.brokers.redis import RedisBroker  # the Redis client is an optional extra
+
+    broker = runtime.broker
+    if not isinstance(broker, RedisBroker) or not broker.serve_workers:
+        return
+    rules = await runtime.db.read(redis_rules)
+    fields: dict[Any, Any] = dict(rules)  # redis-py's Mapping is invariant in its key
+    key = f"{broker.layout.tag}:flow"
+    async with broker.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        pipe.hset(key, mapping=fields)
+        for queue in woken:
+            pipe.lpush(broker.layout.wake(queue), "1")
+        await pipe.execute()
+
+
+class FlowSync(Plugin):
+    """Keeps the Redis protocol's copy of the rules (and pauses) current: after a flush,
+    and for changes made through another replica. Changes made here sync at once."""
+
+    name = "flow"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.interval = runtime.settings.reconcile_interval_seconds
+
+    async def run_once(self, runtime: Runtime) -> Pass:
+        await sync_redis(runtime)
+        return Pass()
+
+
+# --- the claim under flow control ----------------------------------------------------------
+
+# Whether any limit or queue setting exists, as this process last saw it (PausedView's
+# read refreshes it): without any, the claim takes its plain one-statement path.
+_ACTIVE = {"any": True}
+# Candidates looked at per job wanted: enough to find other keys behind a busy one.
+FAIRNESS_WINDOW = 4
+# Looks per queue and claim: a look that fills a key looks again past it.
+CLAIM_LOOKS = 4
+
+
+def active() -> bool:
+    return _ACTIVE["any"]
+
+
+def _round_robin(rows: list[JobValues]) -> list[JobValues]:
+    """Within a priority, one job of each key in turn (oldest first within a key), so one
+    key's backlog does not starve another's jobs (Hatchet's GROUP_ROUND_ROBIN)."""
+    seen: dict[tuple[int, str | None], int] = {}
+    ranked = []
+    for row in rows:  # in (priority desc, id) order
+        group = (row["priority"], row.get("limit_key"))
+        seen[group] = seen.get(group, 0) + 1
+        ranked.append((-row["priority"], seen[group], row["id"], row))
+    return [row for *_, row in sorted(ranked, key=lambda item: item[:3])]
+
+
+def claim_from_queues(
+    session: Session, queues: Sequence[str], max_jobs: int, terms: LeaseTerms
+) -> list[JobValues]:
+    """``leases.claim_from_queues`` under flow control: paused and full queues and full
+    keys left out of the candidates, a window of candidates ordered round-robin by key,
+    then ``admit`` (locks and counts) and the grant, all in the caller's transaction."""
+    from service import leases  # the claim's building blocks
+
+    gate = closed(session, queues, terms.now)
+    shut, full_keys = set(gate.queues), set(gate.keys)
+    # SQLite serialises writers (BEGIN IMMEDIATE): the counts taken above stay exact for
+    # the whole claim (keys without grant rows count 0), so admission needs no recount.
+    known = gate.counts if session.get_bind().dialect.name == "sqlite" else None
+    claimed: list[JobValues] = []
+    for queue in queues:
+        for _look in range(CLAIM_LOOKS):
+            want = max_jobs - len(claimed)
+            if want <= 0 or queue in shut:
+                break
+            window = _window(session, queue, want, sorted(full_keys), terms)
+            admission = admit(session, window, terms.now, known, want)
+            admission.admitted = leases._grant(session, admission.admitted, terms)
+            record_grants(session, admission, terms.token, terms.now)
+            claimed.extend(admission.admitted)
+            # Keys that filled up in this look: the next look passes them by.
+            newly = {k for k in admission.full if k not in full_keys}
+            shut |= {k[len(QUEUE_KEY_PREFIX) :] for k in newly if k.startswith(QUEUE_KEY_PREFIX)}
+            full_keys |= newly
+            if len(window) < want * FAIRNESS_WINDOW or not newly:
+                break  # the queue has no more, or nothing changed to look again for
+    return claimed
+
+
+def _window(
+    session: Session, queue: str, want: int, skip_keys: list[str], terms: LeaseTerms
+) -> list[JobValues]:
+    """The next candidates of a queue, locked (SKIP LOCKED), jobs of full keys left out,
+    in round-robin order of their keys."""
+    from service import leases
+
+    jobs = JOBS_TABLE.c
+    query = leases._select((*leases.CLAIM_COLUMNS, "limits", "limit_key")).where(
+        jobs.queue == queue, leases.grantable()
+    )
+    if skip_keys:
+        query = query.where(sa.or_(jobs.limit_key.is_(None), jobs.limit_key.not_in(skip_keys)))
+    query = (
+        query.order_by(jobs.priority.desc(), jobs.id)
+        .limit(want * FAIRNESS_WINDOW)
+        .with_for_update(skip_locked=True)
+    )
+    return _round_robin(leases._rows(session, query, leases.claim_params(terms)))
+
+
+def claim_by_ids(
+    session: Session,
+    ids: Sequence[str],
+    terms: LeaseTerms,
+    allows_queue: Callable[[str], bool] | None = None,
+) -> list[JobValues]:
+    """``leases.claim_by_ids`` under flow control: the broker's candidates, those with
+    room granted; the rest stay queued (the dispatcher hands them back)."""
+    from service import leases
+
+    if not ids:
+        return []
+    query = (
+        leases._select((*leases.CLAIM_COLUMNS, "limits", "limit_key"))
+        .where(JOBS_TABLE.c.id.in_(ids), leases.grantable())
+        .order_by(JOBS_TABLE.c.id)
+        .with_for_update()
+    )
+    found = {row["id"]: row for row in leases._rows(session, query, leases.claim_params(terms))}
+    if allows_queue is not None:
+        found = {i: row for i, row in found.items() if allows_queue(row["queue"])}
+    admission = admit(session, [found[i] for i in ids if i in found], terms.now)
+    admission.admitted = leases._grant(session, admission.admitted, terms)
+    record_grants(session, admission, terms.token, terms.now)
+    granted = admission.admitted
+    if admission.blocked:
+        # The broker's index is in age order and cannot skip a full key: what it offered
+        # was blocked, so take as many from SQL, which passes full keys by. (Its index
+        # still holds those ids: popped later, they are stale candidates, as usual.)
+        queues = list(dict.fromkeys(row["queue"] for row in admission.blocked))
+        if allows_queue is not None:
+            queues = [queue for queue in queues if allows_queue(queue)]
+        granted += claim_from_queues(session, queues, len(admission.blocked), terms)
+    return granted
+
+
+def record_mirrored(session: Session, ids: Sequence[str], token: str, now: datetime) -> None:
+    """The Redis protocol's leases, as their events reach SQL: their grant rows, so that
+    HTTP grants count them too (the Lua lease granted them under its own copy)."""
+    if not ids or not active():
+        return
+    jobs = JOBS_TABLE.c
+    query = sa.select(jobs.id, jobs.queue, jobs.limits).where(
+        jobs.id.in_(ids), jobs.lease_token == token, jobs.status == JobStatus.running
+    )
+    rows = [cast(JobValues, dict(row)) for row in session.execute(query).mappings()]
+    rules = snapshot(session).rules_for({key for row in rows for key in keys_of(row)})
+    grants = [
+        {"limit_name": key, "job_id": row["id"], "lease_token": token, "granted_at": now}
+        for row in rows
+        for key in keys_of(row)
+        if key in rules
+    ]
+    if grants:
+        session.execute(sa.insert(LimitGrantRow), grants)
