@@ -39,6 +39,7 @@ from typing import Any
 from celeriac import Celeriac
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flow_keyed
 from harness import (
     POSTGRES_URL,
     QUEUE_DB,
@@ -316,6 +317,25 @@ class CeleriacSystem(System):
         metrics["submit_to_lease_p50_ms"] = pct([a for a, _ in measured], 0.5) * 1000
         metrics["lease_to_report_p50_ms"] = pct([b for _, b in measured], 0.5) * 1000
         return metrics
+
+    # flow control (issue 15): the scenarios are in bench/flow_keyed.py
+    def keyed(self, n: int) -> Metrics:
+        return flow_keyed.keyed(self, n)
+
+    def plain(self, n: int) -> Metrics:
+        return flow_keyed.plain(self, n)
+
+    def fairness(self, n: int) -> Metrics:
+        return flow_keyed.fairness(self, n)
+
+    def drain_with_workers(
+        self, n: int, count: int, slowest_per_s: float, stall_s: float
+    ) -> Metrics:
+        """``count`` drain workers started at once; timed as ``drain`` is."""
+        return self._run_workers(n, "drain", count, slowest_per_s, stall_s)
+
+    def count_rows(self, where: str) -> int:
+        return self._count(where)
 
     def done_count(self) -> int:
         return self._count("status = 'succeeded'")

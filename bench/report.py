@@ -257,9 +257,10 @@ class Goal:
     wanted: float
     at_least: bool  # True: the figure must be ≥ wanted; False: ≤
     versus: Key | None = None
+    strict: bool = False  # > or < rather than ≥ or ≤
 
     def check(self, summary: Summary) -> list[str]:
-        sign = "≥" if self.at_least else "≤"
+        sign = ("≥", "≤", ">", "<")[(not self.at_least) + 2 * self.strict]
         if self.versus is None:
             fmt, unit = UNITS.get(self.metric, (ms, " ms"))
             stat = summary.stat(self.key, self.metric)
@@ -273,17 +274,22 @@ class Goal:
         measured = f"{fmt(stat.median)}{unit}"
         if stat.count > 1:
             measured += f" ({fmt(stat.low)}-{fmt(stat.high)})"
-        got = stat.median
-        if got >= self.wanted if self.at_least else got <= self.wanted:
+        if self.met(stat.median):
             verdict = "met"
         else:
-            verdict = f"**missed** by {abs(got - self.wanted) / self.wanted * 100:.0f}%"
+            verdict = f"**missed** by {abs(stat.median - self.wanted) / self.wanted * 100:.0f}%"
         return [self.what, measured, wanted, verdict]
+
+    def met(self, got: float) -> bool:
+        if got == self.wanted:
+            return not self.strict
+        return got > self.wanted if self.at_least else got < self.wanted
 
 
 UNITS: dict[str, tuple[Callable[[float], str], str]] = {
     "jobs_per_s": (rate, "/s"),
     "worker_rss_rest_mb": (mb, " MB"),
+    "a_finished_before_b_last": (rate, " of A"),
 }
 
 
@@ -409,6 +415,84 @@ def targets_issue14(summary: Summary) -> str:
     return table(header, rows)
 
 
+# -- flow control (issue 15; the scenarios: bench/flow_keyed.py) ----------------------------
+
+FLOW_SCENARIOS = ("keyed", "plain", "fairness")
+# each variant is "<database>, <what>"; the baseline of each compared pair, and the other
+UNLIMITED, LIMITED = "keyed, no limits", "keyed, bk-* max_running 2"
+NO_FLOW, FLOW_ELSEWHERE = "no flow control", "bk-* limit on other keys"
+FAIR = "fa-* max_running 4"
+BASELINE = {LIMITED: UNLIMITED, FLOW_ELSEWHERE: NO_FLOW}
+DATABASE_ORDER = ("PostgreSQL", "PostgreSQL SQL broker", "SQLite default")
+
+
+def flow_databases(summary: Summary) -> list[str]:
+    """PostgreSQL's (the default: "not measured" if absent), then every other database
+    a flow scenario ran on."""
+    seen = {key[2].split(", ")[0] for s in FLOW_SCENARIOS for key in summary.keys(s)}
+    return [db for db in DATABASE_ORDER if db == "PostgreSQL" or db in seen]
+
+
+def issue15_goals(summary: Summary) -> list[Goal]:
+    cfg = summary.run["config"]
+    jobs, keys = cfg.get("flow_jobs", 20_000), cfg.get("flow_keys", 200)
+    a, b = cfg.get("fair_a", 10_000), cfg.get("fair_b", 100)
+    goals = []
+    for db in flow_databases(summary):
+        goals += [
+            Goal(f"{db}: {jobs:,} jobs over {keys} keys, `bk-*` max_running 2 each, "
+                 "4 workers x 8 threads ÷ the same jobs without limits",
+                 ("keyed", "celeriac", f"{db}, {LIMITED}"), "jobs_per_s", 0.7, True,
+                 ("keyed", "celeriac", f"{db}, {UNLIMITED}")),
+            Goal(f"{db}: a queue without limits is no slower than before — {jobs:,} jobs "
+                 "naming no limits, limits defined for other keys ÷ no flow control at all",
+                 ("plain", "celeriac", f"{db}, {FLOW_ELSEWHERE}"), "jobs_per_s", 0.95,
+                 True, ("plain", "celeriac", f"{db}, {NO_FLOW}")),
+            # the issue's 2,000th of 10,000: a fifth of A, whatever A is in this run
+            Goal(f"{db}: fairness, {a:,} jobs of key A queued before {b:,} of B (`fa-*` "
+                 "max_running 4): A's finished before B's last",
+                 ("fairness", "celeriac", f"{db}, {FAIR}"), "a_finished_before_b_last",
+                 a / 5, False, strict=True),
+        ]  # fmt: skip
+    return goals
+
+
+def targets_issue15(summary: Summary) -> str:
+    rows = [goal.check(summary) for goal in issue15_goals(summary)]
+    return table(["target (issue 15)", "measured: median (min-max)", "wanted", "verdict"], rows)
+
+
+def flow_table(summary: Summary) -> str:
+    """Every flow configuration: jobs/s, and the ratio to its baseline of the same
+    database (of the medians; in brackets the per-round ratios)."""
+    rows = []
+    for scenario in FLOW_SCENARIOS:
+        for key in summary.keys(scenario):
+            db, _, what = key[2].partition(", ")
+            base = BASELINE.get(what)
+            rows.append([
+                scenario, key[2], cell(summary.stat(key, "jobs_per_s"), rate),
+                ratio_cell(summary, key, (scenario, "celeriac", f"{db}, {base}"), "jobs_per_s")
+                if base else "—",
+                cell(summary.stat(key, "a_finished_before_b_last"), rate),
+            ])  # fmt: skip
+    header = ["scenario", "configuration", "jobs/s median (min-max)",
+              "÷ its baseline (per-round min-max)", "A finished before B's last"]  # fmt: skip
+    return table(header, rows)
+
+
+FLOW_NOTE = " ".join([
+    "Each sample drains no-op jobs with 4 x `celeriac worker -c 8` over HTTP, timed from",
+    "their start until every result is stored (fairness: until B's last job finished, or a",
+    "fifth of A's did first, then the count is a lower bound); the two configurations of a",
+    "scenario run back to back in each round (the order reversed every other round).",
+    '"No slower than before" is read as: a queue whose jobs name no limits, drained while',
+    "limits exist for other keys, against the same queue with no flow control configured at",
+    "all: the plain claim, the path every job took before issue 15 (the pre-issue-15",
+    "claim), in the same run.",
+])  # fmt: skip
+
+
 def render(run: Run, chart: Path | None) -> str:
     summary = Summary(run)
     cfg, m = run["config"], run["machine"]
@@ -482,6 +566,9 @@ def render(run: Run, chart: Path | None) -> str:
             "### Resources (peak and CPU during the drain; at rest: the latency "
             f"worker, idle)\n\n{resource_table(summary)}"
         )
+    if any(summary.keys(s) for s in FLOW_SCENARIOS):
+        parts.append(f"### Flow control (issue 15)\n\n{FLOW_NOTE}\n\n{flow_table(summary)}")
+    parts.append(f"### Targets of issue 15\n\n{targets_issue15(summary)}")
     parts.append(f"### Targets of issue 14\n\n{targets_issue14(summary)}")
     parts.append(f"### Targets of issue 8\n\n{targets_issue8(summary)}")
     if summary.failures:

@@ -11,13 +11,16 @@ order reversed every other round), each sample in a fresh process with fresh sta
 bench's Redis databases flushed, a new PostgreSQL database, purged RabbitMQ queues) and a
 timeout: a sample that hangs is killed with its process group and recorded as failed.
 Then it prints medians with min-max, celeriac's ratio to each peer (of the medians, with
-the per-round range), a compact latency table and the targets of issues 14 and 8 (met or
+the per-round range), a compact latency table and the targets of issues 15, 14 and 8 (met or
 missed), and writes bench/results/latest.json (machine, versions, every sample),
 latest.md and docs/benchmarks.png; with another --out, the .md and .png go beside it.
 
 Counts come from flags or the environment: BENCH_ROUNDS (3), BENCH_JOBS (5000: submit and
 drain), BENCH_FANOUT_JOBS (3000), BENCH_LATENCY_ROUNDS (300), BENCH_SEQUENTIAL_CALLS (2000);
-with them the whole default run stays under 15 minutes on 2 cores.
+flow control (issue 15, celeriac alone: bench/flow_keyed.py): BENCH_FLOW_JOBS (20000 per
+keyed and plain sample), BENCH_FLOW_KEYS (200), BENCH_FAIR_A (10000), BENCH_FAIR_B (100),
+BENCH_FLOW_DATABASES (postgresql; of postgresql, postgresql-sql, sqlite). With them the whole
+default run stays near 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ PACKAGES = (
     "rq",
     "matplotlib",
 )
-PEERS_NEEDED = ("celery", "dramatiq", "huey", "rq", "matplotlib")
+PEERS_NEEDED = ("celery", "dramatiq", "huey", "rq")
 
 
 def env_int(name: str, default: int) -> int:
@@ -109,6 +112,20 @@ def parse_args() -> argparse.Namespace:
         help="one-thread submits per sequential sample",
     )
     parser.add_argument("--latency-rounds", type=int, default=env_int("BENCH_LATENCY_ROUNDS", 300))
+    flow = parser.add_argument_group("flow control (issue 15): keyed, plain, fairness")
+    flow.add_argument("--flow-jobs", type=int, default=env_int("BENCH_FLOW_JOBS", 20_000),
+                      help="jobs per keyed and plain sample")  # fmt: skip
+    flow.add_argument("--flow-keys", type=int, default=env_int("BENCH_FLOW_KEYS", 200))
+    flow.add_argument("--fair-a", type=int, default=env_int("BENCH_FAIR_A", 10_000),
+                      help="fairness: jobs of key A, queued first")  # fmt: skip
+    flow.add_argument("--fair-b", type=int, default=env_int("BENCH_FAIR_B", 100),
+                      help="fairness: jobs of key B, queued after A's")  # fmt: skip
+    flow.add_argument(
+        "--flow-databases",
+        default=os.environ.get("BENCH_FLOW_DATABASES", "postgresql"),
+        help="comma-separated, of postgresql (with the Redis dispatch index), postgresql-sql "
+        "(the SQL broker), sqlite (the SQLite default)",
+    )
     parser.add_argument(
         "--sample-timeout",
         type=float,
@@ -313,11 +330,22 @@ def plan(args: argparse.Namespace, rabbitmq_up: bool) -> list[tuple[str, str, st
             for variant in VARIANTS[system].get(scenario, []):
                 if wanted and not any(w in variant for w in wanted):
                     continue
+                if not flow_database_wanted(args, scenario, variant):
+                    continue
                 if "rabbitmq" in variant and not rabbitmq_up:
                     print(f"skipping {system} {variant}: RabbitMQ is not reachable")
                     continue
                 contestants.append((scenario, system, variant))
     return contestants
+
+
+def flow_database_wanted(args: argparse.Namespace, scenario: str, variant: str) -> bool:
+    """A flow-control variant runs only on the databases of --flow-databases."""
+    import flow_keyed
+
+    if scenario not in flow_keyed.SCENARIOS:
+        return True
+    return flow_keyed.database_of(variant) in args.flow_databases.split(",")
 
 
 def count_for(args: argparse.Namespace, scenario: str) -> int:
@@ -327,8 +355,18 @@ def count_for(args: argparse.Namespace, scenario: str) -> int:
         "drain": args.jobs,
         "fanout": args.fanout_jobs,
         "latency": args.latency_rounds,
+        "keyed": args.flow_jobs,
+        "plain": args.flow_jobs,
+        "fairness": args.fair_a,
     }
     return counts[scenario]
+
+
+def sample_env(args: argparse.Namespace) -> dict[str, str]:
+    """What a sample reads beyond its one count N (the flow scenarios' other sizes)."""
+    from flow_keyed import FAIR_B_ENV, KEYS_ENV
+
+    return {KEYS_ENV: str(args.flow_keys), FAIR_B_ENV: str(args.fair_b)}
 
 
 @contextmanager
@@ -364,7 +402,10 @@ def orchestrate(args: argparse.Namespace) -> int:
 
 
 def run_all(args: argparse.Namespace) -> int:
-    missing = [name for name in PEERS_NEEDED if not _importable(name)]
+    systems = args.systems.split(",")
+    # the peers selected must be installed; celeriac alone needs none (without matplotlib,
+    # no chart is drawn)
+    missing = [name for name in PEERS_NEEDED if name in systems and not _importable(name)]
     if missing:
         print(
             f"missing {', '.join(missing)}: run `make bench` (it installs the peers into "
@@ -382,6 +423,11 @@ def run_all(args: argparse.Namespace) -> int:
         "fanout_jobs": args.fanout_jobs,
         "latency_rounds": args.latency_rounds,
         "sequential_calls": args.sequential_calls,
+        "flow_jobs": args.flow_jobs,
+        "flow_keys": args.flow_keys,
+        "fair_a": args.fair_a,
+        "fair_b": args.fair_b,
+        "flow_databases": args.flow_databases,
         "redis_dbs": [QUEUE_DB, RESULT_DB],
         "sample_timeout_s": args.sample_timeout,
     }
@@ -402,7 +448,9 @@ def run_all(args: argparse.Namespace) -> int:
         for round_no in range(args.rounds):
             order = group if round_no % 2 == 0 else list(reversed(group))
             for _, system, variant in order:
-                result = sample_in_subprocess(scenario, system, variant, n, args.sample_timeout, {})
+                result = sample_in_subprocess(
+                    scenario, system, variant, n, args.sample_timeout, sample_env(args)
+                )
                 sample = {
                     "scenario": scenario,
                     "system": system,
@@ -445,6 +493,8 @@ def _print_progress(sample: dict[str, Any]) -> None:
             body += f", per call p50 {m['p50_ms']:.2f} ms"
         if "duplicates" in m:
             body += f", duplicates {m['duplicates']}, missing {m['missing']}"
+        if "a_finished_before_b_last" in m:
+            body += f", {m['a_finished_before_b_last']} of A finished before B's last"
     print(f"{head}: {body} ({sample['seconds']:.1f}s)", flush=True)
 
 
@@ -490,11 +540,15 @@ def _importable(name: str) -> bool:
 def report(run: dict[str, Any], args: argparse.Namespace) -> int:
     from report import render
 
+    chart: Path | None
     chart, text = outputs(args)
+    if not _importable("matplotlib"):  # a celeriac-only run in .venv
+        print("matplotlib is not installed: no chart", flush=True)
+        chart = None
     markdown = render(run, chart)
     print(markdown)
     text.write_text(markdown)
-    print(f"wrote {chart} and {text}")
+    print(f"wrote {chart or 'no chart'} and {text}")
     return 0 if all(s["ok"] for s in run["samples"]) else 1
 
 

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import errors, ui
+from service import errors, flow, ui
 from service.brokers.amqp import AmqpBroker, Layout
 from service.brokers.base import Broker
 from service.brokers.redis import RedisBroker
@@ -101,6 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(create_engine(settings.database_url))
         signals = Signals()
         broker = build_broker(settings, db, signals)
+        # A broker's index drops the jobs a claim hands back blocked: offer them again
+        # as their keys' slots free (service/flow.py, ``freed``).
+        flow.state_of(db.engine).reoffers = broker.holds_index
         events = EventHub(db, signals)  # GET /events (service/events.py)
         runtime = Runtime(
             settings=settings, db=db, signals=signals, broker=broker,

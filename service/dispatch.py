@@ -120,11 +120,11 @@ class Dispatcher:
     async def _claim(self, queues: Sequence[str], max_jobs: int, terms: Terms) -> list[JobValues]:
         """One SQL claim; remembers whether it drained ``queues`` (see ``_drained``)."""
         generation = self.signals.ready_generation  # before the claim's snapshot
-        plain = short_means_drained()
+        plain = short_means_drained(self.db.engine)
         # terms() per attempt: a lease granted late still gets its full length.
         rows = await self.db.run(lambda s: claim_from_queues(s, queues, max_jobs, terms()))
         key = tuple(queues)
-        if len(rows) < max_jobs and plain and short_means_drained():
+        if len(rows) < max_jobs and plain and short_means_drained(self.db.engine):
             if len(self._drained_at) >= _DRAINED_KEYS:
                 self._drained_at.clear()
             self._drained_at[key] = generation

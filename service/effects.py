@@ -25,6 +25,10 @@ class Dispatch:
     # that ships whole jobs (the Redis worker protocol's envelopes) need not read them
     # back. None: it reads what it needs from SQL.
     values: Mapping[str, Any] | None = field(default=None, compare=False)
+    # Offered again, not made ready: a job its broker's index dropped when a claim handed
+    # it back blocked (flow control). A broker with envelopes keeps the one it has, which
+    # a concurrent lease may be fencing, and only puts the id back.
+    reoffer: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,10 @@ class Ended:
     started_at: datetime | None = None  # when the lease was granted
     ended_at: datetime | None = None
     reclaimed: bool = False  # its lease ran out (or its worker was lost)
+    # The lease that ended (None: none did): the Redis protocol's copy of the limit slots
+    # it held frees after the commit (service/flow_redis.py).
+    token: str | None = None
+    limited: bool = False  # the job named limits (its queue's own may apply too)
 
 
 @dataclass(slots=True)

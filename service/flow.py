@@ -23,7 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import errors
-from service.effects import Dispatch
+from service.effects import Dispatch, Effects
+from service.flow_redis import arbitrate
 from service.idempotency import Submitted
 from service.leases import LeaseTerms
 from service.loops import Pass, Plugin
@@ -101,7 +102,7 @@ def put_limit(session: Session, name: str, spec: LimitSpec, now: datetime) -> di
     row.rate_period = None if spec.rate is None else spec.rate.period
     row.updated_at = now
     session.flush()
-    _changed()  # this process enforces it from its next claim on
+    _changed(session.get_bind())  # this process enforces it from its next claim on
     return limit_body(row, running_counts(session, [name]).get(name, 0))
 
 
@@ -117,7 +118,7 @@ def delete_limit(session: Session, name: str) -> None:
     if row is None:
         raise errors.NotFound(f"no limit is named {name!r}")
     session.delete(row)
-    _changed()
+    _changed(session.get_bind())
 
 
 def list_limits(session: Session) -> list[dict[str, Any]]:
@@ -186,15 +187,74 @@ class Snapshot:
 
 
 SNAPSHOT_SECONDS = 0.5
-# Per database engine (a process serves one; tests open several).
-_SNAPSHOTS: weakref.WeakKeyDictionary[Any, Snapshot] = weakref.WeakKeyDictionary()
+# How long a key found full is passed by in the claim's candidate query without being
+# counted again: a settle in this process frees it at once (``freed``); one on another
+# replica is seen within this.
+FULL_HINT_SECONDS = 0.5
+# How long a key that held jobs back has its next job announced at each settle.
+HELD_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class FlowState:
+    """What one process knows of flow control, per database engine (a process serves one;
+    tests open several): nothing here is the record, only when to look again."""
+
+    # Whether any limit or queue setting exists: until read, assume so (the safe side).
+    active: bool = True
+    snapshot: Snapshot | None = None
+    # Keys found without room: when (monotonic), and until when a rate window keeps them
+    # full (None: until a slot frees). A hint for the candidate query only: admission
+    # always counts under the keys' locks.
+    full: dict[str, tuple[float, datetime | None]] = field(default_factory=dict)
+    # Keys that held jobs back (blocked at admission), and when (monotonic): a settle of
+    # one of their jobs announces the next (``freed``).
+    held: dict[str, float] = field(default_factory=dict)
+    # Whether the broker keeps an index, which drops what a claim hands back blocked:
+    # then a settle offers the held-back jobs of its keys again. The SQL broker's claim
+    # reads the table itself: nothing to offer.
+    reoffers: bool = False
+    pruned_at: float = 0.0
+
+    def full_keys(self, now: datetime) -> set[str]:
+        horizon = time.monotonic() - FULL_HINT_SECONDS
+        return {
+            key
+            for key, (at, until) in self.full.items()
+            if at > horizon and (until is None or until > now)
+        }
+
+    def counted(self, rules: Iterable[str], full: dict[str, datetime | None]) -> None:
+        """Admission counted these keys: remember which had no room left."""
+        at = time.monotonic()
+        for key in rules:
+            if key in full:
+                self.full[key] = (at, full[key])
+            else:
+                self.full.pop(key, None)
+
+
+_STATES: weakref.WeakKeyDictionary[Any, FlowState] = weakref.WeakKeyDictionary()
+
+
+def state_of(engine: Any) -> FlowState:
+    state = _STATES.get(engine)
+    if state is None:
+        state = _STATES[engine] = FlowState()
+    return state
+
+
+def active(engine: Any) -> bool:
+    """Whether the claims on ``engine`` take the flow-control path (any limit, pause or
+    queue setting exists, as this process last saw it)."""
+    return state_of(engine).active
 
 
 def snapshot(session: Session) -> Snapshot:
     """The current snapshot, read again when older than ``SNAPSHOT_SECONDS`` (a change
     made in this process drops it at once)."""
-    engine = session.get_bind()
-    current = _SNAPSHOTS.get(engine)
+    state = state_of(session.get_bind())
+    current = state.snapshot
     if current is not None and time.monotonic() - current.read_at < SNAPSHOT_SECONDS:
         return current
     exact, patterns, queues, paused = {}, [], {}, set()
@@ -213,16 +273,67 @@ def snapshot(session: Session) -> Snapshot:
             paused.add(settings.name)
     patterns.sort(key=lambda item: -len(item[0]))
     current = Snapshot(exact, patterns, queues, frozenset(paused), time.monotonic())
-    _SNAPSHOTS[engine] = current
-    _ACTIVE["any"] = current.configured or len(_SNAPSHOTS) > 1
+    state.snapshot, state.active = current, current.configured
     return current
 
 
-def _changed() -> None:
+def _changed(engine: Any) -> None:
     """A change made here: the next claim reads the rules again, and takes the
     flow-control path from now on."""
-    _SNAPSHOTS.clear()
-    _ACTIVE["any"] = True
+    state = state_of(engine)
+    state.snapshot, state.active = None, True
+    state.full.clear()
+
+
+def freed(session: Session, rows: Iterable[JobValues], effects: Effects) -> None:
+    """Jobs that held slots left ``running`` here: their keys have room again. For each
+    key that held jobs back lately, as many of its waiting jobs as slots freed are
+    announced again after the commit: a broker's index dropped them when they were handed
+    back blocked, and SQL waiters wake for them."""
+    state = state_of(session.get_bind())
+    if not state.full and not state.held:
+        return
+    if not state.reoffers:
+        for row in rows:
+            state.full.pop(row.get("limit_key") or "", None)
+            state.full.pop(queue_key(row["queue"]), None)
+        return
+    horizon = time.monotonic() - HELD_SECONDS
+    slots: dict[tuple[str, str | None], int] = {}
+    for row in rows:
+        key, own = row.get("limit_key"), queue_key(row["queue"])
+        state.full.pop(key or "", None)
+        state.full.pop(own, None)
+        if key and state.held.get(key, 0.0) > horizon:
+            pair: tuple[str, str | None] = (row["queue"], key)
+        elif state.held.get(own, 0.0) > horizon:
+            pair = (row["queue"], None)
+        else:
+            continue
+        slots[pair] = slots.get(pair, 0) + 1
+    if slots:
+        effects.dispatch += _held_back(session, state, slots)
+
+
+def _held_back(
+    session: Session, state: FlowState, slots: dict[tuple[str, str | None], int]
+) -> list[Dispatch]:
+    """The next ready jobs of each (queue, first key), as many as slots freed; a key
+    with fewer left holds nothing back any more."""
+    jobs = JOBS_TABLE.c
+    found: list[Dispatch] = []
+    for (queue, key), count in slots.items():
+        query = sa.select(jobs.id, jobs.queue, jobs.priority).where(
+            jobs.queue == queue, jobs.status == JobStatus.queued
+        )
+        if key is not None:
+            query = query.where(jobs.limit_key == key)
+        query = query.order_by(jobs.priority.desc(), jobs.id).limit(count)
+        ready = [Dispatch(i, q, p, reoffer=True) for i, q, p in session.execute(query)]
+        if len(ready) < count:
+            state.held.pop(key if key is not None else queue_key(queue), None)
+        found += ready
+    return found
 
 
 def _rule(row: LimitRow | QueueSettingsRow) -> Rule:
@@ -253,8 +364,12 @@ def running_counts(session: Session, names: Collection[str]) -> dict[str, int]:
     return {name: count for name, count in session.execute(query)}
 
 
-def _granted_in_window(session: Session, rules: dict[str, Rule], now: datetime) -> dict[str, int]:
-    """Grants per key within its own sliding window (keys with a rate only)."""
+Window = dict[str, tuple[int, datetime]]  # per key: grants in its window, the oldest's time
+
+
+def _granted_in_window(session: Session, rules: dict[str, Rule], now: datetime) -> Window:
+    """Grants per key within its own sliding window, and when the oldest of them was
+    granted (keys with a rate only)."""
     windows = [
         sa.and_(
             LimitGrantRow.limit_name == name,
@@ -266,11 +381,11 @@ def _granted_in_window(session: Session, rules: dict[str, Rule], now: datetime) 
     if not windows:
         return {}
     query = (
-        sa.select(LimitGrantRow.limit_name, sa.func.count())
+        sa.select(LimitGrantRow.limit_name, sa.func.count(), sa.func.min(LimitGrantRow.granted_at))
         .where(sa.or_(*windows))
         .group_by(LimitGrantRow.limit_name)
     )
-    return {name: count for name, count in session.execute(query)}
+    return {name: (count, oldest) for name, count, oldest in session.execute(query)}
 
 
 # --- queue settings ----------------------------------------------------------------------
@@ -311,7 +426,7 @@ def patch_queue(session: Session, name: str, patch: QueuePatch, now: datetime) -
         row.rate_period = None if patch.rate is None else patch.rate.period
     row.updated_at = now
     session.flush()
-    _changed()
+    _changed(session.get_bind())
     return queue_body(session, name)
 
 
@@ -333,11 +448,26 @@ def keys_of(row: JobValues) -> list[str]:
     return [*(row.get("limits") or ()), queue_key(row["queue"])]
 
 
+# The advisory-lock space of limit keys on PostgreSQL (an arbitrary constant: "cel").
+_PG_LOCK_SPACE = 0x63656C
+# One statement: a transaction lock per key, taken in one stable order (of the keys'
+# hashes) so two grants cannot deadlock on each other. Two keys with one hash only
+# serialise more than needed.
+_PG_LOCK_KEYS = sa.text(
+    "SELECT count(pg_advisory_xact_lock(:space, h)) FROM (SELECT DISTINCT hashtext(k) AS h"
+    " FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS held"
+)
+
+
 def _lock_keys(session: Session, keys: Sequence[str]) -> None:
-    """Serialise grants on these keys across replicas: one lock row per key in job_keys,
-    created on first use, locked in a stable (sorted) order so two grants cannot
-    deadlock on each other. SQLite needs none: its writers are serialised already."""
-    if session.get_bind().dialect.name == "sqlite":
+    """Serialise grants on these keys across replicas, until the transaction ends.
+    PostgreSQL: advisory locks. MariaDB: one lock row per key in job_keys, created on
+    first use, locked in sorted order. SQLite needs none: its writers are serialised."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        return
+    if dialect == "postgresql":
+        session.execute(_PG_LOCK_KEYS, {"space": _PG_LOCK_SPACE, "keys": list(keys)})
         return
     existing = set(
         session.scalars(
@@ -378,20 +508,13 @@ class Admission:
     full: set[str] = field(default_factory=set)
 
 
-Counts = tuple[dict[str, int], dict[str, int]]  # slots held, grants in the window: per key
-
-
 def admit(
-    session: Session,
-    rows: Sequence[JobValues],
-    now: datetime,
-    known: Counts | None = None,
-    want: int | None = None,
+    session: Session, rows: Sequence[JobValues], now: datetime, want: int | None = None
 ) -> Admission:
     """The candidates (locked, queued, in grant order) that every limit key has room for:
     fewer than ``max_running`` of its jobs running and fewer than ``rate.limit`` grants
-    within the last ``period`` seconds. Paused queues admit nothing. Costs one query when
-    no candidate names a limit and no queue has settings."""
+    within the last ``period`` seconds. Paused queues admit nothing. No query when no
+    candidate names a limited key; else the keys are locked, then counted."""
     if not rows:
         return Admission([], [], {})
     snap = snapshot(session)
@@ -400,12 +523,10 @@ def admit(
     rules = snap.rules_for(keys)
     if not rules:
         return Admission(list(rows)[:want], [], {})
-    if known is None:
-        _lock_keys(session, sorted(rules))
-        running = running_counts(session, list(rules))
-        granted = _granted_in_window(session, rules, now)
-    else:  # counted already in this transaction, and nobody else can write meanwhile
-        running, granted = known
+    _lock_keys(session, sorted(rules))
+    running = running_counts(session, list(rules))
+    window = _granted_in_window(session, rules, now)
+    granted = {key: count for key, (count, _) in window.items()}
     admitted: list[JobValues] = []
     blocked: list[JobValues] = []
     for row in rows:
@@ -420,38 +541,30 @@ def admit(
         else:
             blocked.append(row)
     full = {k for k, r in rules.items() if not _has_room(r, running.get(k, 0), granted.get(k, 0))}
+    state = state_of(session.get_bind())
+    state.counted(rules, _until(full, rules, running, window))
+    if blocked and state.reoffers:
+        at = time.monotonic()
+        state.held.update((key, at) for key in full)
     return Admission(admitted, blocked, rules, full)
 
 
-@dataclass(frozen=True, slots=True)
-class Closed:
-    """What the claim's candidate query leaves out this time: paused and full queues, and
-    full keys (a job is skipped while its first key, ``limit_key``, is full, so a queue
-    whose head is one busy customer still serves the others)."""
-
-    queues: frozenset[str]
-    keys: frozenset[str]
-    # The counts of every key with grants, taken at the claim's start.
-    counts: Counts = field(default_factory=lambda: ({}, {}))
-
-
-def closed(session: Session, queues: Collection[str], now: datetime) -> Closed:
-    """Inside the claim, before candidates are chosen. Full keys are found among the keys
-    with recent grants (``limit_grants`` holds only those: it is pruned as it is used)."""
-    snap = snapshot(session)
-    shut = {queue for queue in queues if queue in snap.paused}
-    recent = set(session.scalars(sa.select(LimitGrantRow.limit_name).distinct()))
-    recent |= {queue_key(q) for q in queues}
-    rules = snap.rules_for(recent)
-    running: dict[str, int] = {}
-    granted: dict[str, int] = {}
-    if rules:
-        running = running_counts(session, list(rules))
-        granted = _granted_in_window(session, rules, now)
-    full = {k for k, r in rules.items() if not _has_room(r, running.get(k, 0), granted.get(k, 0))}
-    shut |= {key[len(QUEUE_KEY_PREFIX) :] for key in full if key.startswith(QUEUE_KEY_PREFIX)}
-    keys = frozenset(key for key in full if not key.startswith(QUEUE_KEY_PREFIX))
-    return Closed(frozenset(shut), keys, (running, granted))
+def _until(
+    full: set[str], rules: dict[str, Rule], running: dict[str, int], window: Window
+) -> dict[str, datetime | None]:
+    """How long each full key stays full without a settle: a key full of running jobs
+    until one leaves (None), a key whose rate is used up until its window's oldest
+    grant leaves the window."""
+    until: dict[str, datetime | None] = {}
+    for key in full:
+        rule = rules[key]
+        if rule.max_running is not None and running.get(key, 0) >= rule.max_running:
+            until[key] = None
+        elif key in window:
+            until[key] = window[key][1] + timedelta(seconds=rule.rate_period or 0.0)
+        else:  # granted just now, in this very claim
+            until[key] = None
+    return until
 
 
 def _has_room(rule: Rule, running: int, granted: int) -> bool:
@@ -473,14 +586,14 @@ def record_grants(session: Session, admission: Admission, token: str, now: datet
     ]
     if grants:
         session.execute(sa.insert(LimitGrantRow), grants)
-    if time.monotonic() - _PRUNED[0] >= PRUNE_SECONDS:
-        _PRUNED[0] = time.monotonic()
+    state = state_of(session.get_bind())
+    if time.monotonic() - state.pruned_at >= PRUNE_SECONDS:
+        state.pruned_at = time.monotonic()
         _prune(session, now)
 
 
 # The grant rows that hold nothing any more are deleted at most this often per process.
 PRUNE_SECONDS = 1.0
-_PRUNED = [0.0]
 
 
 def _prune(session: Session, now: datetime) -> None:
@@ -511,7 +624,7 @@ def blocked_by(
     blocked = [queue_key(queue)] if paused_queues(session, [queue]) else []
     rules = rules_for(session, keys)
     running = running_counts(session, list(rules))
-    granted = _granted_in_window(session, rules, now)
+    granted = {key: count for key, (count, _) in _granted_in_window(session, rules, now).items()}
     blocked += [
         key
         for key in keys
@@ -676,7 +789,7 @@ class PausedView:
     async def _read(self, runtime: Runtime) -> None:
         names, configured = await runtime.db.read(_paused_and_configured)
         self.queues = frozenset(names)
-        _ACTIVE["any"] = configured
+        state_of(runtime.db.engine).active = configured
         self.read_at = asyncio.get_running_loop().time()
 
     def changed(self, queue: str, paused: bool) -> None:
@@ -728,7 +841,8 @@ async def lease_unpaused(
         if open_queues:
             # Under flow control a slot or a rate window frees without any event a
             # waiter hears (a settle elsewhere, time passing): look again this often.
-            chunk = min(remaining, FLOW_RECHECK_SECONDS) if active() else remaining
+            flowing = active(runtime.db.engine)
+            chunk = min(remaining, FLOW_RECHECK_SECONDS) if flowing else remaining
             started = loop.time()
             rows = await runtime.dispatcher.lease(open_queues, max_jobs, chunk, terms)
             if rows and loop.time() - started > PAUSED_VIEW_SECONDS:
@@ -763,7 +877,7 @@ async def set_queue(runtime: Runtime, name: str, patch: QueuePatch) -> dict[str,
     now = runtime.clock.now()
     body = await runtime.db.run(lambda session: patch_queue(session, name, patch, now))
     paused_view(runtime).changed(name, body["paused"])
-    _changed()
+    _changed(runtime.db.engine)
     resumed = "paused" in patch.model_fields_set and not body["paused"]
     await sync_redis(runtime, [name] if resumed else ())
     if resumed:
@@ -848,17 +962,10 @@ class FlowSync(Plugin):
 
 # --- the claim under flow control ----------------------------------------------------------
 
-# Whether any limit or queue setting exists, as this process last saw it (PausedView's
-# read refreshes it): without any, the claim takes its plain one-statement path.
-_ACTIVE = {"any": True}
 # Candidates looked at per job wanted: enough to find other keys behind a busy one.
 FAIRNESS_WINDOW = 4
 # Looks per queue and claim: a look that fills a key looks again past it.
 CLAIM_LOOKS = 4
-
-
-def active() -> bool:
-    return _ACTIVE["any"]
 
 
 def _round_robin(rows: list[JobValues]) -> list[JobValues]:
@@ -876,16 +983,16 @@ def _round_robin(rows: list[JobValues]) -> list[JobValues]:
 def claim_from_queues(
     session: Session, queues: Sequence[str], max_jobs: int, terms: LeaseTerms
 ) -> list[JobValues]:
-    """``leases.claim_from_queues`` under flow control: paused and full queues and full
-    keys left out of the candidates, a window of candidates ordered round-robin by key,
-    then ``admit`` (locks and counts) and the grant, all in the caller's transaction."""
+    """``leases.claim_from_queues`` under flow control: paused queues and the keys known
+    to be full left out of the candidates, a window of candidates ordered round-robin by
+    key, then ``admit`` (locks and counts) and the grant, all in the caller's
+    transaction."""
     from service import leases  # the claim's building blocks
 
-    gate = closed(session, queues, terms.now)
-    shut, full_keys = set(gate.queues), set(gate.keys)
-    # SQLite serialises writers (BEGIN IMMEDIATE): the counts taken above stay exact for
-    # the whole claim (keys without grant rows count 0), so admission needs no recount.
-    known = gate.counts if session.get_bind().dialect.name == "sqlite" else None
+    snap = snapshot(session)
+    hint = state_of(session.get_bind()).full_keys(terms.now)
+    shut = {q for q in queues if q in snap.paused or queue_key(q) in hint}
+    full_keys = {key for key in hint if not key.startswith(QUEUE_KEY_PREFIX)}
     claimed: list[JobValues] = []
     for queue in queues:
         for _look in range(CLAIM_LOOKS):
@@ -893,7 +1000,8 @@ def claim_from_queues(
             if want <= 0 or queue in shut:
                 break
             window = _window(session, queue, want, sorted(full_keys), terms)
-            admission = admit(session, window, terms.now, known, want)
+            admission = admit(session, window, terms.now, want)
+            admission = arbitrate(session, admission, terms)  # Redis's slots (flow_redis)
             admission.admitted = leases._grant(session, admission.admitted, terms)
             record_grants(session, admission, terms.token, terms.now)
             claimed.extend(admission.admitted)
@@ -949,6 +1057,7 @@ def claim_by_ids(
     if allows_queue is not None:
         found = {i: row for i, row in found.items() if allows_queue(row["queue"])}
     admission = admit(session, [found[i] for i in ids if i in found], terms.now)
+    admission = arbitrate(session, admission, terms)  # Redis's slots (flow_redis)
     admission.admitted = leases._grant(session, admission.admitted, terms)
     record_grants(session, admission, terms.token, terms.now)
     granted = admission.admitted
@@ -966,7 +1075,7 @@ def claim_by_ids(
 def record_mirrored(session: Session, ids: Sequence[str], token: str, now: datetime) -> None:
     """The Redis protocol's leases, as their events reach SQL: their grant rows, so that
     HTTP grants count them too (the Lua lease granted them under its own copy)."""
-    if not ids or not active():
+    if not ids or not active(session.get_bind()):
         return
     jobs = JOBS_TABLE.c
     query = sa.select(jobs.id, jobs.queue, jobs.limits).where(

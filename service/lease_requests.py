@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service import errors, flow
+from service import errors, flow, flow_redis
 from service.auth import Principal
 from service.leases import HeartbeatOutcome, LeaseTerms, Settle, claim_by_ids, heartbeat, new_token
 from service.models import JobValues
@@ -50,6 +50,7 @@ def terms(runtime: Runtime, worker: str, lease_seconds: float | None, key_id: st
         lease_seconds=lease_seconds,
         default_seconds=settings.default_lease_seconds,
         key_id=key_id,
+        slot_arbiter=flow_redis.arbiter(runtime.broker),  # Redis workers share the limits
     )
 
 

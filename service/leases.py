@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -30,6 +30,9 @@ from service.models import JOBS_TABLE, JobValues, UTCDateTime
 from service.states import PENDING, JobStatus, LeaseProblem, Outcome
 from service.webhooks import record_finished
 
+if TYPE_CHECKING:
+    from service.flow_redis import SlotArbiter
+
 BATCH_LIMIT = 1000
 jobs_c = JOBS_TABLE.c
 
@@ -42,7 +45,8 @@ STATE_COLUMNS = ("id", "status", "queue", "priority", "attempt", "max_retries", 
                  "run_at", "lease_token", "lease_worker", "lease_key", "cancel_requested",
                  "backoff_base",
                  "backoff_max", "backoff_jitter", "started_at",
-                 "webhook", "result_ttl", "task", "workflow_id", "traceparent")  # fmt: skip
+                 "webhook", "result_ttl", "task", "workflow_id", "traceparent",
+                 "limit_key")  # fmt: skip
 # What settling a lease may change: one shape for every row, so one executemany.
 SETTLE_COLUMNS = ("status", "result", "error", "attempt", "run_at", "finished_at",
                   "lease_token", "lease_expires_at", "lease_worker", "started_at",
@@ -79,6 +83,9 @@ class LeaseTerms:
     # The caller's API key (Principal.key_id): leases are granted to it and extended only
     # for it. "" with auth off, and for the Redis protocol (no API keys there).
     key_id: str = ""
+    # Where the service serves the Redis worker protocol: Redis arbitrates the limit
+    # slots of HTTP grants too (service/flow_redis.py). None: SQL decides alone.
+    slot_arbiter: SlotArbiter | None = None
 
     def deadline(self, row: JobValues) -> datetime:
         seconds = self.lease_seconds or row["timeout"] or self.default_seconds
@@ -199,7 +206,7 @@ def claim_from_queues(
     One statement per queue where the database can (``_grants_in_one_statement``)."""
     from service import flow  # flow control, when any is configured (docs/flow-control.md)
 
-    if flow.active():
+    if flow.active(session.get_bind()):
         return flow.claim_from_queues(session, queues, max_jobs, terms)
     one_statement = _grants_in_one_statement(session)
     claimed: list[JobValues] = []
@@ -224,13 +231,13 @@ def claim_from_queues(
     return claimed
 
 
-def short_means_drained() -> bool:
+def short_means_drained(engine: Any) -> bool:
     """Whether a claim that returns fewer jobs than asked found its queues without ready
     jobs then. Not under flow control: it holds ready jobs back, and lets them go on
     events (a limit's slot freed, a rate window passed) that signal nothing."""
     from service import flow
 
-    return not flow.active()
+    return not flow.active(engine)
 
 
 def claim_by_ids(
@@ -246,7 +253,7 @@ def claim_by_ids(
         return []
     from service import flow  # flow control, when any is configured (docs/flow-control.md)
 
-    if flow.active():
+    if flow.active(session.get_bind()):
         return flow.claim_by_ids(session, ids, terms, allows_queue)
     # Two statements here even where one UPDATE … RETURNING could do (claim_from_queues
     # does): measured in one run each, the one-statement claim of a broker's ids drained
@@ -460,6 +467,9 @@ def settle(
         if check.row.get("traceparent"):
             effects.trace(check.row)  # its "celeriac settle" span, after commit
     _update_each(session, SETTLE_COLUMNS, changes)
+    from service import flow  # flow imports this module
+
+    flow.freed(session, (check.row for check in checks if check.row is not None), effects)
     joblogs.record(session, logs, now)
     # Webhook outbox rows commit with the final states; no query when no job in
     # the batch has a webhook (``change["webhook"]`` comes from STATE_COLUMNS).
@@ -520,7 +530,8 @@ def _unleased(row: JobValues, status: JobStatus, error: Any = None) -> JobValues
 def _ended(row: JobValues, change: JobValues, now: datetime, *, reclaimed: bool = False) -> Ended:
     """The attempt ``row`` (as locked, before ``change``) ended, as observers see it."""
     return Ended(row["id"], row["queue"], row["task"], change["status"], row["attempt"],
-                 row["lease_worker"], row["run_at"], row["started_at"], now, reclaimed)  # fmt: skip
+                 row["lease_worker"], row["run_at"], row["started_at"], now, reclaimed,
+                 row["lease_token"], bool(row.get("limit_key")))  # fmt: skip
 
 
 def _finished(change: JobValues, now: datetime, effects: Effects) -> JobValues:
@@ -656,6 +667,9 @@ def reclaim_expired_leases(
     changes = [_reclaimed(row, now, effects) for row in rows]
     effects.ended += [_ended(r, c, now, reclaimed=True) for r, c in zip(rows, changes, strict=True)]
     _update_each(session, SETTLE_COLUMNS, changes)
+    from service import flow  # flow imports this module
+
+    flow.freed(session, rows, effects)  # their limit slots are free again
     record_finished(session, changes, now, effects)  # webhook outbox
     if any(change["workflow_id"] for change in changes):  # only jobs of a workflow
         workflows.on_finished(session, changes, now, effects)

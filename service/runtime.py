@@ -255,6 +255,9 @@ class Runtime:
 
     async def apply(self, effects: Effects) -> None:
         self.observer.committed(effects)
+        # First: the limit slots of ended leases free in Redis (flow control) before the
+        # jobs they held back are announced, so a worker woken by those finds room.
+        await self.broker.after_commit(effects)
         if effects.dispatch:
             # This process's SQL waiters (the SQL broker, or any broker's fallback)
             # hear of it at once; the broker tells everyone else.
@@ -269,7 +272,6 @@ class Runtime:
             self.signals.webhooks.set()
         if (effects.finished or effects.earliest_due is not None) and not effects.announced:
             await self.broker.announce(effects.finished, effects.earliest_due)
-        await self.broker.after_commit(effects)
         if effects.traced:
             self.tracing.record("celeriac settle", effects.traced, effects.traced_since_ns)
 

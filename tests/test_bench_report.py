@@ -17,6 +17,13 @@ assert _SPEC and _SPEC.loader
 report = importlib.util.module_from_spec(_SPEC)
 sys.modules["bench_report"] = report  # dataclasses look their module up
 _SPEC.loader.exec_module(report)
+# the flow scenarios' variant names (issue 15), which the report pairs up
+_FLOW = importlib.util.spec_from_file_location(
+    "bench_flow_keyed", Path(__file__).resolve().parents[1] / "bench" / "flow_keyed.py"
+)
+assert _FLOW and _FLOW.loader
+flow = importlib.util.module_from_spec(_FLOW)
+_FLOW.loader.exec_module(flow)
 
 
 def sample(scenario: str, system: str, variant: str, rnd: int, **metrics: Any) -> dict[str, Any]:
@@ -74,6 +81,64 @@ def test_issue_14_targets_say_met_or_missed_from_the_medians() -> None:
     assert row(text, "`POST /jobs` from 16")[3] == "not measured"
     assert row(text, "nothing less durable")[1:] == ["on in 6 samples (fsync on)", "on", "met"]
     assert "### Latency" in text and "### Targets of issue 8" in text
+
+
+def flow_run(
+    limited: list[float], elsewhere: list[float], fair: list[int], sqlite: bool = False
+) -> dict[str, Any]:
+    """Three rounds of the flow scenarios (issue 15): 1,000 jobs/s for each baseline, the
+    other configuration at ``limited`` / ``elsewhere``; ``fair``: A's finished before
+    B's last. Variant names from bench/flow_keyed.py, as run.py records them."""
+    run = made_up_run()
+    run["samples"] = []
+    for db in ["postgresql", "sqlite"] if sqlite else ["postgresql"]:
+        for rnd in range(3):
+            run["samples"] += [
+                sample("keyed", "celeriac", flow.variant(db, flow.UNLIMITED), rnd,
+                       jobs_per_s=1000.0),
+                sample("keyed", "celeriac", flow.variant(db, flow.LIMITED), rnd,
+                       jobs_per_s=limited[rnd]),
+                sample("plain", "celeriac", flow.variant(db, flow.NO_FLOW), rnd,
+                       jobs_per_s=1000.0),
+                sample("plain", "celeriac", flow.variant(db, flow.FLOW_ELSEWHERE), rnd,
+                       jobs_per_s=elsewhere[rnd]),
+                sample("fairness", "celeriac", flow.variant(db, flow.FAIR), rnd,
+                       jobs_per_s=500.0, a_finished_before_b_last=fair[rnd]),
+            ]  # fmt: skip
+    run["config"].update(flow_jobs=20_000, flow_keys=200, fair_a=10_000, fair_b=100)
+    return run
+
+
+def test_issue_15_targets_compare_each_flow_configuration_with_its_baseline() -> None:
+    text = report.render(flow_run([800.0, 600.0, 700.0], [960.0, 940.0, 990.0],
+                                  [150, 2500, 1999]), chart=None)  # fmt: skip
+    keyed = row(text, "PostgreSQL: 20,000 jobs over 200 keys")
+    assert keyed[1:] == ["0.70x (0.60x-0.80x)", "≥ 0.7x", "met"]
+    plain = row(text, "PostgreSQL: a queue without limits is no slower")
+    assert plain[1:] == ["0.96x (0.94x-0.99x)", "≥ 0.95x", "met"]
+    fair = row(text, "PostgreSQL: fairness, 10,000 jobs of key A")
+    assert fair[1:] == ["1,999 of A (150-2,500)", "< 2,000 of A", "met"]
+    assert "### Flow control (issue 15)" in text
+    assert "no flow control configured at all" in text  # how "no slower" is read
+    # the section's table: each configuration beside its baseline of the same database
+    assert row(text, "keyed | PostgreSQL, keyed, bk-*")[2:4] == ["700 (600-800)",
+                                                                "0.70x (0.60x-0.80x)"]  # fmt: skip
+    assert not any(line.startswith("| SQLite default:") for line in text.splitlines())
+
+
+def test_issue_15_targets_missed_or_not_measured() -> None:
+    text = report.render(flow_run([600.0, 650.0, 690.0], [900.0, 960.0, 940.0],
+                                  [2000, 2000, 3000], sqlite=True), chart=None)  # fmt: skip
+    assert row(text, "PostgreSQL: 20,000 jobs")[3] == "**missed** by 7%"
+    assert row(text, "PostgreSQL: a queue without limits")[3] == "**missed** by 1%"
+    # B's last finishing as A's 2,000th does is not "before" it
+    fair = row(text, "PostgreSQL: fairness")
+    assert fair[1:] == ["2,000 of A (2,000-3,000)", "< 2,000 of A", "**missed** by 0%"]
+    assert row(text, "SQLite default: fairness")[3] == "**missed** by 0%"  # measured: a row
+    # a run without the flow scenarios still says what it did not measure
+    empty = report.render(made_up_run(), chart=None)
+    assert row(empty, "PostgreSQL: 20,000 jobs")[1:] == ["—", "≥ 0.7x", "not measured"]
+    assert "### Flow control (issue 15)" not in empty
 
 
 def test_a_service_that_commits_asynchronously_misses_the_durability_target() -> None:

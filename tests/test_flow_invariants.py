@@ -205,6 +205,40 @@ def test_the_lua_lease_enforces_max_running(
     assert max(_most_at_once(r) for r in runs.values()) == 2  # the limit was reached
 
 
+@pytest.mark.brokers("redis")
+def test_http_and_lua_leases_share_one_limit(
+    backend: Backend, service: Service, spawner: Spawner, tmp_path: Path
+) -> None:
+    """HTTP workers and Redis-protocol workers on the same keys (one HTTP worker killed
+    mid-run): together they never run more than max_running of a key at once. Redis
+    arbitrates the slots of both kinds of lease (docs/flow-control.md)."""
+    _tasks(spawner)
+    api = spawner.api(service.url)
+    queue, prefix = f"q_{uuid.uuid4().hex[:8]}", f"mix{uuid.uuid4().hex[:6]}-"
+    expect(api.http.put(f"/limits/{prefix}*", json={"max_running": 2}), 200)
+    path = tmp_path / "runs.txt"
+    ids = _submit_keyed(api, queue, prefix, keys=3, per_key=12, path=path, seconds=0.2)
+    redis_args = ("--broker", backend.broker_url, "--redis-prefix", backend.redis_prefix)
+    doomed = _worker(spawner, service.url, queue, "mix-http-a")
+    _worker(spawner, service.url, queue, "mix-http-b")
+    _worker(spawner, service.url, queue, "mix-lua-a", *redis_args)
+    _worker(spawner, service.url, queue, "mix-lua-b", *redis_args)
+    time.sleep(0.8)  # every worker is leasing
+    doomed.proc.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        _all_finished(api, ids, timeout=60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{service.log(6000)}") from exc
+    runs = _runs(path, killed_at)
+    assert set(runs) == {f"{prefix}{k}" for k in range(3)}
+    for key, key_runs in runs.items():
+        assert _most_at_once(key_runs) <= 2, (key, sorted(key_runs))
+    assert max(_most_at_once(r) for r in runs.values()) == 2  # the limit was reached
+    finished_by = {api.get(i)["worker"].split("-")[1] for i in ids}  # mix-<kind>-…
+    assert finished_by == {"http", "lua"}, finished_by  # both kinds shared the keys
+
+
 def test_a_pause_reaches_every_replica_within_a_second(backend: Backend, spawner: Spawner) -> None:
     """Paused through one replica, the other leases nothing from one second on (its
     long-poll already waiting included); resumed, it serves again."""

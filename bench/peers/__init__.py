@@ -2,6 +2,8 @@
 each scenario. The first variant of a scenario is the system's headline configuration: the
 one celeriac's ratios are computed against.
 
+"keyed", "plain" and "fairness" are celeriac's flow control (issue 15), beside itself.
+
 "sequential" is one thread submitting one job at a time (``delay()``, ``send()``, …), for
 every system; "submit" is the bulk paths (celeriac's 16 client threads and ``POST
 /jobs/batch``, RQ's ``enqueue_many``), which the other peers do not have.
@@ -15,9 +17,12 @@ from __future__ import annotations
 import importlib
 import os
 
+import flow_keyed
+
 from peers.base import System
 
-SCENARIOS = ("sequential", "submit", "drain", "latency", "fanout")
+# the flow-control scenarios (issue 15, bench/flow_keyed.py) are celeriac's alone
+SCENARIOS = ("sequential", "submit", "drain", "latency", "fanout", *flow_keyed.SCENARIOS)
 
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "celeriac": {
@@ -31,6 +36,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
             "SQLite default, http worker -c 8",
         ],
         "fanout": ["4 x http worker -c 8"],
+        **flow_keyed.variants(),
     },
     "celery": {
         "sequential": ["delay()"],

@@ -211,7 +211,17 @@ class System:
     def _workers_alive(self) -> bool:
         return all(p.poll() is None for p in self.workers)
 
-    def _run_workers(self, n: int, mode: str, count: int) -> Metrics:
+    def _run_workers(
+        self,
+        n: int,
+        mode: str,
+        count: int,
+        slowest_per_s: float = SLOWEST_DRAIN_PER_S,
+        stall_s: float | None = None,
+    ) -> Metrics:
+        """Start ``count`` workers and time them until ``n`` results are stored; a drain
+        slower than ``slowest_per_s`` on average, or (with ``stall_s``) with no new
+        result for that long, fails the sample early."""
         sampler = Sampler()
         sampler.track("service", self.service_pids())
         sampler.start()
@@ -222,14 +232,21 @@ class System:
         first_at: float | None = None
         first_done = 0
         cpu_first = {"worker": 0.0, "service": 0.0}
-        limit = max(60.0, n / SLOWEST_DRAIN_PER_S)
+        limit = max(60.0, n / slowest_per_s)
         deadline = started + limit
         done = 0
         exited_at: float | None = None
+        progress = (started, 0)  # when the count last changed, and to what
+        stalled = False
         try:
             while time.perf_counter() < deadline:
                 done = self.done_count()
                 now = time.perf_counter()
+                if done != progress[1]:
+                    progress = (now, done)
+                stalled = stall_s is not None and now - progress[0] > stall_s
+                if stalled:
+                    break
                 if done and first_at is None:
                     sampler.sample()
                     first_at, first_done = now, done
@@ -247,6 +264,7 @@ class System:
             sampler.close()
         if done < n:
             why = "its workers exited" if exited_at else f"timed out after {limit:.0f}s"
+            why = f"no new result for {stall_s:.0f}s" if stalled else why
             raise BenchFailure(f"{why} with {done}/{n} results stored")
         elapsed = finished - started
         assert first_at is not None

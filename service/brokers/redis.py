@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from service import flow_redis
 from service.brokers import redis_protocol
 from service.brokers.base import (
     Announcements,
@@ -39,7 +40,6 @@ log = logging.getLogger("celeriac.broker.redis")
 
 REBUILD_CHUNK = 5000
 RECONCILE_LIMIT = 5000
-TOMBSTONE_SECONDS = 30
 CLOSE_SECONDS = 2.0
 
 
@@ -147,6 +147,8 @@ class RedisBroker(Broker):
         self._blocking: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lua: LuaScripts | None = None
+        # HTTP grants of limited jobs ask Redis for their slots (service/flow_redis.py).
+        self.slot_arbiter: flow_redis.SlotArbiter | None = None
         self.closing = False  # set first at close: the loops end even if a cancel is lost
         self._publish_failing = False  # logged once until a publish succeeds again
 
@@ -177,6 +179,7 @@ class RedisBroker(Broker):
         self._tasks.append(asyncio.create_task(self._listen(), name="celeriac-redis-listen"))
         if self.serve_workers:
             await self.lua.load_library()
+            self.slot_arbiter = flow_redis.SlotArbiter(self.url, self.layout)
             ingest = redis_protocol.EventIngest(self, hooks, self._blocking)
             self._tasks.append(asyncio.create_task(ingest.run(), name="celeriac-redis-ingest"))
 
@@ -191,6 +194,8 @@ class RedisBroker(Broker):
         for client in (self._redis, self._blocking):
             if client is not None:
                 await client.aclose()
+        if self.slot_arbiter is not None:
+            self.slot_arbiter.close()
 
     async def publish(self, jobs: Sequence[Dispatch]) -> None:
         if not jobs:
@@ -211,15 +216,25 @@ class RedisBroker(Broker):
     async def _index(self, jobs: Sequence[Dispatch]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             if self.serve_workers:
-                envelopes = await self._envelopes(jobs)
-                redis_protocol.publish_commands(pipe, self.layout, jobs, envelopes, score)
-            else:  # one ZADD per queue, whatever the number of jobs
-                by_queue: dict[str, dict[str, float]] = {}
-                for job in jobs:
-                    by_queue.setdefault(job.queue, {})[job.id] = score(job)
-                for queue, members in by_queue.items():
-                    pipe.zadd(self.layout.ready(queue), members)
+                fresh = [job for job in jobs if not job.reoffer]
+                envelopes = await self._envelopes(fresh)
+                redis_protocol.publish_commands(pipe, self.layout, fresh, envelopes, score)
+                self._add_ids(pipe, [job for job in jobs if job.reoffer], wake=True)
+            else:
+                self._add_ids(pipe, jobs, wake=False)
             await pipe.execute()
+
+    def _add_ids(self, pipe: Any, jobs: Sequence[Dispatch], *, wake: bool) -> None:
+        """Ready-set entries only: one ZADD per queue, whatever the number of jobs (and a
+        wake-up token per queue for idle Redis-protocol workers)."""
+        by_queue: dict[str, dict[str, float]] = {}
+        for job in jobs:
+            by_queue.setdefault(job.queue, {})[job.id] = score(job)
+        for queue, members in by_queue.items():
+            pipe.zadd(self.layout.ready(queue), members)
+            if wake:
+                pipe.lpush(self.layout.wake(queue), "1")
+                pipe.ltrim(self.layout.wake(queue), 0, 63)
 
     async def _envelopes(self, jobs: Sequence[Dispatch]) -> dict[str, str]:
         """Built from the values the publisher had (a submit), else read from SQL."""
@@ -244,8 +259,13 @@ class RedisBroker(Broker):
             log.warning("announce over Redis failed: %s", exc)
 
     async def after_commit(self, effects: Effects) -> None:
-        """Redis workers learn of a cancellation from their job hash (heartbeat)."""
-        if not self.serve_workers or not effects.cancelling:
+        """Redis workers learn of a cancellation from their job hash (heartbeat); the
+        limit slots of the leases that ended free (service/flow_redis.py)."""
+        if not self.serve_workers:
+            return
+        if effects.ended:
+            await flow_redis.free_ended(self, effects)
+        if not effects.cancelling:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -279,17 +299,14 @@ class RedisBroker(Broker):
 
     async def drop_envelopes(self, job_ids: Collection[str]) -> None:
         """A job leased over HTTP no longer needs its envelope; a short-lived tombstone
-        keeps a reconcile pass that read SQL a moment earlier from offering it again."""
+        keeps a reconcile pass that read SQL a moment earlier from offering it again (one
+        whose hash holds its lease's limit slots keeps them: service/flow_redis.py)."""
         with contextlib.suppress(RedisError):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in job_ids:
-                    key = self.layout.job(job_id)
-                    pipe.delete(key)
-                    pipe.hset(key, "done", "1")
-                    pipe.expire(key, TOMBSTONE_SECONDS)
-                await pipe.execute()
+            await flow_redis.leased(self, list(job_ids))
 
     async def reconcile(self, now: datetime) -> int:
+        if self.serve_workers:  # limit slots whose freeing was lost
+            await flow_redis.repair(self, self.db)
         if not await self.redis.exists(self.layout.epoch):
             count = await self._rebuild()
             await self.redis.set(self.layout.epoch, now.isoformat())

@@ -247,6 +247,6 @@ def publish_commands(
         if env is None:
             continue  # no longer queued in SQL: nothing to offer
         key = layout.job(job.id)
-        pipe.hdel(key, "token", "worker", "deadline", "cancel", "done")
+        pipe.hdel(key, "token", "worker", "deadline", "cancel", "done", "http")
         pipe.hset(key, "env", env)
         pipe.zadd(layout.ready(job.queue), {job.id: score(job)})

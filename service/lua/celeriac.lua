@@ -7,7 +7,9 @@
 --   T:ready:<queue>  ZSET  job ids ready to lease, score = (9 - priority)*1e13 + enqueue ms, lowest first
 --   T:job:<id>       HASH  env (the job envelope, JSON), and while leased: token, worker,
 --                          deadline (ms), cancel ("1" once cancellation was requested);
---                          after a report, until the service has applied it: done = "1"
+--                          after a report, until the service has applied it: done = "1";
+--                          while an HTTP lease (granted in SQL) holds limit slots here:
+--                          token = that lease's token, http = its grant ms
 --   T:events         STREAM what workers did, consumed by the service into SQL
 --   T:lease-seq      STRING counter for lease tokens
 --   T:wake:<queue>   LIST   wake-up tokens: an idle worker BLPOPs these instead of polling
@@ -15,9 +17,12 @@
 --   T:flow           HASH   "synced" once the service wrote the rules; "paused:<queue>" = 1;
 --                          "rule:<key>" = "max_running,rate_limit,period_ms" (empty: none)
 --                          for limits, patterns ("rule:customer-*") and "rule:queue/<q>"
---   T:slots:<key>    HASH   job id -> lease token, for jobs leased here under that key;
---                          a slot whose job no longer holds that token is free
+--   T:slots:<key>    HASH   job id -> lease token, for jobs leased here or over HTTP (the
+--                          service's http_* functions) under that key; a slot whose job
+--                          no longer holds that token is free
 --   T:grants:<key>   ZSET   "<id>:<token>" scored by grant ms: the key's sliding window
+--   T:http-slots     ZSET   "<id>|<token>|<queue>" of the HTTP leases holding slots here,
+--                          scored by grant ms: what the service's repair pass checks
 -- SQL remains the record: these functions only hand out and fence leases; the service
 -- applies every event to SQL, where a stale report is rejected a second time.
 
@@ -98,7 +103,7 @@ local function has_room(tag, key, rule, now)
 end
 
 -- The limited keys of a job (its limits, then its queue's key) if every one has room;
--- false if one has none. nil rules: nothing to count.
+-- false and the first key without room if one has none.
 local function admit(tag, env, cache, now)
   local job = cjson.decode(env)
   local keys = {}
@@ -110,7 +115,7 @@ local function admit(tag, env, cache, now)
   for _, key in ipairs(keys) do
     local rule = rule_of(tag, key, cache)
     if rule then
-      if not has_room(tag, key, rule, now) then return false end
+      if not has_room(tag, key, rule, now) then return false, key end
       limited[#limited + 1] = {key, rule}
     end
   end
@@ -273,8 +278,121 @@ local function release(keys, args)
   return 'OK'
 end
 
+-- --- HTTP leases under flow control (called by the service only, never by workers) ---
+-- An HTTP lease is granted in SQL; when its job counts against limit keys, the service
+-- asks here first, inside its SQL transaction, so that Redis arbitrates every slot of a
+-- key, whoever leases (docs/flow-control.md, "HTTP and Redis workers on one key").
+
+-- KEYS: T:flow    ARGV: version, token, then per job: id, {"queue":…,"limits":[…]}
+-- Per job, in order: '' granted (its slots are taken and its hash holds the token, which
+-- the lease function and pop_ready skip), else why not: the key without room, '!' (a
+-- Redis worker holds or has just reported the job), '?' (the rules are not synced yet).
+local function http_grant(keys, args)
+  local bad = check_version(args[1]); if bad then return bad end
+  local tag, token = tag_of(keys[1]), args[2]
+  local synced = redis.call('HEXISTS', keys[1], 'synced') == 1
+  local now, rules, out = now_ms(), {}, {}
+  for i = 3, #args, 2 do
+    local id, env = args[i], args[i + 1]
+    local job = tag .. ':job:' .. id
+    local answer = ''
+    if not synced then
+      answer = '?'
+    elseif redis.call('HEXISTS', job, 'token') == 1 or redis.call('HEXISTS', job, 'done') == 1 then
+      answer = '!'
+    else
+      local limited, full = admit(tag, env, rules, now)
+      if limited then
+        take_slots(tag, limited, id, token, now)
+        redis.call('HSET', job, 'token', token, 'http', now)
+        redis.call('PERSIST', job)  -- the slot lasts as long as the lease, not a TTL
+        redis.call('ZADD', tag .. ':http-slots', now,
+          id .. '|' .. token .. '|' .. cjson.decode(env).queue)
+      else
+        answer = full
+      end
+    end
+    out[#out + 1] = answer
+  end
+  return out
+end
+
+-- KEYS: T:flow    ARGV: version, token, then per job: id, {"queue":…,"limits":[…]}
+-- Undoes http_grant for a SQL transaction that did not commit.
+local function http_undo(keys, args)
+  local bad = check_version(args[1]); if bad then return bad end
+  local tag, token = tag_of(keys[1]), args[2]
+  for i = 3, #args, 2 do
+    local id, job = args[i], cjson.decode(args[i + 1])
+    local hash = tag .. ':job:' .. id
+    redis.call('ZREM', tag .. ':http-slots', id .. '|' .. token .. '|' .. job.queue)
+    if redis.call('HGET', hash, 'token') == token then
+      redis.call('HDEL', hash, 'token', 'http')
+      local names = {}
+      if type(job.limits) == 'table' then
+        for _, key in ipairs(job.limits) do names[#names + 1] = key end
+      end
+      names[#names + 1] = 'queue/' .. job.queue
+      for _, key in ipairs(names) do
+        if redis.call('HGET', tag .. ':slots:' .. key, id) == token then
+          redis.call('HDEL', tag .. ':slots:' .. key, id)
+        end
+        redis.call('ZREM', tag .. ':grants:' .. key, id .. ':' .. token)
+      end
+    end
+  end
+  return 'OK'
+end
+
+-- KEYS: T:flow    ARGV: version, tombstone seconds, then per lease: id, token, queue
+-- Leases that ended in SQL (settled, reclaimed): a hash still holding that token frees its
+-- slots (tombstone, as a Redis worker's report leaves) and wakes a worker of the queue,
+-- whose blocked jobs may have room now. Any other hash (re-published, leased again) is
+-- left alone. Returns how many were freed.
+local function http_free(keys, args)
+  local bad = check_version(args[1]); if bad then return bad end
+  local tag, freed = tag_of(keys[1]), 0
+  for i = 3, #args, 3 do
+    local job = tag .. ':job:' .. args[i]
+    redis.call('ZREM', tag .. ':http-slots', args[i] .. '|' .. args[i + 1] .. '|' .. args[i + 2])
+    if redis.call('HGET', job, 'token') == args[i + 1] then
+      redis.call('DEL', job)
+      redis.call('HSET', job, 'done', '1')
+      redis.call('EXPIRE', job, tonumber(args[2]))
+      local ready = tag .. ':ready:' .. args[i + 2]
+      if redis.call('ZCARD', ready) > 0 then wake(tag, ready) end
+      freed = freed + 1
+    end
+  end
+  return freed
+end
+
+-- KEYS: T:flow    ARGV: version, tombstone seconds, job ids
+-- Jobs just leased over HTTP no longer need their envelopes. A job whose hash holds its
+-- HTTP lease's slots keeps its token (until http_free); any other becomes a short-lived
+-- tombstone, so that a reconcile pass that read SQL a moment earlier does not offer it.
+local function http_leased(keys, args)
+  local bad = check_version(args[1]); if bad then return bad end
+  local tag = tag_of(keys[1])
+  for i = 3, #args do
+    local job = tag .. ':job:' .. args[i]
+    if redis.call('HEXISTS', job, 'http') == 1 then
+      redis.call('HDEL', job, 'env')
+    else
+      redis.call('DEL', job)
+      redis.call('HSET', job, 'done', '1')
+      redis.call('EXPIRE', job, tonumber(args[2]))
+    end
+  end
+  return 'OK'
+end
+
 redis.register_function('celeriac_v1_lease', lease)
 redis.register_function('celeriac_v1_heartbeat', heartbeat)
 redis.register_function('celeriac_v1_complete', complete)
 redis.register_function('celeriac_v1_fail', fail)
 redis.register_function('celeriac_v1_release', release)
+redis.register_function('celeriac_v1_http_grant', http_grant)
+redis.register_function('celeriac_v1_http_undo', http_undo)
+redis.register_function('celeriac_v1_http_free', http_free)
+redis.register_function('celeriac_v1_http_leased', http_leased)

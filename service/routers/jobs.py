@@ -137,7 +137,8 @@ async def get_job(
 ) -> JSONResponse:
     found = await waiting.read_job(runtime, principal, job_id, wait)
     body = await _waited_body(runtime, found)
-    queued = body["status"] == "queued" and flow.active()  # what holds it back, if anything
+    # What holds a queued job back, if anything.
+    queued = body["status"] == "queued" and flow.active(runtime.db.engine)
     if queued and (blocked := await flow.blocked(runtime, body["queue"], body["limits"])):
         body["blocked_by"] = blocked
     return JSONResponse(body, headers=RETRY_AFTER if found.refused else None)
