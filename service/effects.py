@@ -73,6 +73,9 @@ class Effects:
     # Redis-protocol workers recorded in SQL.
     ended: list[Ended] = field(default_factory=list)
     leases_recorded: int = 0
+    # Queues where a key found full got a slot back (flow control): this process's SQL
+    # waiters look again at once, not at their next 0.5 s recheck.
+    reopened: set[str] = field(default_factory=set)
     # The broker already told the other replicas inside the transaction (a PostgreSQL
     # NOTIFY rides the commit: ``Broker.in_transaction``): no publish or announce after it.
     announced: bool = False
@@ -101,6 +104,7 @@ class Effects:
         self.traced += part.traced
         self.ended += part.ended
         self.leases_recorded += part.leases_recorded
+        self.reopened |= part.reopened
         self.announced = self.announced and part.announced  # else all of it, after commit
         if part.earliest_due is not None:
             self.due_at(part.earliest_due)

@@ -293,10 +293,11 @@ def freed(session: Session, rows: Iterable[JobValues], effects: Effects) -> None
     state = state_of(session.get_bind())
     if not state.full and not state.held:
         return
-    if not state.reoffers:
+    if not state.reoffers:  # SQL dispatch: the claim reads the table; wake its waiters
         for row in rows:
-            state.full.pop(row.get("limit_key") or "", None)
-            state.full.pop(queue_key(row["queue"]), None)
+            was_full = state.full.pop(row.get("limit_key") or "", None) is not None
+            if state.full.pop(queue_key(row["queue"]), None) is not None or was_full:
+                effects.reopened.add(row["queue"])
         return
     horizon = time.monotonic() - HELD_SECONDS
     slots: dict[tuple[str, str | None], int] = {}

@@ -147,28 +147,18 @@ def _own_deadline(dialect: str) -> sa.ColumnElement[Any]:
 
 
 @functools.cache
-def _grant_statement(dialect: str, by_ids: bool, own_deadlines: bool) -> sa.Update:
-    """Claim and grant in one statement: lock the jobs to grant (the next ready ones of
-    ``:claim_queue``, or those among ``:ids``), and turn them into running ones under the
-    lease, returning them as granted. One per shape, built once (``grantable``)."""
-    ready = _select(("id",)).where(grantable())
-    if by_ids:
-        # Wait for a row another transaction holds (a maintenance sweep scanning it)
-        # rather than skip it: a skipped id has already left the broker and would sit
-        # unoffered until the next reconcile. Locking in id order keeps two claims from
-        # deadlocking; a deadlock with anything else is retried by Database.run.
-        picked = (
-            ready.where(jobs_c.id.in_(sa.bindparam("ids", expanding=True)))
-            .order_by(jobs_c.id)
-            .with_for_update()
-        )
-    else:
-        picked = (
-            ready.where(jobs_c.queue == sa.bindparam("claim_queue"))
-            .order_by(jobs_c.priority.desc(), jobs_c.id)
-            .limit(sa.bindparam("want", type_=sa.Integer()))
-            .with_for_update(skip_locked=True)
-        )
+def _grant_statement(dialect: str, own_deadlines: bool) -> sa.Update:
+    """Claim and grant in one statement: lock the next ready jobs of ``:claim_queue``
+    (SKIP LOCKED), and turn them into running ones under the lease, returning them as
+    granted. One per shape, built once (``grantable``). (A broker's candidate ids are
+    claimed in two statements: ``claim_by_ids``.)"""
+    picked = (
+        _select(("id",))
+        .where(grantable(), jobs_c.queue == sa.bindparam("claim_queue"))
+        .order_by(jobs_c.priority.desc(), jobs_c.id)
+        .limit(sa.bindparam("want", type_=sa.Integer()))
+        .with_for_update(skip_locked=True)
+    )
     deadline = _own_deadline(dialect) if own_deadlines else sa.bindparam("deadline")
     # Picked once, in a materialized CTE: as a plain ``IN (subquery)`` PostgreSQL may
     # scan the subquery again for each row it updates, and each scan, skipping the rows
@@ -187,13 +177,11 @@ def _grant_statement(dialect: str, by_ids: bool, own_deadlines: bool) -> sa.Upda
     )
 
 
-def _grant_returning(
-    session: Session, terms: LeaseTerms, *, by_ids: bool, **params: Any
-) -> list[JobValues]:
+def _grant_returning(session: Session, terms: LeaseTerms, **params: Any) -> list[JobValues]:
     """Run the one-statement claim and grant; the jobs as granted (status ``running``,
     the token, the deadline, ``attempt + 1``), in no particular order."""
     connection = session.connection()
-    statement = _grant_statement(connection.dialect.name, by_ids, not terms.lease_seconds)
+    statement = _grant_statement(connection.dialect.name, not terms.lease_seconds)
     result = connection.execute(statement, claim_params(terms) | params)
     return [cast(JobValues, dict(row)) for row in result.mappings()]
 
@@ -215,7 +203,7 @@ def claim_from_queues(
         if want <= 0:
             break
         if one_statement:
-            rows = _grant_returning(session, terms, by_ids=False, claim_queue=queue, want=want)
+            rows = _grant_returning(session, terms, claim_queue=queue, want=want)
             # RETURNING keeps no order: the claim's own.
             rows.sort(key=lambda row: (-row["priority"], row["id"]))
             claimed.extend(rows)

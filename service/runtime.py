@@ -264,6 +264,8 @@ class Runtime:
             self.signals.queues_ready({job.queue for job in effects.dispatch})
             if not effects.announced:
                 await self.broker.publish(effects.dispatch)
+        if effects.reopened:
+            self.signals.queues_ready(effects.reopened)
         if effects.finished:
             self.signals.jobs_finished(effects.finished, effects.settled)
         if effects.earliest_due is not None:
