@@ -193,6 +193,9 @@ SNAPSHOT_SECONDS = 0.5
 FULL_HINT_SECONDS = 0.5
 # How long a key that held jobs back has its next job announced at each settle.
 HELD_SECONDS = 5.0
+# How long a queue whose jobs named no limits takes the plain claim: a job with limits
+# submitted to it meanwhile waits at most this long behind the ones without.
+PLAIN_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -210,6 +213,10 @@ class FlowState:
     # Keys that held jobs back (blocked at admission), and when (monotonic): a settle of
     # one of their jobs announces the next (``freed``).
     held: dict[str, float] = field(default_factory=dict)
+    # Queues whose last looked-at candidates all named no limits, and when (monotonic):
+    # for ``PLAIN_SECONDS`` they are claimed by the plain one-statement claim, of jobs
+    # naming no limits, and looked at under flow control only when that comes back short.
+    plain: dict[str, float] = field(default_factory=dict)
     # Whether the broker keeps an index, which drops what a claim hands back blocked:
     # then a settle offers the held-back jobs of its keys again. The SQL broker's claim
     # reads the table itself: nothing to offer.
@@ -223,6 +230,17 @@ class FlowState:
             for key, (at, until) in self.full.items()
             if at > horizon and (until is None or until > now)
         }
+
+    def plain_now(self, queue: str) -> bool:
+        return self.plain.get(queue, 0.0) > time.monotonic() - PLAIN_SECONDS
+
+    def looked(self, queue: str, window: Sequence[JobValues]) -> None:
+        """A flow look at ``queue``'s candidates: remember whether they all named no
+        limits (the next claims of the queue take the plain path meanwhile)."""
+        if window and all(row.get("limit_key") is None for row in window):
+            self.plain[queue] = time.monotonic()
+        elif window:
+            self.plain.pop(queue, None)
 
     def counted(self, rules: Iterable[str], full: dict[str, datetime | None]) -> None:
         """Admission counted these keys: remember which had no room left."""
@@ -994,13 +1012,21 @@ def claim_from_queues(
     hint = state_of(session.get_bind()).full_keys(terms.now)
     shut = {q for q in queues if q in snap.paused or queue_key(q) in hint}
     full_keys = {key for key in hint if not key.startswith(QUEUE_KEY_PREFIX)}
+    state = state_of(session.get_bind())
     claimed: list[JobValues] = []
     for queue in queues:
+        if queue not in shut and queue not in snap.queues and state.plain_now(queue):
+            # A queue whose jobs named no limits at the last look: the plain claim, of
+            # jobs naming none; the flow look below only if that came back short.
+            claimed += leases.claim_queue(
+                session, queue, max_jobs - len(claimed), terms, unlimited_only=True
+            )
         for _look in range(CLAIM_LOOKS):
             want = max_jobs - len(claimed)
             if want <= 0 or queue in shut:
                 break
             window = _window(session, queue, want, sorted(full_keys), terms)
+            state.looked(queue, window)
             admission = admit(session, window, terms.now, want)
             admission = arbitrate(session, admission, terms)  # Redis's slots (flow_redis)
             admission.admitted = leases._grant(session, admission.admitted, terms)

@@ -147,15 +147,17 @@ def _own_deadline(dialect: str) -> sa.ColumnElement[Any]:
 
 
 @functools.cache
-def _grant_statement(dialect: str, own_deadlines: bool) -> sa.Update:
+def _grant_statement(dialect: str, own_deadlines: bool, unlimited_only: bool) -> sa.Update:
     """Claim and grant in one statement: lock the next ready jobs of ``:claim_queue``
-    (SKIP LOCKED), and turn them into running ones under the lease, returning them as
-    granted. One per shape, built once (``grantable``). (A broker's candidate ids are
-    claimed in two statements: ``claim_by_ids``.)"""
+    (SKIP LOCKED; with ``unlimited_only``, of those naming no limits), and turn them into
+    running ones under the lease, returning them as granted. One per shape, built once
+    (``grantable``). (A broker's candidate ids are claimed in two statements:
+    ``claim_by_ids``.)"""
+    ready = _select(("id",)).where(grantable(), jobs_c.queue == sa.bindparam("claim_queue"))
+    if unlimited_only:
+        ready = ready.where(jobs_c.limit_key.is_(None))
     picked = (
-        _select(("id",))
-        .where(grantable(), jobs_c.queue == sa.bindparam("claim_queue"))
-        .order_by(jobs_c.priority.desc(), jobs_c.id)
+        ready.order_by(jobs_c.priority.desc(), jobs_c.id)
         .limit(sa.bindparam("want", type_=sa.Integer()))
         .with_for_update(skip_locked=True)
     )
@@ -177,15 +179,6 @@ def _grant_statement(dialect: str, own_deadlines: bool) -> sa.Update:
     )
 
 
-def _grant_returning(session: Session, terms: LeaseTerms, **params: Any) -> list[JobValues]:
-    """Run the one-statement claim and grant; the jobs as granted (status ``running``,
-    the token, the deadline, ``attempt + 1``), in no particular order."""
-    connection = session.connection()
-    statement = _grant_statement(connection.dialect.name, not terms.lease_seconds)
-    result = connection.execute(statement, claim_params(terms) | params)
-    return [cast(JobValues, dict(row)) for row in result.mappings()]
-
-
 def claim_from_queues(
     session: Session, queues: Sequence[str], max_jobs: int, terms: LeaseTerms
 ) -> list[JobValues]:
@@ -196,27 +189,41 @@ def claim_from_queues(
 
     if flow.active(session.get_bind()):
         return flow.claim_from_queues(session, queues, max_jobs, terms)
-    one_statement = _grants_in_one_statement(session)
     claimed: list[JobValues] = []
     for queue in queues:
         want = max_jobs - len(claimed)
         if want <= 0:
             break
-        if one_statement:
-            rows = _grant_returning(session, terms, claim_queue=queue, want=want)
-            # RETURNING keeps no order: the claim's own.
-            rows.sort(key=lambda row: (-row["priority"], row["id"]))
-            claimed.extend(rows)
-            continue
-        picked = (
-            _select(CLAIM_COLUMNS)
-            .where(jobs_c.queue == queue, grantable())
-            .order_by(jobs_c.priority.desc(), jobs_c.id)
-            .limit(want)
-            .with_for_update(skip_locked=True)
-        )
-        claimed.extend(_grant(session, _rows(session, picked, claim_params(terms)), terms))
+        claimed.extend(claim_queue(session, queue, want, terms))
     return claimed
+
+
+def claim_queue(
+    session: Session, queue: str, want: int, terms: LeaseTerms, *, unlimited_only: bool = False
+) -> list[JobValues]:
+    """The plain claim of one queue: its next ``want`` ready jobs granted, in one statement
+    where the database can. ``unlimited_only``: only jobs that name no limits (flow
+    control's fast path for a queue whose jobs name none: ``flow.claim_from_queues``)."""
+    if _grants_in_one_statement(session):
+        connection = session.connection()
+        statement = _grant_statement(
+            connection.dialect.name, not terms.lease_seconds, unlimited_only
+        )
+        params = claim_params(terms) | {"claim_queue": queue, "want": want}
+        rows = [
+            cast(JobValues, dict(row)) for row in connection.execute(statement, params).mappings()
+        ]
+        # RETURNING keeps no order: the claim's own.
+        return sorted(rows, key=lambda row: (-row["priority"], row["id"]))
+    picked = _select(CLAIM_COLUMNS).where(jobs_c.queue == queue, grantable())
+    if unlimited_only:
+        picked = picked.where(jobs_c.limit_key.is_(None))
+    picked = (
+        picked.order_by(jobs_c.priority.desc(), jobs_c.id)
+        .limit(want)
+        .with_for_update(skip_locked=True)
+    )
+    return _grant(session, _rows(session, picked, claim_params(terms)), terms)
 
 
 def short_means_drained(engine: Any) -> bool:

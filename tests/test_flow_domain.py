@@ -140,3 +140,21 @@ def test_every_key_of_a_job_must_have_room(db: Database, now: datetime) -> None:
     submit(db, now, 1, limits=["x-2", "shared"])
     assert len(lease(db, now, 5)) == 1
     assert lease(db, now, 5) == []
+
+
+def test_a_queue_without_limits_takes_the_plain_claim_and_still_honours_limits(
+    db: Database, now: datetime
+) -> None:
+    """Flow control configured elsewhere: a queue whose jobs name no limits is claimed by
+    the plain one-statement claim (after one flow look found nothing limited); jobs with
+    limits submitted to it later are still granted only while their key has room."""
+    put(db, "other-*", now, max_running=1)
+    submit(db, now, 3)
+    assert len(lease(db, now, 2)) == 2  # a flow look: nothing limited in the window
+    assert len(lease(db, now, 2)) == 1  # the plain claim, short: a flow look after it
+    limited = set(submit(db, now, 3, limits=["other-x"]))
+    unlimited = set(submit(db, now, 2))
+    granted = {row["id"] for row in lease(db, now, 10)}
+    assert unlimited <= granted
+    assert len(granted & limited) == 1  # max_running 1
+    assert lease(db, now, 10) == []
