@@ -26,6 +26,11 @@ def add(x: int, y: int) -> int:
 def broken() -> None:
     raise ValueError("broken on purpose")
 
+@app.task(name="rw.mark")
+def mark(path: str, text: str) -> None:
+    with open(path, "a") as out:
+        out.write(text + "\\n")
+
 @app.task(name="rw.until_cancelled")
 async def until_cancelled() -> str:
     import asyncio
@@ -84,6 +89,32 @@ def test_progress_and_cancel_over_redis(api: Api, redis_worker: Process) -> None
     assert running["progress"] == {"current": 1, "total": 2, "message": "waiting"}
     expect(api.cancel(job["id"]), 200)
     assert api.wait_finished(job["id"], 20)["status"] == "cancelled"
+
+
+def test_a_job_cancelled_while_queued_never_runs_on_a_redis_worker(
+    api: Api, module_spawner: Spawner, service: Service, redis_backend: Backend, tmp_path: Any
+) -> None:
+    """Cancelling a queued job takes it out of what Redis workers can lease: a worker
+    started afterwards runs the job behind it, never the cancelled one."""
+    marks = tmp_path / "marks.txt"
+    queue = "q_rw_cancel"
+    cancelled = api.submit(task="rw.mark", args=[str(marks), "cancelled"], queue=queue)
+    expect(api.cancel(cancelled["id"]), 200)
+    after = api.submit(task="rw.mark", args=[str(marks), "after"], queue=queue)
+    command = [sys.executable, "-m", "celeriac", "worker", "-A", "rw_tasks:app", "-Q", queue,
+               "-c", "1", "--server", service.url, "--broker", redis_backend.broker_url,
+               "--redis-prefix", redis_backend.redis_prefix, "--poll-wait", "1"]  # fmt: skip
+    worker = module_spawner.process(command, "redis-worker-cancel")
+    try:
+        finished = api.wait_finished(after["id"], 30)
+    except AssertionError as exc:
+        ran = marks.read_text() if marks.exists() else "(nothing)"
+        raise AssertionError(f"{exc}\nran: {ran}\nworker log:\n{worker.log()}") from None
+    finally:
+        worker.stop()
+    assert finished["status"] == "succeeded", finished
+    assert marks.read_text().split() == ["after"]
+    assert api.get(cancelled["id"])["status"] == "cancelled"
 
 
 def test_stale_token_is_refused(api: Api, service: Service, redis_backend: Backend) -> None:

@@ -260,11 +260,16 @@ class RedisBroker(Broker):
 
     async def after_commit(self, effects: Effects) -> None:
         """Redis workers learn of a cancellation from their job hash (heartbeat); the
-        limit slots of the leases that ended free (service/flow_redis.py)."""
+        limit slots of the leases that ended free (service/flow_redis.py); a pending job
+        made final without a lease (cancelled, expired) loses its envelope, so no Redis
+        worker leases it any more."""
         if not self.serve_workers:
             return
         if effects.ended:
             await flow_redis.free_ended(self, effects)
+            withdrawn = [e.id for e in effects.ended if e.token is None and e.started_at is None]
+            if withdrawn:
+                await self.drop_envelopes(withdrawn)
         if not effects.cancelling:
             return
         try:
