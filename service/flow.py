@@ -311,18 +311,16 @@ def freed(session: Session, rows: Iterable[JobValues], effects: Effects) -> None
     state = state_of(session.get_bind())
     if not state.full and not state.held:
         return
-    if not state.reoffers:  # SQL dispatch: the claim reads the table; wake its waiters
-        for row in rows:
-            was_full = state.full.pop(row.get("limit_key") or "", None) is not None
-            if state.full.pop(queue_key(row["queue"]), None) is not None or was_full:
-                effects.reopened.add(row["queue"])
-        return
     horizon = time.monotonic() - HELD_SECONDS
     slots: dict[tuple[str, str | None], int] = {}
     for row in rows:
         key, own = row.get("limit_key"), queue_key(row["queue"])
-        state.full.pop(key or "", None)
-        state.full.pop(own, None)
+        was_full = state.full.pop(key or "", None) is not None
+        was_full = state.full.pop(own, None) is not None or was_full
+        if not state.reoffers:  # SQL dispatch: the claim reads the table; wake its waiters
+            if was_full:
+                effects.reopened.add(row["queue"])
+            continue
         if key and state.held.get(key, 0.0) > horizon:
             pair: tuple[str, str | None] = (row["queue"], key)
         elif state.held.get(own, 0.0) > horizon:
