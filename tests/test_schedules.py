@@ -299,7 +299,7 @@ def fires_in(database_url: str, job_ids: set[str]) -> list[tuple[datetime, str]]
 
 
 REPLICA_FLEETS = {"postgres": 3, "sqlite": 2, "mariadb": 3}
-REPLICA_SECONDS = 12  # twelve ticks per fleet: enough to see a doubled or a lost one
+REPLICA_SECONDS = 8  # eight ticks per fleet: enough to see a doubled or a lost one
 
 
 def test_replicas_fire_each_tick_exactly_once(spawner: Spawner) -> None:
