@@ -136,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded(asyncio.gather(*loops, return_exceptions=True), "background loops")
             await _bounded(webhook_client.aclose(), "the webhook client")
             await _bounded(broker.close(), "the broker")
+            await _bounded(runtime.submits.close(), "the submit pipeline")
             db.engine.dispose()
 
     app = FastAPI(

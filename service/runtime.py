@@ -26,6 +26,7 @@ from service.jobs import Defaults, dispatch_of_values
 from service.longpoll import LongPolls
 from service.models import JobValues
 from service.observe import Observer
+from service.pg_pipeline import Refused, SubmitPipeline
 from service.settings import Settings
 from service.signals import Signals
 from service.tracing import Tracing
@@ -84,6 +85,12 @@ class SubmitBatcher:
         # Groups commit one at a time, each on this thread: a lighter hop than the shared
         # pool's (which also makes a group wait for a token while reads hold them all).
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="celeriac-submit")
+        # On PostgreSQL: one round trip per group, from the event loop (pg_pipeline.py).
+        self.pipeline = SubmitPipeline.for_engine(runtime.db.engine, runtime.db.outage)
+
+    async def close(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.close()
 
     async def submit(self, row: JobValues) -> Submitted:
         future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
@@ -134,9 +141,37 @@ class SubmitBatcher:
         effects = self.runtime.announce_submitted(session, inserted) if inserted else Effects()
         return outcomes, Committed(inserted, effects)
 
-    async def _insert(self, batch: list[Waiter], retried: bool = False) -> Committed:
+    async def _insert(self, batch: list[Waiter]) -> Committed:
         """Store the rows of ``batch`` and settle their futures; returns the rows inserted
         (replays are not) and what their commits leave to do."""
+        if self.pipeline is None:
+            return await self._insert_pooled(batch)
+        rows = [row for row, _ in batch]
+        announced = Effects()  # the broker's part for every row: a wake-up too many is harmless
+        notices = self.runtime.broker.commit_notices(_submitted(rows, announced))
+        try:
+            skipped = await self.pipeline.insert(rows, notices)
+        except Refused:  # nothing committed: the pool's path finds the row at fault
+            return await self._insert_pooled(batch)
+        except Exception as exc:
+            for _, future in batch:
+                _settle(future, exc)
+            return Committed([], Effects())
+        effects = _submitted([row for row in rows if row["id"] not in skipped])
+        effects.announced = announced.announced
+        inserted: list[JobValues] = []
+        for row, future in batch:
+            if row["id"] not in skipped:
+                inserted.append(row)
+                _settle(future, Submitted(row))
+        committed = Committed(inserted, effects)
+        if skipped:  # their keys were taken: a replay, a mismatch, or a key to release
+            rest = await self._insert_pooled([w for w in batch if w[0]["id"] in skipped])
+            committed = committed.joined(rest)
+        return committed
+
+    async def _insert_pooled(self, batch: list[Waiter], retried: bool = False) -> Committed:
+        """``_insert`` through the pool, in a database thread and one ORM session."""
         rows = [row for row, _ in batch]
         work = partial(self.runtime.db.run_sync, partial(self._store, rows=rows))
         try:
@@ -159,16 +194,13 @@ class SubmitBatcher:
         if isinstance(exc, IntegrityError) and not retried and _keyed(batch):
             # Most likely a concurrent group (another replica) committed one of our keys
             # after our look-up: looking again finds it and replays it.
-            return await self._insert(batch, retried=True)
+            return await self._insert_pooled(batch, retried=True)
         if len(batch) == 1:
             _settle(batch[0][1], not_storable(exc))
             return Committed([], Effects())
         middle = len(batch) // 2
-        first, second = await self._insert(batch[:middle]), await self._insert(batch[middle:])
-        if not (first.rows and second.rows):
-            return first if first.rows else second
-        first.effects.merge(second.effects)  # announced only if both commits were
-        return Committed(first.rows + second.rows, first.effects)
+        first = await self._insert_pooled(batch[:middle])
+        return first.joined(await self._insert_pooled(batch[middle:]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +210,13 @@ class Committed:
 
     rows: list[JobValues]
     effects: Effects
+
+    def joined(self, other: Committed) -> Committed:
+        """Both commits' rows; their effects announced only if both commits' were."""
+        if not (self.rows and other.rows):
+            return self if self.rows else other
+        self.effects.merge(other.effects)
+        return Committed(self.rows + other.rows, self.effects)
 
 
 def _keyed(batch: list[Waiter]) -> bool:
@@ -293,9 +332,9 @@ class Runtime:
         await self.apply(_submitted(rows) if effects is None else effects)
 
 
-def _submitted(rows: list[JobValues]) -> Effects:
+def _submitted(rows: list[JobValues], effects: Effects | None = None) -> Effects:
     """What committing new jobs leaves to do: dispatch the queued, time the delayed."""
-    effects = Effects()
+    effects = Effects() if effects is None else effects
     for row in rows:
         if row["status"] == "queued":
             effects.dispatch.append(dispatch_of_values(row))

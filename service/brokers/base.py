@@ -123,6 +123,13 @@ class Broker(ABC):
         Runs in the database's thread: no awaiting, no other I/O than ``session``."""
         return None
 
+    def commit_notices(self, effects: Effects) -> list[tuple[str, str]]:
+        """What ``in_transaction`` would send, as PostgreSQL NOTIFY ``(channel, payload)``
+        pairs, for a commit made without a session (the submit pipeline,
+        service/pg_pipeline.py); it marks ``effects.announced`` as ``in_transaction``
+        does. A broker whose part is not a NOTIFY returns none and marks nothing."""
+        return []
+
     @abstractmethod
     async def ping(self) -> None:
         """Raise if the broker cannot be reached."""

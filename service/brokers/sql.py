@@ -86,13 +86,20 @@ class SqlBroker(Broker):
     def in_transaction(self, session: sa.orm.Session, effects: Effects) -> None:
         """On PostgreSQL the NOTIFY rides the transaction that makes it true: delivered
         at its commit, dropped with its rollback, and no transaction of its own."""
+        notices = self.commit_notices(effects)
+        if notices:
+            session.execute(
+                sa.text("SELECT pg_notify(:channel, :payload)"),
+                [{"channel": channel, "payload": payload} for channel, payload in notices],
+            )
+
+    def commit_notices(self, effects: Effects) -> list[tuple[str, str]]:
         if self._listener is None:
-            return
+            return []
         ready = Announcements.ready(job.queue for job in effects.dispatch)
         messages = ready + Announcements.encode(effects.finished, effects.earliest_due)
-        if messages:
-            _pg_notify(session, messages, self._sender)
         effects.announced = True
+        return [(CHANNEL, _signed(message, self._sender)) for message in messages]
 
     async def publish(self, jobs: Sequence[Dispatch]) -> None:
         # This process's waiters were woken by the runtime; NOTIFY wakes the others'

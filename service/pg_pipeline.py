@@ -1,0 +1,163 @@
+"""The group commit's fast path on PostgreSQL (issue 14): one round trip per group.
+
+Through the pool, a group of ``POST /jobs`` rows costs four round trips to PostgreSQL
+(``BEGIN``, the ``INSERT``, the ``NOTIFY``, ``COMMIT``), a hop to a database thread and
+back, and SQLAlchemy's execution machinery around each statement: about 1 ms a group on
+this machine, most of a sequential submit's service time. Here the batcher owns one
+connection of its own, in autocommit and pipeline mode, driven from the event loop: the
+group's ``INSERT … ON CONFLICT (idempotency_key) DO NOTHING`` (one prepared statement per
+row) and its ``NOTIFY`` go out together, and the ``Sync`` that ends the pipeline commits
+them as one implicit transaction. Nothing is less durable: the answer still waits for
+that commit (``synchronous_commit`` as the server has it), and a statement that fails
+rolls the whole group back.
+
+What this path does not decide, the pool's path does (``SubmitBatcher``): a group the
+database refuses (``Refused``) is stored again there, where a bad row is bisected out and
+answered alone; rows whose idempotency key was taken are skipped here and resolved there
+(a replay, a mismatch, or a key expired and released). An unreachable database raises
+``DatabaseUnavailable`` (503), as the pool's path does; the connection is opened again on
+the next group."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from service.db import CONNECT_TIMEOUT_SECONDS
+from service.models import JOBS_TABLE, JobValues
+from service.outage import OutageTracker, is_unreachable
+
+NOTIFY = "SELECT pg_notify(%s, %s)"
+# How the batcher's connection shows in pg_stat_activity.
+APPLICATION_NAME = "celeriac-submit"
+
+
+class Refused(Exception):
+    """The database refused the group (a row it cannot store, a constraint): nothing of
+    it was committed, and the pool's path must store it to find out which row."""
+
+
+class _Insert:
+    """The compiled ``INSERT`` for one set of row keys, and the binding SQLAlchemy would
+    apply to each value (JSON, the UTC timestamps, booleans), so that a row is stored
+    exactly as the pool's path stores it."""
+
+    def __init__(self, dialect: sa.Dialect, keys: tuple[str, ...]) -> None:
+        statement = postgresql.insert(JOBS_TABLE).on_conflict_do_nothing(
+            index_elements=["idempotency_key"]
+        )
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        self.sql = compiled.string
+        self.names = tuple(compiled.params)
+        # One processor per parameter here (a tuple only for expanding IN lists).
+        processors = cast(Mapping[str, Callable[[Any], Any]], compiled._bind_processors)
+        self.binders: tuple[tuple[str, Callable[[Any], Any] | None], ...] = tuple(
+            (name, processors.get(name)) for name in self.names
+        )
+
+    def params(self, row: JobValues) -> dict[str, Any]:
+        values: dict[str, Any] = row  # type: ignore[assignment]
+        return {n: values[n] if bind is None else bind(values[n]) for n, bind in self.binders}
+
+
+class SubmitPipeline:
+    """``insert(rows, notices)``: the rows stored and the notices sent in one commit;
+    returns the ids of the rows skipped because their idempotency key was taken."""
+
+    def __init__(self, engine: sa.Engine, outage: OutageTracker) -> None:
+        self.dialect = engine.dialect
+        args, options = engine.dialect.create_connect_args(engine.url)
+        options.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+        options.setdefault("application_name", APPLICATION_NAME)
+        self._connect_args: tuple[list[Any], dict[str, Any]] = (list(args), dict(options))
+        self.outage = outage
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._inserts: dict[tuple[str, ...], _Insert] = {}
+
+    @classmethod
+    def for_engine(cls, engine: sa.Engine, outage: OutageTracker) -> SubmitPipeline | None:
+        """The pipeline where it applies: PostgreSQL through psycopg 3."""
+        if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+            return None
+        return cls(engine, outage)
+
+    async def insert(
+        self, rows: Sequence[JobValues], notices: Sequence[tuple[str, str]]
+    ) -> set[str]:
+        started = time.monotonic()
+        try:
+            skipped = await self._send(rows, notices)
+        except psycopg.Error as exc:
+            await self._drop()  # a fresh connection for the next group, whatever broke
+            wrapped = sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error)
+            if is_unreachable(wrapped):
+                raise self.outage.failed(wrapped) from exc
+            raise Refused(str(exc)) from exc
+        except BaseException:  # cancelled mid-pipeline: its state is unknown
+            await self._drop()
+            raise
+        self.outage.succeeded(started)
+        return skipped
+
+    async def _send(
+        self, rows: Sequence[JobValues], notices: Sequence[tuple[str, str]]
+    ) -> set[str]:
+        conn = await self._connection()
+        insert = self._insert_for(rows[0])
+        async with conn.pipeline():
+            cursor = conn.cursor()
+            if len(rows) == 1:
+                await cursor.execute(insert.sql, insert.params(rows[0]))
+            else:
+                await cursor.executemany(insert.sql, [insert.params(row) for row in rows])
+            for channel, payload in notices:
+                await conn.execute(NOTIFY, (channel, payload))
+        # The pipeline's Sync has committed: the rowcount is the rows inserted.
+        if cursor.rowcount == len(rows):
+            return set()
+        ids = [row["id"] for row in rows]  # ours alone: a fresh UUIDv7 each
+        found = await conn.execute("SELECT id FROM jobs WHERE id = ANY(%s)", (ids,))
+        inserted = {job_id for (job_id,) in await found.fetchall()}
+        return {job_id for job_id in ids if job_id not in inserted}
+
+    def _insert_for(self, row: JobValues) -> _Insert:
+        keys = tuple(row)
+        insert = self._inserts.get(keys)
+        if insert is None:
+            insert = self._inserts[keys] = _Insert(self.dialect, keys)
+        return insert
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is not None and not _still_open(self._conn):
+            await self._drop()
+        if self._conn is None:
+            args, options = self._connect_args
+            self._conn = await psycopg.AsyncConnection.connect(*args, **options, autocommit=True)
+        return self._conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.shield(conn.close())
+
+    async def close(self) -> None:
+        await self._drop()
+
+
+def _still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the idle connection is still open, as far as can be told without a round
+    trip. A server that closed it (a restart, ``pg_terminate_backend``, an idle timeout)
+    left its last message and EOF on the socket, and an idle connection that LISTENs to
+    nothing has nothing else to read: readable means gone (at worst a notice, and one
+    reconnect). Seen here, the group goes out on a new connection instead of a 503."""
+    if conn.closed:
+        return False
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return not readable
