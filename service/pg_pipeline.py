@@ -91,9 +91,14 @@ class SubmitPipeline:
     async def insert(
         self, rows: Sequence[JobValues], notices: Sequence[tuple[str, str]]
     ) -> set[str]:
+        insert = self._insert_for(rows[0])
+        try:
+            params = [insert.params(row) for row in rows]
+        except Exception as exc:  # a value the binding refuses (a date past 9999 in UTC)
+            raise Refused(str(exc)) from exc
         started = time.monotonic()
         try:
-            skipped = await self._send(rows, notices)
+            skipped = await self._send(insert, params, notices)
         except psycopg.Error as exc:
             await self._drop()  # a fresh connection for the next group, whatever broke
             wrapped = sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error)
@@ -107,22 +112,21 @@ class SubmitPipeline:
         return skipped
 
     async def _send(
-        self, rows: Sequence[JobValues], notices: Sequence[tuple[str, str]]
+        self, insert: _Insert, params: list[dict[str, Any]], notices: Sequence[tuple[str, str]]
     ) -> set[str]:
         conn = await self._connection()
-        insert = self._insert_for(rows[0])
         async with conn.pipeline():
             cursor = conn.cursor()
-            if len(rows) == 1:
-                await cursor.execute(insert.sql, insert.params(rows[0]))
+            if len(params) == 1:
+                await cursor.execute(insert.sql, params[0])
             else:
-                await cursor.executemany(insert.sql, [insert.params(row) for row in rows])
+                await cursor.executemany(insert.sql, params)
             for channel, payload in notices:
                 await conn.execute(NOTIFY, (channel, payload))
         # The pipeline's Sync has committed: the rowcount is the rows inserted.
-        if cursor.rowcount == len(rows):
+        if cursor.rowcount == len(params):
             return set()
-        ids = [row["id"] for row in rows]  # ours alone: a fresh UUIDv7 each
+        ids = [row["id"] for row in params]  # ours alone: a fresh UUIDv7 each
         found = await conn.execute("SELECT id FROM jobs WHERE id = ANY(%s)", (ids,))
         inserted = {job_id for (job_id,) in await found.fetchall()}
         return {job_id for job_id in ids if job_id not in inserted}
