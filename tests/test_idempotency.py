@@ -56,7 +56,9 @@ def stored(db: Database, queue: str = "q_idem") -> list[str]:
     return sorted(db.run_sync(lambda session: list(session.scalars(query))))
 
 
-def test_one_group_resolves_replays_mismatches_expiry_and_duplicates(db: Database) -> None:
+def mixed_group(db: Database) -> tuple[JobValues, JobValues, list[JobValues]]:
+    """A job holding a live key, one holding an expired key (both stored), and a group
+    that meets every case of a key. ``check_mixed_outcomes`` says what it must give."""
     live, old = keyed("live", args=[1]), keyed("old", args=[1], ago=TTL + 5)
     db.run_sync(lambda session: store_group(session, [live, old], TTL))
     group = [
@@ -69,7 +71,14 @@ def test_one_group_resolves_replays_mismatches_expiry_and_duplicates(db: Databas
         keyed(None),  # no key: always a new job
         keyed(None),
     ]
-    outcomes = db.run_sync(lambda session: store_group(session, group, TTL))
+    return live, old, group
+
+
+def check_mixed_outcomes(
+    db: Database, live: JobValues, old: JobValues, outcomes: list[Any]
+) -> list[Submitted]:
+    """The outcomes of ``mixed_group``'s group, and what is stored after it; returns the
+    submitted ones."""
     assert [type(o).__name__ for o in outcomes] == [
         "Submitted",
         "IdempotencyMismatch",
@@ -83,6 +92,13 @@ def test_one_group_resolves_replays_mismatches_expiry_and_duplicates(db: Databas
     assert done[1].row["id"] != old["id"]
     inserted = [o.row["id"] for o in done if not o.replayed]
     assert stored(db) == sorted([live["id"], old["id"], *inserted])
+    return done
+
+
+def test_one_group_resolves_replays_mismatches_expiry_and_duplicates(db: Database) -> None:
+    live, old, group = mixed_group(db)
+    outcomes = db.run_sync(lambda session: store_group(session, group, TTL))
+    done = check_mixed_outcomes(db, live, old, list(outcomes))
     # The expired job gave its key up; the new one holds it.
     again = db.run_sync(lambda session: store_group(session, [keyed("old", args=[2])], TTL))
     assert again == [Submitted(done[1].row, replayed=True)]

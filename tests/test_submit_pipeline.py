@@ -17,12 +17,12 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from conftest import migrated_database, selected_databases
-from test_idempotency import TTL, keyed, stored
+from test_idempotency import TTL, check_mixed_outcomes, keyed, mixed_group, stored
 
 from service import errors
 from service.brokers.sql import CHANNEL, SqlBroker
 from service.db import Database
-from service.idempotency import Submitted, store_group
+from service.idempotency import Submitted
 from service.pg_pipeline import APPLICATION_NAME
 from service.runtime import Runtime
 from service.settings import Settings
@@ -59,27 +59,9 @@ async def submit_all(runtime: Runtime, rows: list[Any]) -> list[Any]:
 
 
 def test_one_group_resolves_keys_as_the_pool_does(db: Database) -> None:
-    live, old = keyed("live", args=[1]), keyed("old", args=[1], ago=TTL + 5)
-    db.run_sync(lambda session: store_group(session, [live, old], TTL))
-    group = [
-        keyed("live", args=[1]),  # a live key, same body: its job
-        keyed("live", args=[2]),  # a live key, another body: refused
-        keyed("old", args=[2]),  # an expired key: released, a new job
-        keyed("new", args=[1]),  # first of the group with this key: a new job
-        keyed("new", args=[1]),  # later ones replay it...
-        keyed("new", args=[3]),  # ...or are refused
-        keyed(None),  # no key: always a new job
-        keyed(None),
-    ]
+    live, old, group = mixed_group(db)
     outcomes = asyncio.run(submit_all(runtime_of(db), group))
-    kinds = [type(o).__name__ for o in outcomes]
-    assert kinds == ["Submitted", "IdempotencyMismatch", *["Submitted"] * 3,
-                     "IdempotencyMismatch", *["Submitted"] * 2]  # fmt: skip
-    done = [o for o in outcomes if isinstance(o, Submitted)]
-    assert [o.replayed for o in done] == [True, False, False, True, False, False]
-    assert done[0].row["id"] == live["id"] and done[3].row["id"] == done[2].row["id"]
-    inserted = [o.row["id"] for o in done if not o.replayed]
-    assert stored(db) == sorted([live["id"], old["id"], *inserted])
+    check_mixed_outcomes(db, live, old, outcomes)
 
 
 def test_a_refused_row_fails_alone_and_the_rest_commit(db: Database) -> None:
