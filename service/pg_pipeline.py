@@ -163,5 +163,6 @@ def _still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
     reconnect). Seen here, the group goes out on a new connection instead of a 503."""
     if conn.closed:
         return False
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    return not readable
+    poller = select.poll()  # not select.select: a busy service's descriptors pass 1024
+    poller.register(conn.fileno(), select.POLLIN)
+    return not poller.poll(0)

@@ -8,6 +8,7 @@ is replaced before a group is lost on it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,3 +117,27 @@ def _terminate_pipeline(session: sa.orm.Session) -> int:
 
 def _libpq_url(db: Database) -> str:
     return db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def test_a_connection_past_descriptor_1024_is_still_checked(db: Database) -> None:
+    """A service with many clients holds more than 1,024 descriptors, past what
+    ``select.select`` can watch: the check before each group must not fail there."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+
+        async def scenario() -> list[Any]:
+            runtime = runtime_of(db)
+            try:
+                first = await runtime.submits.submit(keyed(None))
+                assert runtime.submits.pipeline is not None
+                assert runtime.submits.pipeline._conn is not None
+                assert runtime.submits.pipeline._conn.fileno() > 1024
+                return [first, await runtime.submits.submit(keyed(None))]
+            finally:
+                await runtime.submits.close()
+
+        outcomes = asyncio.run(scenario())
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+    assert all(isinstance(o, Submitted) for o in outcomes), outcomes
