@@ -23,8 +23,10 @@ to explore) and no example database, so CI sees the same requests every time.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import threading
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -61,6 +63,24 @@ STATEFUL_STEPS = 200
 # Two operations in flight at once: one generates its cases while the other's request is
 # in the service (41 s instead of 52 on SQLite; four were no faster on 2 cores).
 FUZZ_WORKERS = int(os.environ.get("CELERIAC_FUZZ_WORKERS", "2"))
+_AST_PARSE = threading.Lock()
+
+
+@pytest.fixture(autouse=True)
+def _one_ast_parse_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPython 3.11's ``ast.parse`` keeps its recursion depth in state the threads share:
+    two at once can fail with "SystemError: AST constructor recursion depth mismatch".
+    Hypothesis parses a filter's source to describe it, from both fuzzing threads, so
+    this test process parses one at a time (seen once in a clean-clone run)."""
+    parse = ast.parse
+
+    def serial_parse(*args: Any, **kwargs: Any) -> Any:
+        with _AST_PARSE:
+            return parse(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", serial_parse)
+
+
 # positive_data_acceptance (a schema-valid request must not get 400/422) is off in CI: the
 # service refuses, by documented rules JSON Schema cannot state, values the schema allows
 # (cron grammar, IANA time zones, webhook SSRF rules, limits set at deploy time). Turn it
