@@ -167,8 +167,10 @@ class SubmitBatcher:
             for _, future in batch:
                 _settle(future, exc)
             return Committed([], Effects())
-        effects = _submitted([row for row in rows if row["id"] not in skipped])
-        effects.announced = announced.announced
+        effects = announced  # the common case: every row inserted, nothing to recompute
+        if skipped:
+            effects = _submitted([row for row in rows if row["id"] not in skipped])
+            effects.announced = announced.announced
         inserted: list[JobValues] = []
         for row, future in batch:
             if row["id"] not in skipped:
