@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded(asyncio.gather(*loops, return_exceptions=True), "background loops")
             await _bounded(webhook_client.aclose(), "the webhook client")
             await _bounded(broker.close(), "the broker")
-            await _bounded(runtime.submits.close(), "the submit pipeline")
+            await _bounded(runtime.close(), "the event loop's database connections")
             db.engine.dispose()
 
     app = FastAPI(

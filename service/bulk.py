@@ -9,8 +9,9 @@ one call, where psycopg dumped each array value with a Python call of its own.""
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,13 +51,21 @@ def insert_each(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
 def _insert_recordset(
     session: Session, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
 ) -> None:
-    read = _Recordset(columns)
+    read, statement = recordset_insert(tuple(columns))
+    session.execute(statement, {"rows": read.rows_json(rows)})
+
+
+@functools.lru_cache(maxsize=64)
+def recordset_insert(columns: tuple[str, ...]) -> tuple[Recordset, sa.TextClause]:
+    """``INSERT INTO jobs (<columns>) SELECT … FROM json_to_recordset(:rows)``, and the
+    recordset that writes ``:rows`` (PostgreSQL): once per set of columns."""
+    read = Recordset(columns)
     # Column names come from the table definition (``jobs_c`` refuses any other).
     statement = sa.text(
         f"INSERT INTO jobs ({', '.join(columns)}) "  # noqa: S608
         f"SELECT {', '.join(read.values)} FROM {read.source}"
     )
-    session.execute(statement, {"rows": read.rows_json(rows)})
+    return read, statement
 
 
 def _update_executemany(
@@ -73,7 +82,7 @@ def _update_executemany(
     )
 
 
-class _Recordset:
+class Recordset:
     """The rows as one JSON array parameter read by ``json_to_recordset``: written by
     orjson in one call, where psycopg's array dumpers made a Python call per value (a
     quarter of a batch submit's time). Only the named columns go.
@@ -85,9 +94,14 @@ class _Recordset:
     - A timestamp goes as the naive UTC the column holds, converted here as SQLAlchemy's
       binding converts it: one that overflows the calendar when moved to UTC is refused
       (a row error) rather than stored as a year PostgreSQL has and Python has not.
-    - Integers beyond 64 bits, which orjson refuses, go through the standard library."""
+    - Integers beyond 64 bits, which orjson refuses, go through the standard library.
 
-    def __init__(self, columns: Sequence[str], *, key: str | None = None) -> None:
+    ``key``: the column rows are matched on; ``match``: text values rows are matched on
+    that no column holds under that name (``v.<name>``); neither is among ``values``."""
+
+    def __init__(
+        self, columns: Sequence[str], *, key: str | None = None, match: Sequence[str] = ()
+    ) -> None:
         self.plan: list[tuple[str, Any]] = []
         declared, self.values = [], []
         for name in ([key] if key else []) + list(columns):
@@ -97,10 +111,17 @@ class _Recordset:
             self.values.append(read.format(f"v.{name}"))
         if key:
             self.values = self.values[1:]
+        for name in match:
+            self.plan.append((name, None))
+            declared.append(f"{name} text")
         self.source = f"json_to_recordset(CAST(:rows AS json)) AS v({', '.join(declared)})"
 
     def rows_json(self, rows: Sequence[Mapping[str, Any]]) -> str:
-        plan = self.plan
+        # A batch's rows share their timestamps (one ``now``): each converted once.
+        plan = [
+            (name, _once_per_value(convert) if convert is _naive_utc else convert)
+            for name, convert in self.plan
+        ]
         shaped = [
             {name: row[name] if convert is None else convert(row[name]) for name, convert in plan}
             for row in rows
@@ -109,6 +130,19 @@ class _Recordset:
             return orjson.dumps(shaped).decode()
         except TypeError:  # orjson.JSONEncodeError included
             return json.dumps(shaped, separators=(",", ":"), default=_iso)
+
+
+def _once_per_value(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert``, remembering its answer for each value object it was given."""
+    seen: dict[int, tuple[Any, Any]] = {}  # id -> (the value, kept alive; its conversion)
+
+    def converted(value: Any) -> Any:
+        entry = seen.get(id(value))
+        if entry is None or entry[0] is not value:
+            entry = seen[id(value)] = (value, convert(value))
+        return entry[1]
+
+    return converted
 
 
 def _iso(value: Any) -> str:
@@ -156,7 +190,7 @@ def _recordset_column(column: sa.Column[Any]) -> tuple[str, str, Any]:
 def _update_recordset(
     session: Session, columns: Sequence[str], changes: Sequence[Mapping[str, Any]]
 ) -> None:
-    read = _Recordset(columns, key="id")
+    read = Recordset(columns, key="id")
     sets = [f"{name} = {value}" for name, value in zip(columns, read.values, strict=True)]
     # Column names come from the table definition, never from input.
     statement = sa.text(

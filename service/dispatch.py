@@ -33,8 +33,16 @@ from typing import Any
 from service.brokers.base import Broker, BrokerUnavailable, Candidates
 from service.brokers.sql import SqlBroker
 from service.db import Database
-from service.leases import LeaseTerms, claim_by_ids, claim_from_queues, short_means_drained
+from service.leases import (
+    LeaseTerms,
+    claim_by_ids,
+    claim_from_queues,
+    claim_ids_direct,
+    claim_queue_direct,
+    short_means_drained,
+)
 from service.models import JobValues
+from service.pg_direct import DirectPg, Refused
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.dispatch")
@@ -47,9 +55,11 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 class Dispatcher:
     def __init__(
         self, db: Database, signals: Signals, broker: Broker, *, fallback_seconds: float,
-        spawn: Spawn,
+        spawn: Spawn, direct: DirectPg | None = None,
     ) -> None:  # fmt: skip
         self.db = db
+        # On PostgreSQL, claims that are one statement run from the event loop.
+        self.direct = direct
         self.signals = signals
         self.broker = broker
         # The SQL candidate source: the broker itself, or the fallback of an index broker
@@ -108,7 +118,7 @@ class Dispatcher:
         if not batch.ids:
             return []
         try:
-            rows = await self.db.run(lambda s: claim_by_ids(s, batch.ids, terms()))
+            rows = await self._claim_ids(batch.ids, terms)
         except BaseException:
             await batch.hand_back(batch.ids, still_ready=True)
             raise
@@ -122,7 +132,7 @@ class Dispatcher:
         generation = self.signals.ready_generation  # before the claim's snapshot
         plain = short_means_drained(self.db.engine)
         # terms() per attempt: a lease granted late still gets its full length.
-        rows = await self.db.run(lambda s: claim_from_queues(s, queues, max_jobs, terms()))
+        rows = await self._claim_queues(queues, max_jobs, terms)
         key = tuple(queues)
         if len(rows) < max_jobs and plain and short_means_drained(self.db.engine):
             if len(self._drained_at) >= _DRAINED_KEYS:
@@ -131,6 +141,31 @@ class Dispatcher:
         else:
             self._drained_at.pop(key, None)
         return rows
+
+    async def _claim_ids(self, ids: Sequence[str], terms: Terms) -> list[JobValues]:
+        """``claim_by_ids``: one statement from the event loop where it can be."""
+        if self._direct_applies():
+            assert self.direct is not None
+            with contextlib.suppress(Refused):  # nothing committed: the pool's path
+                return await claim_ids_direct(self.direct, ids, terms())
+        return await self.db.run(lambda s: claim_by_ids(s, ids, terms()))
+
+    async def _claim_queues(
+        self, queues: Sequence[str], max_jobs: int, terms: Terms
+    ) -> list[JobValues]:
+        """``claim_from_queues``: for one queue, its one statement from the event loop
+        where it can be. (Several queues: one transaction through the pool.)"""
+        if len(queues) == 1 and self._direct_applies():
+            assert self.direct is not None
+            with contextlib.suppress(Refused):
+                return await claim_queue_direct(self.direct, queues[0], max_jobs, terms())
+        return await self.db.run(lambda s: claim_from_queues(s, queues, max_jobs, terms()))
+
+    def _direct_applies(self) -> bool:
+        """PostgreSQL, and no flow control (its claims are several statements)."""
+        from service import flow  # flow control's module imports the runtime, which imports this
+
+        return self.direct is not None and not flow.active(self.db.engine)
 
     def _drained(self, queues: Sequence[str]) -> bool:
         """Whether the last claim of ``queues`` here came back short and nothing became
@@ -149,7 +184,7 @@ class Dispatcher:
         self, rows: list[JobValues], queues: Sequence[str], max_jobs: int, terms: Terms
     ) -> list[JobValues]:
         want = max_jobs - len(rows)
-        extra = await self.db.run(lambda s: claim_from_queues(s, queues, want, terms()))
+        extra = await self._claim_queues(queues, want, terms)
         if not extra:
             return rows
         order = {queue: index for index, queue in enumerate(queues)}

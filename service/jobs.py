@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -139,14 +140,24 @@ def get_job(
     """The job; with ``visible_to``, only if that caller may use its queue (another
     tenant's job reads as missing: its existence is not revealed)."""
     if not is_job_id(job_id):
-        raise errors.JobNotFound(f"no job has id {job_id!r}")
+        raise not_found(job_id)
     query = sa.select(JobRow).where(JobRow.id == job_id)
     if for_update:
         query = query.with_for_update()
     row = session.scalars(query).first()
     if row is None or (visible_to is not None and not visible_to.allows_queue(row.queue)):
-        raise errors.JobNotFound(f"no job has id {job_id!r}")
+        raise not_found(job_id)
     return row
+
+
+def not_found(job_id: str) -> errors.JobNotFound:
+    return errors.JobNotFound(f"no job has id {job_id!r}")
+
+
+@functools.cache
+def by_id() -> sa.Select[Any]:
+    """Every column of the job ``:job_id``: built once (building costs more than running)."""
+    return sa.select(JOBS_TABLE).where(JOBS_TABLE.c.id == sa.bindparam("job_id"))
 
 
 def check_visible(session: Session, job_id: str, principal: Principal) -> None:
@@ -155,7 +166,7 @@ def check_visible(session: Session, job_id: str, principal: Principal) -> None:
         return
     queue = session.scalar(sa.select(JobRow.queue).where(JobRow.id == job_id))
     if queue is None or not principal.allows_queue(queue):
-        raise errors.JobNotFound(f"no job has id {job_id!r}")
+        raise not_found(job_id)
 
 
 def check_queues(principal: Principal, queues: Iterable[str], what: str = "jobs") -> None:

@@ -22,16 +22,18 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import joblogs, workflows
-from service.bulk import update_each
+from service.bulk import Recordset, update_each
 from service.effects import Dispatch, Ended
 from service.effects import Effects as Effects  # re-exported: the domain's callers use it
 from service.ids import is_job_id
 from service.models import JOBS_TABLE, JobValues, UTCDateTime
+from service.pg_direct import Row
 from service.states import PENDING, JobStatus, LeaseProblem, Outcome
 from service.webhooks import record_finished
 
 if TYPE_CHECKING:
     from service.flow_redis import SlotArbiter
+    from service.pg_direct import DirectPg
 
 BATCH_LIMIT = 1000
 jobs_c = JOBS_TABLE.c
@@ -224,6 +226,60 @@ def claim_queue(
         .with_for_update(skip_locked=True)
     )
     return _grant(session, _rows(session, picked, claim_params(terms)), terms)
+
+
+async def claim_queue_direct(
+    direct: DirectPg, queue: str, want: int, terms: LeaseTerms
+) -> list[JobValues]:
+    """``claim_queue`` (the plain claim, in its one statement) from the event loop on
+    PostgreSQL (service/pg_direct.py). Its own transaction: the caller claims one queue."""
+    own_deadlines = not terms.lease_seconds
+    compiled = direct.compiled(
+        ("claim queue", own_deadlines),
+        lambda: _grant_statement("postgresql", own_deadlines, False),
+    )
+    rows = await direct.fetch(compiled, claim_params(terms) | {"claim_queue": queue, "want": want})
+    return sorted(_granted(rows), key=lambda row: (-row["priority"], row["id"]))
+
+
+async def claim_ids_direct(
+    direct: DirectPg, ids: Sequence[str], terms: LeaseTerms
+) -> list[JobValues]:
+    """``claim_by_ids`` (for a caller that may use every queue) in one statement from the
+    event loop on PostgreSQL: the ids still grantable, granted, in the broker's order."""
+    if not ids:
+        return []
+    own_deadlines = not terms.lease_seconds
+    compiled = direct.compiled(
+        ("claim ids", own_deadlines), lambda: _grant_ids_statement(own_deadlines)
+    )
+    rows = await direct.fetch(compiled, claim_params(terms) | {"ids": list(ids)})
+    found = {row["id"]: row for row in _granted(rows)}
+    return [found[i] for i in ids if i in found]
+
+
+def _granted(rows: list[Row]) -> list[JobValues]:
+    return cast(list[JobValues], rows)
+
+
+def _grant_ids_statement(own_deadlines: bool) -> sa.Update:
+    """``_grant_statement`` over the ids a broker proposed (``= ANY(:ids)``, an array: one
+    plan for any number of ids) instead of the ready jobs of a queue. PostgreSQL only."""
+    from sqlalchemy.dialects import postgresql
+
+    deadline = _own_deadline("postgresql") if own_deadlines else sa.bindparam("deadline")
+    ids = sa.bindparam("ids", type_=postgresql.ARRAY(sa.String()))
+    return (
+        sa.update(JOBS_TABLE)
+        .where(jobs_c.id == sa.any_(ids), grantable())
+        .values(
+            **_lease_values(
+                sa.bindparam("token"), sa.bindparam("worker"), sa.bindparam("key_id"), _NOW
+            ),
+            lease_expires_at=sa.type_coerce(deadline, UTCDateTime()),
+        )
+        .returning(*(jobs_c[name] for name in GRANTED_COLUMNS))
+    )
 
 
 def short_means_drained(engine: Any) -> bool:
@@ -537,11 +593,101 @@ def _finished(change: JobValues, now: datetime, effects: Effects) -> JobValues:
 
 def _succeeded(row: JobValues, report: Settle, now: datetime, effects: Effects) -> JobValues:
     change = _unleased(row, JobStatus.succeeded)
-    # A large result lives in the result store (result_ref); kept result_ttl seconds.
-    change.update({"result": report.result, "result_ref": report.result_ref})
-    if row["result_ttl"] is not None:
+    change.update(cast(JobValues, _success(report, now)))
+    if row["result_ttl"] is not None:  # kept result_ttl seconds
         change["result_expires_at"] = now + timedelta(seconds=row["result_ttl"])
     return _finished(change, now, effects)
+
+
+# What a success writes that does not depend on the row (``_unleased`` copies the rest,
+# which the report leaves as it was): the direct settle writes these, and the result's
+# expiry from the row's ``result_ttl`` as ``_succeeded`` computes it.
+SUCCESS_COLUMNS = ("status", "result", "error", "finished_at", "lease_token",
+                   "lease_expires_at", "result_ref")  # fmt: skip
+
+
+def _success(report: Settle, now: datetime) -> dict[str, Any]:
+    """A large result lives in the result store (``result_ref``, ``result`` None)."""
+    return {
+        "status": JobStatus.succeeded,
+        "result": report.result,
+        "error": None,
+        "finished_at": now,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "result_ref": report.result_ref,
+        "result_expires_at": None,
+    }
+
+
+def settles_directly(report: Settle) -> bool:
+    """Whether ``settle_succeeded_direct`` may take this report: a success without logs,
+    from an id that could be a job's. (Its job must also name no webhook, workflow or
+    limit, which the statement itself checks.)"""
+    return report.outcome == Outcome.succeeded and report.logs is None and is_job_id(report.id)
+
+
+async def settle_succeeded_direct(
+    direct: DirectPg,
+    reports: Sequence[Settle],
+    now: datetime,
+    effects: Effects,
+    *,
+    key_id: str,
+    waited: Callable[[str], bool],
+    notices: Sequence[tuple[str, str]] = (),
+) -> dict[str, JobValues]:
+    """Settle successes (``settles_directly``, distinct ids) in one statement from the
+    event loop on PostgreSQL, with ``notices`` in its transaction: the jobs it settled, as
+    they now are. What it leaves (a stale or foreign token, a job with a webhook, a
+    workflow or limits, whose settle writes more than its row) is for
+    ``settle``, which answers it as it always has."""
+    read = _success_recordset()
+    compiled = direct.compiled("settle succeeded", lambda: _settle_succeeded_statement(read))
+    changes = [{"id": r.id, "match_token": r.token, **_success(r, now)} for r in reports]
+    rows = await direct.fetch(
+        compiled,
+        {"rows": read.rows_json(changes), "key_id": key_id, "running": JobStatus.running},
+        notices,
+    )
+    tokens = {report.id: report.token for report in reports}
+    settled: dict[str, JobValues] = {}
+    for row in cast(list[JobValues], rows):
+        job_id = row["id"]
+        settled[job_id] = row
+        # The attempt as it was: the update left all but the lease's columns alone.
+        effects.ended.append(_ended(row | {"lease_token": tokens[job_id]}, row, now))
+        effects.finished.append(job_id)
+        if waited(job_id):
+            effects.settled[job_id] = row
+        if row.get("traceparent"):
+            effects.trace(row)
+    return settled
+
+
+@functools.cache
+def _success_recordset() -> Recordset:
+    return Recordset(SUCCESS_COLUMNS, key="id", match=("match_token",))
+
+
+def _settle_succeeded_statement(read: Recordset) -> sa.TextualSelect:
+    """``settle``'s fencing (the token, ``running``, the caller's key) and its writes for a
+    success, over a recordset of reports; only jobs whose settle writes no more."""
+    sets = [f"{name} = {value}" for name, value in zip(SUCCESS_COLUMNS, read.values, strict=True)]
+    # NULL without a TTL; as ``_succeeded``'s ``now + timedelta(seconds=result_ttl)``.
+    sets.append("result_expires_at = v.finished_at + jobs.result_ttl * interval '1 second'")
+    returned = ", ".join(f"jobs.{column.name}" for column in JOBS_TABLE.columns)
+    # Column names come from the table definition, never from input.
+    statement = sa.text(
+        f"UPDATE jobs SET {', '.join(sets)} FROM {read.source} "  # noqa: S608
+        "WHERE jobs.id = v.id AND jobs.lease_token = v.match_token"
+        " AND jobs.status = :running"
+        " AND (jobs.lease_key IS NULL OR jobs.lease_key = :key_id)"
+        " AND jobs.webhook IS NULL AND jobs.workflow_id IS NULL"
+        " AND jobs.limit_key IS NULL"
+        f" RETURNING {returned}"
+    )
+    return statement.columns(*JOBS_TABLE.columns)
 
 
 def _released(row: JobValues, effects: Effects, *, counts_as_attempt: bool) -> JobValues:

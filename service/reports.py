@@ -4,17 +4,27 @@ results too large for the row placed in the result store first."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service import errors, results
+from service import errors, flow, results
 from service.jobs import get_job
-from service.leases import Effects, Settle, SettleOutcome, keep_settled, settle
-from service.models import JobRow, values_of
+from service.leases import (
+    Effects,
+    Settle,
+    SettleOutcome,
+    keep_settled,
+    settle,
+    settle_succeeded_direct,
+    settles_directly,
+)
+from service.models import JobValues, values_of
+from service.pg_direct import Refused
 from service.runtime import Runtime
 from service.schemas import Report
-from service.states import LeaseProblem, Outcome
+from service.states import JobStatus, LeaseProblem, Outcome
 
 
 def raise_problem(job_id: str, problem: str | None) -> None:
@@ -31,36 +41,75 @@ def raise_problem(job_id: str, problem: str | None) -> None:
 
 async def settle_many(runtime: Runtime, reports: list[Settle], key_id: str) -> list[SettleOutcome]:
     now = runtime.clock.now()
+    direct = await _settle_direct(runtime, reports, now, key_id)
+    rest = [report for report in reports if report.id not in direct]
 
     def work(session: Session, effects: Effects) -> list[SettleOutcome]:
-        outcomes = settle(session, reports, now, effects, key_id=key_id)
+        outcomes = settle(session, rest, now, effects, key_id=key_id)
         keep_settled(session, effects, runtime.signals.is_waited)  # for waiters here
         return outcomes
 
-    return await runtime.transact(work)
+    others = iter(await runtime.transact(work) if rest else [])
+    return [
+        SettleOutcome(r.id, None, JobStatus.succeeded) if r.id in direct else next(others)
+        for r in reports
+    ]
 
 
 async def settle_one(
     runtime: Runtime, report: Settle, key_id: str, request_length: int | None
-) -> JobRow:
+) -> JobValues:
     """One report; the job as it now is. A large result goes to the result store first
     (413 without a store); a report that does not settle deletes its file again."""
     [report], stored = await results.place(runtime, request_length, [report])
     now = runtime.clock.now()
 
-    def work(session: Session, effects: Effects) -> JobRow:
+    def work(session: Session, effects: Effects) -> JobValues:
         [outcome] = settle(session, [report], now, effects, key_id=key_id)
         raise_problem(report.id, outcome.problem)
-        row = get_job(session, report.id)
+        row = values_of(get_job(session, report.id))
         if report.id in effects.finished and runtime.signals.is_waited(report.id):
-            effects.settled[report.id] = values_of(row)  # the waiter answers with it
+            effects.settled[report.id] = row  # the waiter answers with it
         return row
 
     try:
+        direct = await _settle_direct(runtime, [report], now, key_id)
+        if report.id in direct:
+            return direct[report.id]
         return await runtime.transact(work)
     except BaseException:
         await results.discard(runtime, stored)
         raise
+
+
+async def _settle_direct(
+    runtime: Runtime, reports: list[Settle], now: datetime, key_id: str
+) -> dict[str, JobValues]:
+    """The successes settled in one statement from the event loop (PostgreSQL, no flow
+    control, ``settles_directly``; service/pg_direct.py), their effects applied: the jobs
+    as they now are. The rest, and all of a batch that names a job twice (the first
+    report settles it, which is ``settle``'s to decide), are left to ``settle``."""
+    direct = runtime.direct
+    if direct is None or flow.active(runtime.db.engine):
+        return {}
+    candidates = [report for report in reports if settles_directly(report)]
+    if not candidates or len({report.id for report in reports}) < len(reports):
+        return {}
+    effects = Effects()
+    # What the broker tells other replicas, in the statement's own transaction (a NOTIFY
+    # for the SQL broker); for a job the statement leaves, a wake-up too many, harmless.
+    notices = runtime.broker.commit_notices(Effects(finished=[r.id for r in candidates]))
+    try:
+        settled = await settle_succeeded_direct(
+            direct, candidates, now, effects, key_id=key_id,
+            waited=runtime.signals.is_waited, notices=notices,
+        )  # fmt: skip
+    except Refused:  # nothing committed: all of them through the pool
+        return {}
+    effects.announced = bool(notices)
+    if settled:
+        await runtime.apply(effects)
+    return settled
 
 
 async def report_many(

@@ -26,7 +26,8 @@ from service.jobs import Defaults, dispatch_of_values
 from service.longpoll import LongPolls
 from service.models import JobValues
 from service.observe import Observer
-from service.pg_pipeline import Refused, SubmitPipeline
+from service.pg_direct import DirectPg, Refused
+from service.pg_pipeline import SubmitPipeline
 from service.settings import Settings
 from service.signals import Signals
 from service.tracing import Tracing
@@ -158,7 +159,7 @@ class SubmitBatcher:
             return await self._insert_pooled(batch)
         rows = [row for row, _ in batch]
         announced = Effects()  # the broker's part for every row: a wake-up too many is harmless
-        notices = self.runtime.broker.commit_notices(_submitted(rows, announced))
+        notices = self.runtime.broker.commit_notices(submitted_effects(rows, announced))
         try:
             skipped = await self.pipeline.insert(rows, notices)
         except Refused:  # nothing committed: the pool's path finds the row at fault
@@ -169,7 +170,7 @@ class SubmitBatcher:
             return Committed([], Effects())
         effects = announced  # the common case: every row inserted, nothing to recompute
         if skipped:
-            effects = _submitted([row for row in rows if row["id"] not in skipped])
+            effects = submitted_effects([row for row in rows if row["id"] not in skipped])
             effects.announced = announced.announced
         inserted: list[JobValues] = []
         for row, future in batch:
@@ -269,6 +270,8 @@ class Runtime:
             result_ttl=self.settings.result_expires_seconds or None,
         )
         self.submits = SubmitBatcher(self)
+        # On PostgreSQL: the hot paths' single statements, from the event loop (pg_direct.py).
+        self.direct = DirectPg.for_engine(self.db.engine, self.db.outage)
         self.long_polls = LongPolls(
             self.settings.max_long_polls, self.settings.max_long_polls_per_key
         )
@@ -279,7 +282,15 @@ class Runtime:
             self.broker,
             fallback_seconds=self.settings.sql_poll_fallback_seconds,
             spawn=self.spawn,
+            direct=self.direct,
         )
+
+    async def close(self) -> None:
+        """Close the connections of the event loop's own (the submit pipeline's, the
+        direct path's); the pool's are the engine's."""
+        await self.submits.close()
+        if self.direct is not None:
+            await self.direct.close()
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``work`` beyond the request that started it; cancelled at shutdown."""
@@ -333,7 +344,7 @@ class Runtime:
         commit leaves to do, with the broker's in-transaction part done (on PostgreSQL
         with the SQL broker, the NOTIFY that rides the commit). Runs in the database's
         thread. Hand the result to ``after_submit(rows, effects)`` after the commit."""
-        effects = _submitted(rows)
+        effects = submitted_effects(rows)
         self.broker.in_transaction(session, effects)
         return effects
 
@@ -341,10 +352,10 @@ class Runtime:
         """After the commit of ``rows``: publish them, wake waiters. ``effects``: what
         ``announce_submitted`` returned inside that transaction, if it was called."""
         self.observer.submitted(rows)
-        await self.apply(_submitted(rows) if effects is None else effects)
+        await self.apply(submitted_effects(rows) if effects is None else effects)
 
 
-def _submitted(rows: list[JobValues], effects: Effects | None = None) -> Effects:
+def submitted_effects(rows: list[JobValues], effects: Effects | None = None) -> Effects:
     """What committing new jobs leaves to do: dispatch the queued, time the delayed."""
     effects = Effects() if effects is None else effects
     for row in rows:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import cast
 
 from sqlalchemy.orm import Session
 
 from service import jobs
 from service.auth import Principal
-from service.models import JobValues, values_of
+from service.ids import is_job_id
+from service.models import JobValues
+from service.pg_direct import Refused
 from service.runtime import Runtime
 from service.signals import FinishedWaiter
 from service.states import FINISHED
@@ -84,8 +87,7 @@ async def wait_for_finish(
                 # Clear before reading, never after: a finish that lands between the read
                 # and the wait must still wake us.
                 event.clear()
-                fresh: JobValues = await runtime.db.read(lambda session: _read(session, job_id))
-                current = fresh
+                current = await read_values(runtime, job_id)
             remaining = deadline - loop.time()
             if current["status"] in FINISHED or remaining <= 0:
                 return current
@@ -99,5 +101,24 @@ async def wait_for_finish(
         runtime.signals.drop_finished_waiter(job_id, event)
 
 
+async def read_values(runtime: Runtime, job_id: str) -> JobValues:
+    """The job as stored (``JobNotFound`` if there is none): on PostgreSQL one statement
+    from the event loop, else (or if that fails) through the pool."""
+    direct = runtime.direct
+    if direct is not None and is_job_id(job_id):
+        with contextlib.suppress(Refused):
+            rows = await direct.fetch(direct.compiled("job by id", jobs.by_id), {"job_id": job_id})
+            if not rows:
+                raise jobs.not_found(job_id)
+            return cast(JobValues, rows[0])
+    return await runtime.db.read(lambda session: _read(session, job_id))
+
+
 def _read(session: Session, job_id: str) -> JobValues:
-    return values_of(jobs.get_job(session, job_id))
+    """Core, not the ORM: a job read whole, without an identity map to fill."""
+    if not is_job_id(job_id):
+        raise jobs.not_found(job_id)
+    row = session.execute(jobs.by_id(), {"job_id": job_id}).mappings().first()
+    if row is None:
+        raise jobs.not_found(job_id)
+    return cast(JobValues, dict(row))

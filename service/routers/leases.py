@@ -37,7 +37,7 @@ from service.schemas import (
     ReportBatch,
     ReportBatchResponse,
 )
-from service.serialize import JSONResponse, iso, job_body, leased_body
+from service.serialize import JSONResponse, iso, leased_body, values_body
 from service.states import Outcome
 
 router = APIRouter(route_class=GuardedRoute, tags=["worker protocol"])
@@ -149,7 +149,7 @@ async def _settle_one(
     runtime: Runtime, report: Settle, principal: Principal, request: Request
 ) -> JSONResponse:
     row = await reports.settle_one(runtime, report, principal.key_id, content_length(request))
-    return JSONResponse(job_body(row))
+    return JSONResponse(values_body(row))
 
 
 @router.post(

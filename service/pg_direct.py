@@ -1,0 +1,223 @@
+"""Single statements the event loop runs itself on PostgreSQL (issue 14).
+
+Through the pool, each unit of work pays a hop to a database thread and back, an ORM
+session, and SQLAlchemy's execution machinery around every statement: on this project's
+2-core machine a primary-key read cost about 1.3 ms of CPU that way, against 0.3 ms for
+the same statement sent from the event loop on a psycopg ``AsyncConnection``. The hot
+paths whose work is one statement (reading a job, a claim, the settle of a success) run
+here; everything else, and every database but PostgreSQL, keeps the pool.
+
+- ``Compiled``: a Core statement compiled once, with the binding SQLAlchemy would apply to
+  each parameter (JSON, the UTC timestamps) and the conversion of each returned column,
+  so a value written or read here is exactly what the pool's path writes or reads.
+- ``DirectPg.fetch``: run one, in autocommit (each statement its own transaction), on one
+  of a few connections of its own (``CONNECTIONS``, opened as needed), with PostgreSQL
+  NOTIFYs in the same implicit transaction when asked (a pipeline whose ``Sync`` commits
+  both). An unreachable database raises ``DatabaseUnavailable`` (503), as the pool does;
+  any other error raises ``Refused``: nothing was committed, and the caller takes the
+  pool's path, which answers as it always has (retries a deadlock, refuses a bad row).
+  A connection that failed, or whose statement was cancelled, is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, cast
+
+import psycopg
+import sqlalchemy as sa
+
+from service.db import CONNECT_TIMEOUT_SECONDS
+from service.outage import OutageTracker, is_unreachable
+
+# Connections the event loop's statements may hold at once, per process. Each statement
+# takes a fraction of a millisecond, so a few serve hundreds of requests at a time; a
+# statement waiting on a row lock (a claim behind a settle) holds one meanwhile.
+CONNECTIONS = 8
+NOTIFY = "SELECT pg_notify(%s, %s)"
+APPLICATION_NAME = "celeriac-direct"
+
+Row = dict[str, Any]
+Processor = Callable[[Any], Any] | None
+
+
+class Refused(Exception):
+    """The statement failed and committed nothing: take the pool's path instead."""
+
+
+def connect_args(engine: sa.Engine, application_name: str) -> tuple[list[Any], dict[str, Any]]:
+    """psycopg's ``connect`` arguments for ``engine``'s database, as its pool connects."""
+    args, options = engine.dialect.create_connect_args(engine.url)
+    options.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+    options.setdefault("application_name", application_name)
+    return list(args), dict(options)
+
+
+def still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the idle connection is still open, as far as can be told without a round
+    trip. A server that closed it (a restart, ``pg_terminate_backend``, an idle timeout)
+    left its last message and EOF on the socket, and an idle connection that LISTENs to
+    nothing has nothing else to read: readable means gone (at worst a notice, and one
+    reconnect). Seen here, the statement goes out on a new connection instead of failing."""
+    if conn.closed:
+        return False
+    poller = select.poll()  # not select.select: a busy service's descriptors pass 1024
+    poller.register(conn.fileno(), select.POLLIN)
+    return not poller.poll(0)
+
+
+class Compiled:
+    """A Core statement compiled once for PostgreSQL through psycopg: its SQL, the bind
+    processor of each parameter, and the result processor of each returned column."""
+
+    def __init__(
+        self,
+        statement: sa.ClauseElement,
+        dialect: sa.Dialect,
+        column_keys: Sequence[str] | None = None,
+    ) -> None:
+        compiled = cast(
+            sa.sql.compiler.SQLCompiler,
+            statement.compile(
+                dialect=dialect, column_keys=None if column_keys is None else list(column_keys)
+            ),
+        )
+        self.sql = compiled.string
+        # One processor per parameter here (a tuple only for expanding IN lists, which
+        # these statements do not use: ``= ANY(array)`` instead).
+        binds = cast(Mapping[str, Processor], compiled._bind_processors)
+        self.binders: tuple[tuple[str, Processor], ...] = tuple(
+            (name, binds.get(name)) for name in compiled.params
+        )
+        self._fixed = {
+            name: bind.effective_value
+            for name, bind in compiled.binds.items()
+            if not bind.required and bind.callable is None
+        }
+        self._returned = [(e.keyname, e.type) for e in compiled._result_columns or ()]
+        self._dialect = dialect
+        # Per returned column: its key and conversion, once the first answer told the
+        # columns' types (a numeric column's conversion depends on the server's type).
+        self.columns: tuple[tuple[str, Processor], ...] | None = None
+
+    def params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The statement's parameters: ``values``, and the literals the statement holds
+        (``status = 'queued'``, ``attempt + 1``), which SQLAlchemy sends as parameters."""
+        fixed = self._fixed
+        return {
+            name: bind(value) if bind is not None else value
+            for name, bind in self.binders
+            for value in (values[name] if name in values else fixed[name],)
+        }
+
+    def rows(self, fetched: Sequence[Sequence[Any]], description: Sequence[Any]) -> list[Row]:
+        if self.columns is None:
+            self.columns = tuple(
+                (key, kind._cached_result_processor(self._dialect, column.type_code))
+                for (key, kind), column in zip(self._returned, description, strict=True)
+            )
+        return [self._row(self.columns, values) for values in fetched]
+
+    @staticmethod
+    def _row(columns: tuple[tuple[str, Processor], ...], values: Sequence[Any]) -> Row:
+        return {
+            key: value if load is None else load(value)
+            for (key, load), value in zip(columns, values, strict=True)
+        }
+
+
+class DirectPg:
+    """``fetch(compiled, values, notices)``: run one statement (and send the notices in its
+    transaction); the rows it returned. See the module's docstring."""
+
+    def __init__(self, engine: sa.Engine, outage: OutageTracker) -> None:
+        self.dialect = engine.dialect
+        self.outage = outage
+        self._connect_args = connect_args(engine, APPLICATION_NAME)
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._slots = asyncio.Semaphore(CONNECTIONS)
+        self._statements: dict[Any, Compiled] = {}
+
+    @classmethod
+    def for_engine(cls, engine: sa.Engine, outage: OutageTracker) -> DirectPg | None:
+        """The direct path where it applies: PostgreSQL through psycopg 3."""
+        if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+            return None
+        return cls(engine, outage)
+
+    def compiled(self, key: Any, build: Callable[[], sa.ClauseElement]) -> Compiled:
+        """The statement ``build`` makes, compiled once per ``key`` for this database."""
+        found = self._statements.get(key)
+        if found is None:
+            found = self._statements[key] = Compiled(build(), self.dialect)
+        return found
+
+    async def fetch(
+        self,
+        compiled: Compiled,
+        values: Mapping[str, Any],
+        notices: Sequence[tuple[str, str]] = (),
+    ) -> list[Row]:
+        try:
+            params = compiled.params(values)
+        except (ValueError, TypeError, OverflowError) as exc:  # a value the binding refuses
+            raise Refused(str(exc)) from exc  # (a date past 9999 once moved to UTC)
+        started = time.monotonic()
+        try:
+            async with self._connection() as conn:
+                fetched, description = await _run(conn, compiled.sql, params, notices)
+        except psycopg.Error as exc:
+            wrapped = sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error)
+            if is_unreachable(wrapped):
+                raise self.outage.failed(wrapped) from exc
+            raise Refused(str(exc)) from exc
+        self.outage.succeeded(started)
+        return compiled.rows(fetched, description) if description else []
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._slots:
+            conn = await self._take()
+            try:
+                yield conn
+            except BaseException:  # failed or cancelled mid-statement: its state is unknown
+                await asyncio.shield(conn.close())
+                raise
+            self._idle.append(conn)
+
+    async def _take(self) -> psycopg.AsyncConnection[Any]:
+        while self._idle:
+            conn = self._idle.pop()
+            if still_open(conn):
+                return conn
+            await conn.close()
+        args, options = self._connect_args
+        return await psycopg.AsyncConnection.connect(*args, **options, autocommit=True)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+
+async def _run(
+    conn: psycopg.AsyncConnection[Any],
+    sql: str,
+    params: dict[str, Any],
+    notices: Sequence[tuple[str, str]],
+) -> tuple[list[tuple[Any, ...]], list[Any] | None]:
+    """The rows the statement returned, and their columns (None: it returns none)."""
+    if not notices:
+        cursor = await conn.execute(sql, params)
+        return (await cursor.fetchall() if cursor.description else []), cursor.description
+    # One implicit transaction: the pipeline's Sync commits the statement and the notices.
+    async with conn.pipeline():
+        cursor = conn.cursor()
+        await cursor.execute(sql, params)
+        for channel, payload in notices:
+            await conn.execute(NOTIFY, (channel, payload))
+    return (await cursor.fetchall() if cursor.description else []), cursor.description

@@ -1,0 +1,262 @@
+"""The hot paths' single statements on PostgreSQL, run from the event loop
+(service/pg_direct.py): reading a job, the claims, and the settle of a success. In
+process, on a real migrated PostgreSQL database, each against the pool's path it stands
+in for: the same values read, the same rows written, and what the direct path leaves (a
+stale token, a job with a webhook) still answered by the pool's path as before."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from conftest import migrated_database, selected_databases
+
+from service import flow, reports, waiting
+from service.brokers.sql import SqlBroker
+from service.db import Database
+from service.effects import Effects
+from service.jobs import Defaults, insert_jobs, new_job
+from service.leases import (
+    LeaseTerms,
+    Settle,
+    claim_by_ids,
+    claim_ids_direct,
+    claim_queue,
+    claim_queue_direct,
+    settle,
+    settle_succeeded_direct,
+)
+from service.models import JOBS_TABLE, JobValues
+from service.pg_direct import APPLICATION_NAME
+from service.runtime import Clock, Runtime
+from service.schemas import JobSubmit
+from service.settings import Settings
+from service.signals import Signals
+from service.states import JobStatus, LeaseProblem, Outcome
+
+pytestmark = pytest.mark.skipif(
+    "postgres" not in selected_databases(), reason="the direct path is PostgreSQL's"
+)
+# Values whose stored form the two paths could write differently: key order, an integer
+# beyond 64 bits, JSON null against SQL NULL, a fractional result TTL.
+KWARGS = {"b": 1, "a": [None, 1.5, "x", {"z": 2**70}]}
+RESULT = {"zeta": [1, None], "alpha": 2**66, "text": "é\u2028"}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    with migrated_database("postgres", tmp_path) as database:
+        yield database
+
+
+def runtime_of(db: Database) -> Runtime:
+    signals = Signals()
+    runtime = Runtime(Settings(), db, signals, SqlBroker(db, signals, fallback_seconds=1.0))
+    assert runtime.direct is not None, "PostgreSQL through psycopg takes the direct path"
+    db.run_sync(flow.snapshot)  # no flow control configured: the plain claims and settles
+    assert not flow.active(db.engine)
+    return runtime
+
+
+def jobs_in(db: Database, n: int, queue: str = "q_direct", **spec: Any) -> list[JobValues]:
+    now = Clock().now()
+    submit = JobSubmit(task="tests.direct", queue=queue, kwargs=KWARGS, args=[None], **spec)
+    rows = [new_job(submit, now, Defaults(max_retries=1, result_ttl=12.5)) for _ in range(n)]
+    db.run_sync(lambda session: insert_jobs(session, rows))
+    return rows
+
+
+def stored(db: Database, job_id: str) -> dict[str, Any]:
+    query = sa.select(JOBS_TABLE).where(JOBS_TABLE.c.id == job_id)
+    return db.run_sync(lambda session: dict(session.execute(query).mappings().one()))
+
+
+def terms(token: str = "tok") -> LeaseTerms:
+    return LeaseTerms(worker="w1", token=token, now=Clock().now(), lease_seconds=None,
+                      default_seconds=30.0, key_id="k1")  # fmt: skip
+
+
+def without(row: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+def test_a_job_reads_the_same_as_through_the_pool(db: Database) -> None:
+    [job] = jobs_in(db, 1)
+    runtime = runtime_of(db)
+
+    async def both() -> tuple[JobValues, JobValues]:
+        try:
+            direct = await waiting.read_values(runtime, job["id"])
+            pooled = await runtime.db.read(lambda session: waiting._read(session, job["id"]))
+            return direct, pooled
+        finally:
+            await runtime.close()
+
+    direct, pooled = asyncio.run(both())
+    assert direct == pooled
+    assert list(direct["kwargs"]) == ["b", "a"] and direct["kwargs"] == KWARGS
+    assert direct["created_at"].utcoffset() == timedelta(0)
+
+
+def test_claims_grant_as_the_pool_does(db: Database) -> None:
+    first, second = jobs_in(db, 2)
+    runtime = runtime_of(db)
+    granted = terms()
+    assert runtime.direct is not None
+    direct = asyncio.run(claim_ids_direct(runtime.direct, [first["id"], "nope"], granted))
+    pooled = db.run_sync(lambda session: claim_by_ids(session, [second["id"]], granted))
+    assert [without(r, "id") for r in direct] == [without(r, "id") for r in pooled]
+    assert without(stored(db, first["id"]), "id") == without(stored(db, second["id"]), "id")
+    # Granted once: neither path grants a running job again.
+    again = asyncio.run(claim_ids_direct(runtime.direct, [first["id"], second["id"]], terms()))
+    assert again == []
+
+
+def test_a_queue_claim_grants_as_the_pool_does(db: Database) -> None:
+    jobs_in(db, 2, queue="q_direct_a", priority=5)
+    jobs_in(db, 1, queue="q_direct_a", priority=9)
+    jobs_in(db, 3, queue="q_direct_b", priority=5)
+    jobs_in(db, 1, queue="q_direct_b", priority=9)
+    runtime = runtime_of(db)
+    assert runtime.direct is not None
+    granted = terms()
+    direct = asyncio.run(claim_queue_direct(runtime.direct, "q_direct_a", 2, granted))
+    pooled = db.run_sync(lambda session: claim_queue(session, "q_direct_b", 2, granted))
+    assert [r["priority"] for r in direct] == [9, 5] == [r["priority"] for r in pooled]
+    assert [without(r, "id", "queue") for r in direct] == [
+        without(r, "id", "queue") for r in pooled
+    ]
+
+
+def _lease_both(db: Database, **spec: Any) -> tuple[JobValues, JobValues, LeaseTerms]:
+    first, second = jobs_in(db, 2, **spec)
+    granted = terms()
+    db.run_sync(lambda session: claim_by_ids(session, [first["id"], second["id"]], granted))
+    return first, second, granted
+
+
+def test_a_success_settles_as_settle_writes_it(db: Database) -> None:
+    first, second, granted = _lease_both(db)
+    runtime = runtime_of(db)
+    assert runtime.direct is not None
+    now = Clock().now()
+    effects = Effects()
+    report = Settle(first["id"], granted.token, Outcome.succeeded, result=RESULT)
+    settled = asyncio.run(
+        settle_succeeded_direct(
+            runtime.direct, [report], now, effects, key_id="k1", waited=lambda _: True
+        )
+    )
+    pooled_effects = Effects()
+    other = Settle(second["id"], granted.token, Outcome.succeeded, result=RESULT)
+    db.run_sync(lambda session: settle(session, [other], now, pooled_effects, key_id="k1"))
+    first_row, second_row = stored(db, first["id"]), stored(db, second["id"])
+    assert without(first_row, "id") == without(second_row, "id")
+    assert first_row["status"] == JobStatus.succeeded
+    assert first_row["result_expires_at"] == now + timedelta(seconds=12.5)
+    assert list(first_row["result"]) == ["zeta", "alpha", "text"]
+    assert settled[first["id"]] == first_row
+    assert effects.finished == [first["id"]] and effects.settled == settled
+    [ended], [pooled_ended] = effects.ended, pooled_effects.ended
+    assert without(asdict(ended), "id") == without(asdict(pooled_ended), "id")
+
+
+def test_what_the_direct_settle_leaves_is_settled_as_before(db: Database) -> None:
+    """A stale token, a foreign key and a job with a webhook are not the direct path's:
+    through ``settle_many`` they are answered (409) and settled (the outbox row) as
+    they always were, and a batch's other successes still settle."""
+    plain, hooked, granted = _lease_both(db)
+    db.run_sync(
+        lambda session: session.execute(
+            sa.update(JOBS_TABLE)
+            .where(JOBS_TABLE.c.id == hooked["id"])
+            .values(webhook={"url": "https://example.com/hook", "events": ["succeeded"]})
+        )
+    )
+    runtime = runtime_of(db)
+    batch = [
+        Settle(plain["id"], "stale", Outcome.succeeded, result=1),
+        Settle(hooked["id"], granted.token, Outcome.succeeded, result=2),
+    ]
+
+    async def run(items: list[Settle], key_id: str) -> list[Any]:
+        try:
+            return await reports.settle_many(runtime, items, key_id)
+        finally:
+            await runtime.close()
+
+    outcomes = asyncio.run(run(batch, "k1"))
+    assert [o.problem for o in outcomes] == [LeaseProblem.stale, None]
+    assert stored(db, plain["id"])["status"] == JobStatus.running
+    assert stored(db, hooked["id"])["status"] == JobStatus.succeeded
+    outbox = db.run_sync(
+        lambda session: session.execute(
+            sa.text("SELECT count(*) FROM webhook_deliveries WHERE job_id = :id"),
+            {"id": hooked["id"]},
+        ).scalar_one()
+    )
+    assert outbox == 1
+    foreign = asyncio.run(run([Settle(plain["id"], granted.token, Outcome.succeeded)], "k2"))
+    assert [o.problem for o in foreign] == [LeaseProblem.stale]
+    right = asyncio.run(run([Settle(plain["id"], granted.token, Outcome.succeeded)], "k1"))
+    assert [(o.problem, o.status) for o in right] == [(None, JobStatus.succeeded)]
+
+
+def test_a_connection_the_server_closed_is_replaced(db: Database) -> None:
+    [job] = jobs_in(db, 1)
+    runtime = runtime_of(db)
+
+    async def read_twice() -> JobValues:
+        try:
+            await waiting.read_values(runtime, job["id"])
+            terminated = db.run_sync(
+                lambda session: session.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = :name AND datname = current_database()"
+                    ),
+                    {"name": APPLICATION_NAME},
+                ).scalar_one()
+            )
+            assert terminated == 1
+            await asyncio.sleep(0.2)  # the server's close reaches the socket
+            return await waiting.read_values(runtime, job["id"])
+        finally:
+            await runtime.close()
+
+    assert asyncio.run(read_twice())["id"] == job["id"]
+
+
+def test_a_cancelled_statement_does_not_return_its_connection(db: Database) -> None:
+    """A claim waiting on a row lock is cancelled (its request went away): the
+    connection, mid-statement, is closed rather than handed to the next statement."""
+    [job] = jobs_in(db, 1)
+    runtime = runtime_of(db)
+    assert runtime.direct is not None
+    url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def cancelled() -> None:
+        assert runtime.direct is not None
+        with psycopg.connect(url) as holder:
+            holder.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job["id"],))
+            claim = asyncio.ensure_future(claim_ids_direct(runtime.direct, [job["id"]], terms()))
+            await asyncio.sleep(0.3)  # waiting on the lock
+            assert not claim.done()
+            claim.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await claim
+            holder.rollback()
+        assert runtime.direct._idle == []
+        # The next statement takes a fresh connection, and the job is still grantable.
+        rows = await claim_ids_direct(runtime.direct, [job["id"]], terms("tok2"))
+        assert [r["lease_token"] for r in rows] == ["tok2"]
+        await runtime.close()
+
+    asyncio.run(cancelled())
