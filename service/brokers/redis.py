@@ -214,15 +214,24 @@ class RedisBroker(Broker):
             self._publish_failing = False
 
     async def _index(self, jobs: Sequence[Dispatch]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if self.serve_workers:
-                fresh = [job for job in jobs if not job.reoffer]
-                envelopes = await self._envelopes(fresh)
-                redis_protocol.publish_commands(pipe, self.layout, fresh, envelopes, score)
-                self._add_ids(pipe, [job for job in jobs if job.reoffer], wake=True)
-            else:
+        if not self.serve_workers:
+            async with self.redis.pipeline(transaction=False) as pipe:
                 self._add_ids(pipe, jobs, wake=False)
-            await pipe.execute()
+                await pipe.execute()
+            return
+        fresh = [job for job in jobs if not job.reoffer]
+        envelopes = await self._envelopes(fresh)
+        args: list[Any] = [self.layout.tag]
+        for job in fresh:
+            env = envelopes.get(job.id)
+            if env is not None:  # None: no longer queued in SQL, nothing to offer
+                args += [job.id, score(job), job.queue, env]
+        if len(args) > 1:  # envelopes, ready-set entries and wake-ups: one command
+            await self.lua["publish"](args=args)
+        if reoffered := [job for job in jobs if job.reoffer]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._add_ids(pipe, reoffered, wake=True)
+                await pipe.execute()
 
     def _add_ids(self, pipe: Any, jobs: Sequence[Dispatch], *, wake: bool) -> None:
         """Ready-set entries only: one ZADD per queue, whatever the number of jobs (and a

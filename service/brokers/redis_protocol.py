@@ -23,6 +23,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.exceptions import RedisError, ResponseError
@@ -31,14 +32,14 @@ from sqlalchemy.orm import Session
 from service import errors, leases
 from service.brokers import redis_events
 from service.brokers.redis_events import REPORTS, Event, Kind
-from service.effects import Dispatch, Effects
+from service.effects import Effects
 from service.isolation import is_row_error, reason
 from service.leases import Grant, LeaseTerms, Settle, jobs_c
 from service.states import JobStatus, Outcome
 
 if TYPE_CHECKING:
     from service.brokers.base import BrokerHooks
-    from service.brokers.redis import RedisBroker, RedisLayout
+    from service.brokers.redis import RedisBroker
 
 log = logging.getLogger("celeriac.redis.protocol")
 
@@ -64,7 +65,10 @@ def envelope(values: Mapping[str, Any]) -> str:
     body["attempt"] = values["attempt"] + 1
     if values.get("limits"):  # the keys the Lua lease counts it against (flow control)
         body["limits"] = values["limits"]
-    return json.dumps(body, separators=(",", ":"))
+    try:
+        return orjson.dumps(body).decode()
+    except TypeError:  # orjson.JSONEncodeError too: integers beyond 64 bits
+        return json.dumps(body, separators=(",", ":"))
 
 
 class EventIngest:
@@ -231,22 +235,3 @@ def _report(kind: str, event: Event) -> Settle:
         retry_in=event["retry_in"],
         logs=event.get("l"),
     )
-
-
-def publish_commands(
-    pipe: Any, layout: RedisLayout, jobs: Sequence[Dispatch], envelopes: dict[str, str],
-    score: Any,
-) -> None:  # fmt: skip
-    """Queue the commands that make jobs leasable: envelope (clearing any old lease, which
-    SQL has ended), ready-set entry, and one wake-up token per queue for idle workers."""
-    for queue in {job.queue for job in jobs}:
-        pipe.lpush(layout.wake(queue), "1")
-        pipe.ltrim(layout.wake(queue), 0, 63)
-    for job in jobs:
-        env = envelopes.get(job.id)
-        if env is None:
-            continue  # no longer queued in SQL: nothing to offer
-        key = layout.job(job.id)
-        pipe.hdel(key, "token", "worker", "deadline", "cancel", "done", "http")
-        pipe.hset(key, "env", env)
-        pipe.zadd(layout.ready(job.queue), {job.id: score(job)})
