@@ -4,9 +4,9 @@ keyset pagination walk the primary key."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
-import uuid
 from datetime import datetime
 
 _lock = threading.Lock()
@@ -52,14 +52,14 @@ def uuid7s(count: int) -> list[str]:
     return ids
 
 
+# A UUID's canonical text, the only form ids are stored in (any other form of the same
+# UUID would match no row anyway). A regular expression: ``uuid.UUID`` took 1.5 µs, and
+# the Redis protocol's ingest checks every event's id (a fifth of its time).
+_JOB_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def is_job_id(text: str) -> bool:
-    if len(text) != 36:
-        return False
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
+    return _JOB_ID.fullmatch(text) is not None
 
 
 def floor_of(when: datetime) -> str:
