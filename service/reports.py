@@ -73,7 +73,7 @@ async def settle_one(
         return row
 
     try:
-        direct = await _settle_direct(runtime, [report], now, key_id)
+        direct = await _settle_direct(runtime, [report], now, key_id, whole=True)
         if report.id in direct:
             return direct[report.id]
         return await runtime.transact(work)
@@ -83,12 +83,13 @@ async def settle_one(
 
 
 async def _settle_direct(
-    runtime: Runtime, reports: list[Settle], now: datetime, key_id: str
+    runtime: Runtime, reports: list[Settle], now: datetime, key_id: str, *, whole: bool = False
 ) -> dict[str, JobValues]:
     """The successes settled in one statement from the event loop (PostgreSQL, no flow
     control, ``settles_directly``; service/pg_direct.py), their effects applied: the jobs
-    as they now are. The rest, and all of a batch that names a job twice (the first
-    report settles it, which is ``settle``'s to decide), are left to ``settle``."""
+    as they now are (``whole``: every column, else what the effects need). The rest,
+    and all of a batch that names a job twice (the first report settles it, which is
+    ``settle``'s to decide), are left to ``settle``."""
     direct = runtime.direct
     if direct is None or flow.active(runtime.db.engine):
         return {}
@@ -102,7 +103,7 @@ async def _settle_direct(
     try:
         settled = await settle_succeeded_direct(
             direct, candidates, now, effects, key_id=key_id,
-            waited=runtime.signals.is_waited, notices=notices,
+            waited=runtime.signals.is_waited, notices=notices, whole=whole,
         )  # fmt: skip
     except Refused:  # nothing committed: all of them through the pool
         return {}

@@ -24,6 +24,7 @@ from service.db import Database
 from service.effects import Effects
 from service.jobs import Defaults, insert_jobs, new_job
 from service.leases import (
+    ENDED_COLUMNS,
     LeaseTerms,
     Settle,
     claim_by_ids,
@@ -260,3 +261,25 @@ def test_a_cancelled_statement_does_not_return_its_connection(db: Database) -> N
         await runtime.close()
 
     asyncio.run(cancelled())
+
+
+def test_a_batch_settle_returns_what_its_effects_need(db: Database) -> None:
+    """Not waited on here: the statement returns ``ENDED_COLUMNS`` only, and the
+    effects (metrics, logs) are those of a whole row."""
+    first, second, granted = _lease_both(db)
+    runtime = runtime_of(db)
+    assert runtime.direct is not None
+    now = Clock().now()
+    narrow, whole = Effects(), Effects()
+    for job, effects, waited in ((first, narrow, False), (second, whole, True)):
+        report = Settle(job["id"], granted.token, Outcome.succeeded, result=RESULT)
+        settled = asyncio.run(
+            settle_succeeded_direct(
+                runtime.direct, [report], now, effects, key_id="k1", waited=lambda _, w=waited: w
+            )
+        )
+        assert set(settled[job["id"]]) == (
+            set(JOBS_TABLE.c.keys()) if waited else set(ENDED_COLUMNS)
+        )
+    assert without(asdict(narrow.ended[0]), "id") == without(asdict(whole.ended[0]), "id")
+    assert narrow.settled == {} and list(whole.settled) == [second["id"]]
