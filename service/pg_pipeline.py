@@ -4,10 +4,11 @@ Through the pool, a group of ``POST /jobs`` rows costs four round trips to Postg
 (``BEGIN``, the ``INSERT``, the ``NOTIFY``, ``COMMIT``), a hop to a database thread and
 back, and SQLAlchemy's execution machinery around each statement: about 1 ms a group on
 this machine, most of a sequential submit's service time. Here the batcher owns one
-connection of its own, in autocommit and pipeline mode, driven from the event loop: the
-group's ``INSERT … ON CONFLICT (idempotency_key) DO NOTHING`` (one prepared statement per
-row) and its ``NOTIFY`` go out together, and the ``Sync`` that ends the pipeline commits
-them as one implicit transaction. Nothing is less durable: the answer still waits for
+connection of its own, in autocommit, driven from the event loop: the group's one
+``INSERT … SELECT … FROM json_to_recordset(:rows) ON CONFLICT (idempotency_key) DO
+NOTHING`` and its ``NOTIFY`` go out together in pipeline mode, and the ``Sync`` that ends
+the pipeline commits them as one implicit transaction (without a ``NOTIFY``, the insert
+alone, committed as it runs). Nothing is less durable: the answer still waits for
 that commit (``synchronous_commit`` as the server has it), and a statement that fails
 rolls the whole group back.
 
@@ -27,9 +28,9 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
-from service.models import JOBS_TABLE, JobValues
+from service.bulk import recordset_insert
+from service.models import JobValues
 from service.outage import OutageTracker, is_unreachable
 from service.pg_direct import NOTIFY, Compiled, Refused, connect_args, still_open
 
@@ -37,14 +38,19 @@ from service.pg_direct import NOTIFY, Compiled, Refused, connect_args, still_ope
 APPLICATION_NAME = "celeriac-submit"
 
 
-def _insert(dialect: sa.Dialect, keys: tuple[str, ...]) -> Compiled:
-    """The ``INSERT`` for one set of row keys, with the binding SQLAlchemy would apply to
-    each value (JSON, the UTC timestamps, booleans): a row is stored exactly as the pool's
-    path stores it."""
-    statement = postgresql.insert(JOBS_TABLE).on_conflict_do_nothing(
-        index_elements=["idempotency_key"]
-    )
-    return Compiled(statement, dialect, keys)
+class _Insert:
+    """The group's ``INSERT … SELECT … FROM json_to_recordset(:rows) ON CONFLICT
+    (idempotency_key) DO NOTHING`` for one set of row keys: the rows go as one JSON
+    parameter, written as the pool's path writes them (``bulk.Recordset``: JSON values as
+    written, timestamps in UTC), where forty parameters a row each cost psycopg a dump."""
+
+    def __init__(self, dialect: sa.Dialect, keys: tuple[str, ...]) -> None:
+        self.recordset, statement = recordset_insert(keys)
+        conflict = sa.text(f"{statement.text} ON CONFLICT (idempotency_key) DO NOTHING")
+        self.compiled = Compiled(conflict, dialect)
+
+    def params(self, rows: Sequence[JobValues]) -> dict[str, Any]:
+        return self.compiled.params({"rows": self.recordset.rows_json(rows)})
 
 
 class SubmitPipeline:
@@ -56,7 +62,7 @@ class SubmitPipeline:
         self._connect_args = connect_args(engine, APPLICATION_NAME)
         self.outage = outage
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._inserts: dict[tuple[str, ...], Compiled] = {}
+        self._inserts: dict[tuple[str, ...], _Insert] = {}
 
     @classmethod
     def for_engine(cls, engine: sa.Engine, outage: OutageTracker) -> SubmitPipeline | None:
@@ -70,12 +76,14 @@ class SubmitPipeline:
     ) -> set[str]:
         insert = self._insert_for(rows[0])
         try:
-            params = [insert.params(row) for row in rows]
-        except Exception as exc:  # a value the binding refuses (a date past 9999 in UTC)
-            raise Refused(str(exc)) from exc
+            params = insert.params(rows)
+        except (ValueError, TypeError, OverflowError) as exc:  # a value the binding refuses
+            raise Refused(str(exc)) from exc  # (a date past 9999 once moved to UTC)
         started = time.monotonic()
         try:
-            skipped = await self._send(insert, params, notices)
+            skipped = await self._send(
+                insert.compiled.sql, params, [r["id"] for r in rows], notices
+            )
         except psycopg.Error as exc:
             await self._drop()  # a fresh connection for the next group, whatever broke
             wrapped = sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error)
@@ -89,33 +97,30 @@ class SubmitPipeline:
         return skipped
 
     async def _send(
-        self, insert: Compiled, params: list[dict[str, Any]], notices: Sequence[tuple[str, str]]
+        self, sql: str, params: dict[str, Any], ids: list[str], notices: Sequence[tuple[str, str]]
     ) -> set[str]:
         conn = await self._connection()
         cursor = conn.cursor()
-        if len(params) == 1 and not notices:  # one statement: no pipeline's cost (0.1 ms)
-            await cursor.execute(insert.sql, params[0])
+        if not notices:  # one statement: no pipeline's cost (0.1 ms)
+            await cursor.execute(sql, params)
         else:
             async with conn.pipeline():
-                if len(params) == 1:
-                    await cursor.execute(insert.sql, params[0])
-                else:
-                    await cursor.executemany(insert.sql, params)
+                await cursor.execute(sql, params)
                 for channel, payload in notices:
                     await conn.execute(NOTIFY, (channel, payload))
         # Committed (autocommit, or the pipeline's Sync): the rowcount is the rows inserted.
-        if cursor.rowcount == len(params):
+        if cursor.rowcount == len(ids):
             return set()
-        ids = [row["id"] for row in params]  # ours alone: a fresh UUIDv7 each
+        # ``ids`` are ours alone (a fresh UUIDv7 each): those missing had their key taken.
         found = await conn.execute("SELECT id FROM jobs WHERE id = ANY(%s)", (ids,))
         inserted = {job_id for (job_id,) in await found.fetchall()}
         return {job_id for job_id in ids if job_id not in inserted}
 
-    def _insert_for(self, row: JobValues) -> Compiled:
+    def _insert_for(self, row: JobValues) -> _Insert:
         keys = tuple(row)
         insert = self._inserts.get(keys)
         if insert is None:
-            insert = self._inserts[keys] = _insert(self.dialect, keys)
+            insert = self._inserts[keys] = _Insert(self.dialect, keys)
         return insert
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
