@@ -143,12 +143,28 @@ class Dispatcher:
         return rows
 
     async def _claim_ids(self, ids: Sequence[str], terms: Terms) -> list[JobValues]:
-        """``claim_by_ids``: one statement from the event loop where it can be."""
-        if self._direct_applies():
-            assert self.direct is not None
-            with contextlib.suppress(Refused):  # nothing committed: the pool's path
+        """``claim_by_ids``: one statement from the event loop where it can be. Under flow
+        control that statement grants the jobs naming no limits outside queues with
+        limits of their own (as flow control would), and the pool's path the rest."""
+        from service import flow  # flow control's module imports the runtime, which imports this
+
+        if self.direct is None:
+            return await self.db.run(lambda s: claim_by_ids(s, ids, terms()))
+        rest: Sequence[str] = ids
+        granted: list[JobValues] = []
+        with contextlib.suppress(Refused):  # nothing committed: the pool's path
+            if not flow.active(self.db.engine):
                 return await claim_ids_direct(self.direct, ids, terms())
-        return await self.db.run(lambda s: claim_by_ids(s, ids, terms()))
+            limited = flow.limited_queues(self.db.engine)
+            if limited is not None:
+                granted = await claim_ids_direct(self.direct, ids, terms(), limited)
+                taken = {row["id"] for row in granted}
+                rest = [job_id for job_id in ids if job_id not in taken]
+        if rest:
+            granted += await self.db.run(lambda s: claim_by_ids(s, rest, terms()))
+        # The broker's order; last, what flow control took from SQL for blocked ids.
+        order = {job_id: index for index, job_id in enumerate(ids)}
+        return sorted(granted, key=lambda row: order.get(row["id"], len(ids)))
 
     async def _claim_queues(
         self, queues: Sequence[str], max_jobs: int, terms: Terms

@@ -268,6 +268,17 @@ def active(engine: Any) -> bool:
     return state_of(engine).active
 
 
+def limited_queues(engine: Any) -> frozenset[str] | None:
+    """While flow control is configured, the direct path (service/pg_direct.py) takes
+    only jobs that name no limits, in queues without limits of their own: those queues,
+    from a snapshot younger than ``SNAPSHOT_SECONDS``. None without one: the pool's path
+    reads the rules again (each claim through it refreshes a stale snapshot)."""
+    snap = state_of(engine).snapshot
+    if snap is None or time.monotonic() - snap.read_at >= SNAPSHOT_SECONDS:
+        return None
+    return frozenset(snap.queues)
+
+
 def snapshot(session: Session) -> Snapshot:
     """The current snapshot, read again when older than ``SNAPSHOT_SECONDS`` (a change
     made in this process drops it at once)."""

@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import random
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from service import joblogs, workflows
@@ -243,17 +244,25 @@ async def claim_queue_direct(
 
 
 async def claim_ids_direct(
-    direct: DirectPg, ids: Sequence[str], terms: LeaseTerms
+    direct: DirectPg,
+    ids: Sequence[str],
+    terms: LeaseTerms,
+    limited_queues: Collection[str] | None = None,
 ) -> list[JobValues]:
     """``claim_by_ids`` (for a caller that may use every queue) in one statement from the
-    event loop on PostgreSQL: the ids still grantable, granted, in the broker's order."""
+    event loop on PostgreSQL: the ids still grantable, granted, in the broker's order.
+    ``limited_queues`` (flow control configured): only jobs that name no limits, outside
+    these queues (``flow.limited_queues``), which flow control would grant as they are."""
     if not ids:
         return []
-    own_deadlines = not terms.lease_seconds
+    own_deadlines, plain = not terms.lease_seconds, limited_queues is not None
     compiled = direct.compiled(
-        ("claim ids", own_deadlines), lambda: _grant_ids_statement(own_deadlines)
+        ("claim ids", own_deadlines, plain), lambda: _grant_ids_statement(own_deadlines, plain)
     )
-    rows = await direct.fetch(compiled, claim_params(terms) | {"ids": list(ids)})
+    values = claim_params(terms) | {"ids": list(ids)}
+    if plain:
+        values["limited_queues"] = sorted(limited_queues or ())
+    rows = await direct.fetch(compiled, values)
     found = {row["id"]: row for row in _granted(rows)}
     return [found[i] for i in ids if i in found]
 
@@ -262,16 +271,19 @@ def _granted(rows: list[Row]) -> list[JobValues]:
     return cast(list[JobValues], rows)
 
 
-def _grant_ids_statement(own_deadlines: bool) -> sa.Update:
+def _grant_ids_statement(own_deadlines: bool, plain: bool) -> sa.Update:
     """``_grant_statement`` over the ids a broker proposed (``= ANY(:ids)``, an array: one
-    plan for any number of ids) instead of the ready jobs of a queue. PostgreSQL only."""
-    from sqlalchemy.dialects import postgresql
-
+    plan for any number of ids) instead of the ready jobs of a queue; ``plain``: only
+    jobs naming no limits, outside ``:limited_queues``. PostgreSQL only."""
     deadline = _own_deadline("postgresql") if own_deadlines else sa.bindparam("deadline")
     ids = sa.bindparam("ids", type_=postgresql.ARRAY(sa.String()))
+    condition = grantable()
+    if plain:
+        limited = sa.bindparam("limited_queues", type_=postgresql.ARRAY(sa.String()))
+        condition = sa.and_(condition, jobs_c.limit_key.is_(None), jobs_c.queue != sa.all_(limited))
     return (
         sa.update(JOBS_TABLE)
-        .where(jobs_c.id == sa.any_(ids), grantable())
+        .where(jobs_c.id == sa.any_(ids), condition)
         .values(
             **_lease_values(
                 sa.bindparam("token"), sa.bindparam("worker"), sa.bindparam("key_id"), _NOW
@@ -637,13 +649,14 @@ async def settle_succeeded_direct(
     waited: Callable[[str], bool],
     notices: Sequence[tuple[str, str]] = (),
     whole: bool = False,
+    limited_queues: Collection[str] = (),
 ) -> dict[str, JobValues]:
     """Settle successes (``settles_directly``, distinct ids) in one statement from the
     event loop on PostgreSQL, with ``notices`` in its transaction: the jobs it settled, as
     they now are (``whole``: every column; else only ``ENDED_COLUMNS``, unless a job is
     waited on here). What it leaves (a stale or foreign token, a job with a webhook, a
-    workflow or limits, whose settle writes more than its row) is for ``settle``, which
-    answers it as it always has."""
+    workflow or limits, or in one of ``limited_queues``: its settle writes more than its
+    row) is for ``settle``, which answers it as it always has."""
     read = _success_recordset()
     whole = whole or any(waited(report.id) for report in reports)
     compiled = direct.compiled(
@@ -652,7 +665,12 @@ async def settle_succeeded_direct(
     changes = [{"id": r.id, "match_token": r.token, **_success(r, now)} for r in reports]
     rows = await direct.fetch(
         compiled,
-        {"rows": read.rows_json(changes), "key_id": key_id, "running": JobStatus.running},
+        {
+            "rows": read.rows_json(changes),
+            "key_id": key_id,
+            "running": JobStatus.running,
+            "limited_queues": sorted(limited_queues),
+        },
         notices,
     )
     tokens = {report.id: report.token for report in reports}
@@ -696,9 +714,9 @@ def _settle_succeeded_statement(read: Recordset, whole: bool) -> sa.TextualSelec
         " AND jobs.status = :running"
         " AND (jobs.lease_key IS NULL OR jobs.lease_key = :key_id)"
         " AND jobs.webhook IS NULL AND jobs.workflow_id IS NULL"
-        " AND jobs.limit_key IS NULL"
+        " AND jobs.limit_key IS NULL AND jobs.queue <> ALL(:limited_queues)"
         f" RETURNING {returned}"
-    )
+    ).bindparams(sa.bindparam("limited_queues", type_=postgresql.ARRAY(sa.String())))
     return statement.columns(*columns)
 
 

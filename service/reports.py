@@ -85,13 +85,15 @@ async def settle_one(
 async def _settle_direct(
     runtime: Runtime, reports: list[Settle], now: datetime, key_id: str, *, whole: bool = False
 ) -> dict[str, JobValues]:
-    """The successes settled in one statement from the event loop (PostgreSQL, no flow
-    control, ``settles_directly``; service/pg_direct.py), their effects applied: the jobs
+    """The successes settled in one statement from the event loop (PostgreSQL,
+    ``settles_directly``; service/pg_direct.py), their effects applied: the jobs
     as they now are (``whole``: every column, else what the effects need). The rest,
     and all of a batch that names a job twice (the first report settles it, which is
     ``settle``'s to decide), are left to ``settle``."""
     direct = runtime.direct
-    if direct is None or flow.active(runtime.db.engine):
+    # Under flow control, jobs in queues with limits of their own hold a slot: not here.
+    limited = flow.limited_queues(runtime.db.engine) if flow.active(runtime.db.engine) else ()
+    if direct is None or limited is None:
         return {}
     candidates = [report for report in reports if settles_directly(report)]
     if not candidates or len({report.id for report in reports}) < len(reports):
@@ -104,6 +106,7 @@ async def _settle_direct(
         settled = await settle_succeeded_direct(
             direct, candidates, now, effects, key_id=key_id,
             waited=runtime.signals.is_waited, notices=notices, whole=whole,
+            limited_queues=limited,
         )  # fmt: skip
     except Refused:  # nothing committed: all of them through the pool
         return {}

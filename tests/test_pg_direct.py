@@ -34,7 +34,7 @@ from service.leases import (
     settle,
     settle_succeeded_direct,
 )
-from service.models import JOBS_TABLE, JobValues
+from service.models import JOBS_TABLE, JobValues, LimitRow
 from service.pg_direct import APPLICATION_NAME
 from service.runtime import Clock, Runtime
 from service.schemas import JobSubmit
@@ -57,12 +57,12 @@ def db(tmp_path: Path) -> Iterator[Database]:
         yield database
 
 
-def runtime_of(db: Database) -> Runtime:
+def runtime_of(db: Database, expect_flow: bool = False) -> Runtime:
     signals = Signals()
     runtime = Runtime(Settings(), db, signals, SqlBroker(db, signals, fallback_seconds=1.0))
     assert runtime.direct is not None, "PostgreSQL through psycopg takes the direct path"
-    db.run_sync(flow.snapshot)  # no flow control configured: the plain claims and settles
-    assert not flow.active(db.engine)
+    db.run_sync(flow.snapshot)  # what is configured, as a claim would read it
+    assert flow.active(db.engine) == expect_flow
     return runtime
 
 
@@ -283,3 +283,44 @@ def test_a_batch_settle_returns_what_its_effects_need(db: Database) -> None:
         )
     assert without(asdict(narrow.ended[0]), "id") == without(asdict(whole.ended[0]), "id")
     assert narrow.settled == {} and list(whole.settled) == [second["id"]]
+
+
+def test_under_flow_control_only_plain_jobs_take_the_direct_path(db: Database) -> None:
+    """With a limit configured, the direct claim grants a job that names no limits and
+    leaves one that does (flow control counts it); the dispatcher's pool path grants
+    that one, and both settle: the plain one directly, the limited one through
+    ``settle`` (which frees its slot)."""
+    now = Clock().now()
+    db.run_sync(
+        lambda session: session.add(
+            LimitRow(name="fl-*", max_running=1, created_at=now, updated_at=now)
+        )
+    )
+    [plain] = jobs_in(db, 1)
+    [limited] = jobs_in(db, 1, limits=["fl-1"])
+    runtime = runtime_of(db, expect_flow=True)
+    assert runtime.direct is not None
+    limited_queues = flow.limited_queues(db.engine)
+    assert limited_queues == frozenset()
+    ids = [limited["id"], plain["id"]]
+    granted = asyncio.run(claim_ids_direct(runtime.direct, ids, terms(), limited_queues))
+    assert [r["id"] for r in granted] == [plain["id"]]
+
+    async def dispatch_and_settle() -> list[Any]:
+        try:
+            rows = await runtime.dispatcher._claim_ids([limited["id"]], terms)
+            assert [r["id"] for r in rows] == [limited["id"]]
+            held = db.run_sync(lambda session: flow.running_counts(session, ["fl-1"]))
+            assert held == {"fl-1": 1}
+            reports_ = [
+                Settle(job_id, "tok", Outcome.succeeded, result=1)
+                for job_id in (plain["id"], limited["id"])
+            ]
+            return await reports.settle_many(runtime, reports_, "k1")
+        finally:
+            await runtime.close()
+
+    outcomes = asyncio.run(dispatch_and_settle())
+    assert [(o.problem, o.status) for o in outcomes] == [(None, JobStatus.succeeded)] * 2
+    # Its slot was held from the grant through the pool's path until its settle.
+    assert db.run_sync(lambda session: flow.running_counts(session, ["fl-1"])) == {}
