@@ -26,7 +26,7 @@ import contextlib
 import select
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -42,6 +42,7 @@ NOTIFY = "SELECT pg_notify(%s, %s)"
 APPLICATION_NAME = "celeriac-direct"
 
 Row = dict[str, Any]
+T = TypeVar("T")
 Processor = Callable[[Any], Any] | None
 
 
@@ -68,6 +69,24 @@ def still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
     poller = select.poll()  # not select.select: a busy service's descriptors pass 1024
     poller.register(conn.fileno(), select.POLLIN)
     return not poller.poll(0)
+
+
+def bound(bind: Callable[[T], dict[str, Any]], values: T) -> dict[str, Any]:
+    """``bind(values)``; a value the binding refuses (a date past 9999 once moved to UTC)
+    raises ``Refused``: nothing was sent, and the pool's path names the row at fault."""
+    try:
+        return bind(values)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise Refused(str(exc)) from exc
+
+
+def refusal(exc: psycopg.Error, outage: OutageTracker) -> Exception:
+    """What a failed statement raises: ``DatabaseUnavailable`` (503) when the database
+    cannot be reached, as the pool's path says it; else ``Refused`` (nothing committed)."""
+    wrapped = sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error)
+    if is_unreachable(wrapped):
+        return outage.failed(wrapped)
+    return Refused(str(exc))
 
 
 class Compiled:
@@ -163,19 +182,13 @@ class DirectPg:
         values: Mapping[str, Any],
         notices: Sequence[tuple[str, str]] = (),
     ) -> list[Row]:
-        try:
-            params = compiled.params(values)
-        except (ValueError, TypeError, OverflowError) as exc:  # a value the binding refuses
-            raise Refused(str(exc)) from exc  # (a date past 9999 once moved to UTC)
+        params = bound(compiled.params, values)
         started = time.monotonic()
         try:
             async with self._connection() as conn:
                 fetched, description = await _run(conn, compiled, params, notices)
         except psycopg.Error as exc:
-            wrapped = sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error)
-            if is_unreachable(wrapped):
-                raise self.outage.failed(wrapped) from exc
-            raise Refused(str(exc)) from exc
+            raise refusal(exc, self.outage) from exc
         self.outage.succeeded(started)
         return compiled.rows(fetched, description)
 

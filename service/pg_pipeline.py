@@ -31,8 +31,8 @@ import sqlalchemy as sa
 
 from service.bulk import recordset_insert
 from service.models import JobValues
-from service.outage import OutageTracker, is_unreachable
-from service.pg_direct import NOTIFY, Compiled, Refused, connect_args, still_open
+from service.outage import OutageTracker
+from service.pg_direct import NOTIFY, Compiled, bound, connect_args, refusal, still_open
 
 # How the batcher's connection shows in pg_stat_activity.
 APPLICATION_NAME = "celeriac-submit"
@@ -75,10 +75,7 @@ class SubmitPipeline:
         self, rows: Sequence[JobValues], notices: Sequence[tuple[str, str]]
     ) -> set[str]:
         insert = self._insert_for(rows[0])
-        try:
-            params = insert.params(rows)
-        except (ValueError, TypeError, OverflowError) as exc:  # a value the binding refuses
-            raise Refused(str(exc)) from exc  # (a date past 9999 once moved to UTC)
+        params = bound(insert.params, rows)
         started = time.monotonic()
         try:
             skipped = await self._send(
@@ -86,10 +83,7 @@ class SubmitPipeline:
             )
         except psycopg.Error as exc:
             await self._drop()  # a fresh connection for the next group, whatever broke
-            wrapped = sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error)
-            if is_unreachable(wrapped):
-                raise self.outage.failed(wrapped) from exc
-            raise Refused(str(exc)) from exc
+            raise refusal(exc, self.outage) from exc
         except BaseException:  # cancelled mid-pipeline: its state is unknown
             await self._drop()
             raise
