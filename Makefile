@@ -66,8 +66,13 @@ check-openapi: install
 openapi: install
 	$(BIN)/python -m service.openapi_export
 
+# Two processes (pytest-xdist), a test module to each at a time, RabbitMQ's tests together
+# (tests/support/parallel.py): most of a test's time is spent waiting on services and
+# workers, and the suite must stay under 15 minutes on a 2-core machine.
+# TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install $(NODE_STAMP) lint check-openapi
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 bench:  # side by side with Celery, Dramatiq, Huey, RQ: peers only in .bench-venv (docs/benchmarks.md)
 	test -x .bench-venv/bin/python || $(PYTHON) -m venv .bench-venv

@@ -138,6 +138,16 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope`` (``make test``): a module per process at a time, RabbitMQ's
+    tests together, the longest modules first (tests/support/parallel.py)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from support.parallel import ModuleScheduling
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect matrix tests whose backend's broker is not one their ``brokers`` marker
     names (and ``first_backend_only`` tests on all but the first backend allowed), and

@@ -228,6 +228,9 @@ def test_rabbitmq_restarted_mid_run(api: Api, backend: Backend, queue: str) -> N
         assert len(leased) == 10
     finally:
         rabbitmqctl("start_app")
+        # Its listeners may open after start_app returns (seen on a loaded machine): the
+        # next test's workers connect at once.
+        rabbitmqctl("await_startup", "--timeout", "30")
     api.wait_for(
         lambda: api.http.get("/readyz").status_code == 200,
         timeout=30,

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 import httpx
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 log = logging.getLogger("amqp-worker")
 
@@ -77,6 +77,22 @@ WANTS_ATTEMPT = {"demo.crash_drill"}
 # --- the worker -------------------------------------------------------------------------
 
 
+async def connect(url: str, attempts: int = 8) -> AbstractRobustConnection:
+    """A robust connection (it reconnects by itself once made). A first connect that
+    fails (RabbitMQ restarting, not up yet) is tried again with backoff, about 30 s in all,
+    instead of ending the worker."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await aio_pika.connect_robust(url)
+        except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+            if attempt == attempts:
+                raise
+            delay = min(0.25 * 2**attempt, 8.0)
+            log.warning("cannot reach RabbitMQ (%s); trying again in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 class Worker:
     """Three loops share the work, each batching what piled up while its last call was
     in flight: claims, reports, and one heartbeat call for every job in hand."""
@@ -104,7 +120,7 @@ class Worker:
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
-        connection = await aio_pika.connect_robust(self.amqp_url)  # reconnects by itself
+        connection = await connect(self.amqp_url)
         async with connection:
             channel = await connection.channel()
             # Unacked messages are the jobs in hand: prefetch is the concurrency.
