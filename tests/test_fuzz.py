@@ -327,7 +327,7 @@ def test_fuzz_reports_on_leased_jobs(fuzzed_service: Service, path: str) -> None
             api.submit(queue=queue)
             # Not wait=0: with the Redis broker the job reaches the index just after its
             # commit (and the 202), and a loaded machine can lease in between.
-            leased = api.lease_one(queue, wait=5)
+            leased = api.lease_one(queue, wait=MAX_WAIT_SECONDS)
             case.path_parameters = {"job_id": leased["id"]}
             positive = case.meta is None or case.meta.generation.mode.is_positive
             if positive and isinstance(case.body, dict):
