@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import random
 import secrets
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -383,6 +383,45 @@ def _lease_values(token: Any, worker: Any, key_id: Any, now: Any) -> dict[str, A
         "lease_key": key_id,
         "started_at": now,
     }
+
+
+# What a grant writes of the lease itself, per job (``grant_mirrored_direct``).
+MIRROR_COLUMNS = ("lease_token", "lease_worker", "started_at", "lease_expires_at")
+
+
+def mirrored(job_id: str, lease: Lease) -> dict[str, Any]:
+    """A row of ``grant_mirrored_direct``: ``job_id`` granted under ``lease``."""
+    return {"id": job_id, "lease_token": lease.token, "lease_worker": lease.worker,
+            "started_at": lease.now, "lease_expires_at": lease.expires_at}  # fmt: skip
+
+
+async def grant_mirrored_direct(direct: DirectPg, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``grant`` for leases granted outside SQL (the Redis protocol's, key ""), each job
+    under its own (``mirrored``), in one statement from the event loop on PostgreSQL. As
+    ``grant``, a job no longer queued is left alone. Without flow control only: under it,
+    a mirrored grant also writes the job's limit slots (``flow.record_mirrored``)."""
+    if not rows:
+        return
+    read = _mirror_recordset()
+    compiled = direct.compiled("grant mirrored", lambda: _grant_mirrored_statement(read))
+    statuses = {"queued": JobStatus.queued, "running": JobStatus.running}
+    await direct.fetch(compiled, {"rows": read.rows_json(rows), "lease_key": "", **statuses})
+
+
+@functools.cache
+def _mirror_recordset() -> Recordset:
+    return Recordset(MIRROR_COLUMNS, key="id")
+
+
+def _grant_mirrored_statement(read: Recordset) -> sa.TextClause:
+    """``grant``'s writes (``_lease_values``) over a recordset of leases."""
+    sets = [f"{name} = {value}" for name, value in zip(MIRROR_COLUMNS, read.values, strict=True)]
+    sets += ["status = :running", "attempt = jobs.attempt + 1", "lease_key = :lease_key"]
+    # Column names come from the table definition, never from input.
+    return sa.text(
+        f"UPDATE jobs SET {', '.join(sets)} FROM {read.source} "  # noqa: S608
+        "WHERE jobs.id = v.id AND jobs.status = :queued"
+    )
 
 
 @dataclass(slots=True)

@@ -62,7 +62,9 @@ async def start_broker(runtime: Runtime) -> None:
     broker = runtime.broker
     try:
         await asyncio.wait_for(
-            broker.start(BrokerHooks(now=runtime.clock.now, apply=runtime.apply)),
+            broker.start(
+                BrokerHooks(now=runtime.clock.now, apply=runtime.apply, direct=runtime.direct)
+            ),
             BROKER_START_SECONDS,
         )
     except Exception:  # (a cancellation is shutdown: the lifespan closes the broker)

@@ -25,12 +25,16 @@ from service.effects import Effects
 from service.jobs import Defaults, insert_jobs, new_job
 from service.leases import (
     ENDED_COLUMNS,
+    Lease,
     LeaseTerms,
     Settle,
     claim_by_ids,
     claim_ids_direct,
     claim_queue,
     claim_queue_direct,
+    grant,
+    grant_mirrored_direct,
+    mirrored,
     settle,
     settle_succeeded_direct,
 )
@@ -134,6 +138,33 @@ def test_a_queue_claim_grants_as_the_pool_does(db: Database) -> None:
     assert [without(r, "id", "queue") for r in direct] == [
         without(r, "id", "queue") for r in pooled
     ]
+
+
+def test_a_mirrored_lease_grants_as_grant_does(db: Database) -> None:
+    """The Redis protocol's leases, as its event ingest writes them on PostgreSQL."""
+    first, second = jobs_in(db, 2)
+    runtime = runtime_of(db)
+    assert runtime.direct is not None
+    now = Clock().now()
+    lease = Lease("tok", "redis-worker", "", now + timedelta(seconds=7.5), now)
+    later = Lease("other", "redis-worker", "", now + timedelta(seconds=60), now)
+
+    async def mirror(*rows: dict[str, Any]) -> None:
+        assert runtime.direct is not None
+        try:
+            await grant_mirrored_direct(runtime.direct, rows)
+        finally:
+            await runtime.close()
+
+    asyncio.run(mirror(mirrored(first["id"], lease)))
+    db.run_sync(lambda session: grant(session, [second["id"]], lease))
+    first_row = stored(db, first["id"])
+    assert without(first_row, "id") == without(stored(db, second["id"]), "id")
+    assert first_row["status"] == JobStatus.running and first_row["attempt"] == 1
+    assert first_row["lease_expires_at"] == now + timedelta(seconds=7.5)
+    # As grant: a job no longer queued is left alone (a replayed or late event).
+    asyncio.run(mirror(mirrored(first["id"], later), mirrored("not-a-job", later)))
+    assert stored(db, first["id"]) == first_row
 
 
 def _lease_both(db: Database, **spec: Any) -> tuple[JobValues, JobValues, LeaseTerms]:

@@ -41,12 +41,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.effects import Dispatch, Effects
 from service.signals import Signals
+
+if TYPE_CHECKING:
+    from service.pg_direct import DirectPg
 
 
 class BrokerUnavailable(Exception):
@@ -60,6 +64,8 @@ class BrokerHooks:
 
     now: Callable[[], datetime]
     apply: Callable[[Effects], Awaitable[None]]
+    # PostgreSQL's statements from the event loop (service/pg_direct.py), where they apply.
+    direct: DirectPg | None = None
 
 
 class Candidates:

@@ -35,11 +35,13 @@ from service.brokers.redis_events import REPORTS, Event, Kind
 from service.effects import Effects
 from service.isolation import is_row_error, reason
 from service.leases import Grant, LeaseTerms, Settle, jobs_c
+from service.pg_direct import Refused
 from service.states import JobStatus, Outcome
 
 if TYPE_CHECKING:
     from service.brokers.base import BrokerHooks
     from service.brokers.redis import RedisBroker
+    from service.pg_direct import DirectPg
 
 log = logging.getLogger("celeriac.redis.protocol")
 
@@ -87,6 +89,7 @@ class EventIngest:
         self.forget = broker.lua["forget"]
         self.broker = broker
         self.waited = broker.signals.is_waited
+        self.direct = hooks.direct
 
     async def run(self) -> None:
         # Not ``while True``: a cancel that redis-py turns into a RedisError while a read
@@ -151,15 +154,23 @@ class EventIngest:
             await pipe.execute()
 
     async def _apply_events(self, events: list[Event], now: datetime) -> Effects:
-        """The batch in one transaction; if the database refuses a row of it, each event
-        in a transaction of its own (stream order), dropping the ones it still refuses.
-        An outage propagates: the batch stays unacknowledged and is read again."""
+        """The batch: what the direct path takes (``_apply_direct``), then the rest in one
+        transaction; if the database refuses a row of it, each event in a transaction of
+        its own (stream order), dropping the ones it still refuses. An outage propagates:
+        the batch stays unacknowledged and is read again (what already committed is
+        applied again harmlessly)."""
+        effects = Effects()
+        if self.direct is not None:
+            events = await self._apply_direct(self.direct, events, now, effects)
+        if not events:
+            return effects
         try:
-            return await self.db.run(partial(_applied, events=events, now=now, waited=self.waited))
+            one = partial(_applied, events=events, now=now, waited=self.waited)
+            effects.merge(await self.db.run(one))
+            return effects
         except Exception as exc:
             if not is_row_error(exc):
                 raise
-        effects = Effects()
         for event in events:
             try:
                 one = partial(_applied, events=[event], now=now, waited=self.waited)
@@ -170,6 +181,46 @@ class EventIngest:
                 log.warning("Redis worker event %s for job %s dropped: the database refused it"
                             " (%s)", event["k"], event["id"], reason(exc))  # fmt: skip
         return effects
+
+    async def _apply_direct(
+        self, direct: DirectPg, events: list[Event], now: datetime, effects: Effects
+    ) -> list[Event]:
+        """On PostgreSQL without flow control, from the event loop (service/pg_direct.py):
+        the batch's leases in one statement, then its successes without logs in another
+        (``settle_succeeded_direct``, which leaves a stale token, a webhook or a workflow
+        to ``settle``). The events left for the pooled transaction: heartbeats, failures,
+        releases and the successes the statement left. A job's lease is granted before
+        its report is applied, as in the pooled path; a report applied here before an
+        earlier heartbeat of its job makes that heartbeat find the job ended, as it
+        would have in the next batch."""
+        from service import flow  # flow imports the runtime, which imports us
+
+        if flow.active(self.db.engine):  # a mirrored grant writes limit slots too
+            return events
+        leased = [e for e in events if e["k"] == Kind.lease]
+        try:
+            await leases.grant_mirrored_direct(direct, [_mirrored(e, now) for e in leased])
+        except Refused:  # nothing committed: all of it through the pool
+            return events
+        effects.leases_recorded += len(leased)
+        rest = [e for e in events if e["k"] != Kind.lease]
+        reported = [e["id"] for e in rest if e["k"] in REPORTS]
+        successes = [_report(e["k"], e) for e in rest if e["k"] == Kind.complete]
+        candidates = [report for report in successes if leases.settles_directly(report)]
+        if not candidates or len(set(reported)) < len(reported):
+            return rest  # a job reported twice: which report wins is ``settle``'s to decide
+        try:
+            settled = await leases.settle_succeeded_direct(
+                direct, candidates, now, effects, key_id="", waited=self.waited
+            )
+        except Refused:
+            return rest
+        return [e for e in rest if e["k"] != Kind.complete or e["id"] not in settled]
+
+
+def _mirrored(event: Event, now: datetime) -> dict[str, Any]:
+    deadline = now + timedelta(milliseconds=int(event["ms"]))
+    return leases.mirrored(event["id"], leases.Lease(event["t"], event["w"], "", deadline, now))
 
 
 def _applied(
