@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -128,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             start_when_reachable(runtime, start_loops), name="celeriac-start"
         )
         try:
-            yield
+            with drain_on_stop_signal(signals):
+                yield
         finally:
             loops = [start, *runtime.background, *runtime.spawned()]
             for task in loops:
@@ -170,6 +174,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     declare_api_keys(app)
     return app
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def drain_on_stop_signal(signals: Signals) -> Iterator[None]:
+    """While serving under ``celeriac serve``: a SIGTERM or SIGINT first ends this
+    process's long-polls (``Signals.drain``), then goes on to the handler it had (uvicorn's,
+    which stops accepting and waits for requests in flight). Without it a long-poll waits
+    out the server's graceful-shutdown timeout and is cut off with a 500. Only in the main
+    thread, where the server's handlers are; elsewhere (an in-process test client) as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {int(sig): signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def stopping(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(signals.drain)  # a handler may interrupt the loop itself
+        handler = previous[sig]
+        if callable(handler):
+            handler(sig, frame)
+        elif handler == signal.SIG_DFL:  # nobody handled it: the default (exit)
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stopping)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 async def _bounded(step: Awaitable[object], what: str) -> None:

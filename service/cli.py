@@ -118,8 +118,9 @@ def serve(
         or settings.max_long_polls + 1000,
         # An idle kept-alive connection is closed after this (uvicorn's default, explicit).
         timeout_keep_alive=5,
-        # Long-polls (leases, ?wait=) may hold a request for up to a minute; at shutdown
-        # their workers get a dropped connection after this, and simply lease again.
+        # At SIGTERM/SIGINT, long-polls (leases, ?wait=) answer at once with what they
+        # have (service/app.py, drain_on_stop_signal); any other request still running
+        # after this is cut off.
         timeout_graceful_shutdown=3,
     )
 

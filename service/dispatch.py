@@ -92,9 +92,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                batch = await self.broker.candidates(
-                    queues, max_jobs, max(deadline - loop.time(), 0.0)
-                )
+                batch = await self._candidates(queues, max_jobs, max(deadline - loop.time(), 0.0))
             except BrokerUnavailable as exc:
                 if not self._down:
                     log.warning("%s broker unavailable (%s); dispatching from SQL meanwhile",
@@ -106,12 +104,30 @@ class Dispatcher:
                 self._down = False
             # A batch of stale ids only (granted meanwhile elsewhere): look again.
             rows = await self.grant(batch, terms)
-            if rows or loop.time() >= deadline:
+            if rows or loop.time() >= deadline or self.signals.draining:
                 break
         short = len(rows) < max_jobs and loop.time() >= deadline  # and the wait is over
         if short and not self.broker.grants_outside_sql:
             rows = await self._top_up(rows, queues, max_jobs, terms)
         return rows
+
+    async def _candidates(self, queues: Sequence[str], max_jobs: int, wait: float) -> Candidates:
+        """The broker's candidates; a blocking wait (in Redis, RabbitMQ) is cut short when
+        the service starts to stop (``Signals.drain``). An id popped just as it is cut
+        is not lost: the reconciler offers a job that stays queued again."""
+        if wait <= 0 or self.signals.draining:
+            return await self.broker.candidates(queues, max_jobs, 0.0)
+        asking = asyncio.ensure_future(self.broker.candidates(queues, max_jobs, wait))
+        stopping = asyncio.ensure_future(self.signals.stopping.wait())
+        try:
+            await asyncio.wait({asking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not asking.done():
+                asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await asking
+        return Candidates()
 
     async def grant(self, batch: Candidates, terms: Terms) -> list[JobValues]:
         """Grant a batch in SQL; ack what was granted, hand back the rest."""
@@ -223,7 +239,7 @@ class Dispatcher:
                     rows = await self._claim(queues, max_jobs, terms)
                 first = False
                 remaining = deadline - loop.time()
-                if rows or remaining <= 0:
+                if rows or remaining <= 0 or self.signals.draining:
                     return rows
                 # Woken by a local commit, NOTIFY, or the shared poll: never a timer here.
                 with contextlib.suppress(TimeoutError):

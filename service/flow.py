@@ -875,10 +875,10 @@ async def lease_unpaused(
             rows = await runtime.dispatcher.lease(open_queues, max_jobs, chunk, terms)
             if rows and loop.time() - started > PAUSED_VIEW_SECONDS:
                 rows = await _without_paused(runtime, rows, release)
-            if rows or loop.time() >= deadline:
+            if rows or loop.time() >= deadline or runtime.signals.draining:
                 return rows
             continue
-        if remaining <= 0:
+        if remaining <= 0 or runtime.signals.draining:
             return []
         event = runtime.signals.ready_waiter(queues)
         try:

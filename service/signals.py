@@ -42,6 +42,9 @@ class Signals:
         # Told of every finish this process hears of, local or from another replica, while
         # an events stream is open (service/events.py); None: nobody listens.
         self.on_finished: Callable[[list[str]], None] | None = None
+        # The service is stopping (``drain``): long-polls answer at once.
+        self.draining = False
+        self.stopping = asyncio.Event()  # set with it, for waits no other event ends
 
     # A waiter registers *before* it checks the database, so a wake-up that lands between
     # its check and its wait is never lost.
@@ -105,6 +108,20 @@ class Signals:
             for event in self._finished.get(job_id, ()):
                 if job is not None:
                     event.job = job
+                event.set()
+
+    def drain(self) -> None:
+        """The service was told to stop: every long-poll here answers now with what it
+        has (a ``?wait=`` the job as it is, a lease its jobs so far, none), and new ones do
+        not wait. Otherwise the server's graceful shutdown would cut them off after its
+        timeout, and a request cut off answers 500."""
+        self.draining = True
+        self.stopping.set()
+        for finished in self._finished.values():
+            for waiter in finished:
+                waiter.set()
+        for ready in self._ready.values():
+            for event in ready:
                 event.set()
 
     def due_at(self, when: datetime | None) -> None:

@@ -89,7 +89,7 @@ async def wait_for_finish(
                 event.clear()
                 current = await read_values(runtime, job_id)
             remaining = deadline - loop.time()
-            if current["status"] in FINISHED or remaining <= 0:
+            if current["status"] in FINISHED or remaining <= 0 or runtime.signals.draining:
                 return current
             # No re-read on a timer: a finish anywhere sets the event (this process's
             # commits, NOTIFY or pub/sub, or the SQL broker's one shared poll for all
