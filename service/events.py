@@ -281,17 +281,18 @@ async def stream(
 ) -> AsyncIterator[str]:
     """The SSE frames of one connection, for ``seconds`` at most or until ``gone()``
     returns (its client closed the connection: the stream ends at once, and so does its
-    hold on a long-poll slot)."""
+    hold on a long-poll slot), or the service stops (the client reconnects elsewhere)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     departed = asyncio.ensure_future(gone())
+    stopping = asyncio.ensure_future(hub.signals.stopping.wait())
     hub.subscribe(subscription)
     try:
         yield f"retry: {RECONNECT_MS}\n: subscribed\n\n"
         while (left := deadline - loop.time()) > 0:
             ready = asyncio.ensure_future(subscription.ready.wait())
             await asyncio.wait(
-                {ready, departed},
+                {ready, departed, stopping},
                 timeout=min(left, KEEPALIVE_SECONDS),
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -300,6 +301,9 @@ async def stream(
                 return
             frames = subscription.take()
             yield "".join(frames) if frames else ": keep-alive\n\n"
+            if stopping.done():
+                return
     finally:
         departed.cancel()
+        stopping.cancel()
         hub.unsubscribe(subscription)

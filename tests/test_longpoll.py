@@ -342,10 +342,11 @@ def test_a_poll_that_skips_its_claim_is_woken_by_a_submit_on_either_postgres_rep
 def test_a_stopping_service_answers_its_long_polls_at_once(spawner: Spawner, broker: str) -> None:
     """SIGTERM (a deploy, ``multi stop``): a ``GET ?wait=`` gets the job as it is and a
     lease long-poll its empty answer at once, 200 both, instead of waiting out the server's
-    graceful shutdown (3 s) to be cut off with a 500. With the Redis broker the lease
-    waits in Redis (``BZMPOP``), which the stop cuts short too."""
+    graceful shutdown (3 s) to be cut off with a 500; an events stream ends (its client
+    reconnects elsewhere). With the Redis broker the lease waits in Redis (``BZMPOP``),
+    which the stop cuts short too."""
     backend = spawner.backend("sqlite", broker)
-    service = spawner.service(backend, extra={"CELERIAC_MAX_LONG_POLLS": "2"})
+    service = spawner.service(backend, extra={"CELERIAC_MAX_LONG_POLLS": "3"})
     api = spawner.api(service.url)
     job = api.submit(queue="unserved")
     answers: dict[str, httpx.Response] = {}
@@ -358,15 +359,25 @@ def test_a_stopping_service_answers_its_long_polls_at_once(spawner: Spawner, bro
                 return
             time.sleep(0.2)
 
+    def listen() -> None:
+        while True:
+            with httpx.stream("GET", f"{service.url}/events", timeout=40) as stream:
+                if "retry-after" not in stream.headers:
+                    stream.read()  # until the service ends the stream
+                    answers["events"] = stream
+                    return
+            time.sleep(0.2)
+
     lease = {"worker": "w", "queues": ["idle"], "max_jobs": 1, "wait": 30}
     threads = [
         threading.Thread(target=call, args=("read", "GET", f"/jobs/{job['id']}"),
                          kwargs={"params": {"wait": 30}}),
         threading.Thread(target=call, args=("lease", "POST", "/leases"), kwargs={"json": lease}),
+        threading.Thread(target=listen),
     ]  # fmt: skip
     for thread in threads:
         thread.start()
-    probe_until_refused(api, "probe")  # the cap of 2 is full: both are waiting
+    probe_until_refused(api, "probe")  # the cap of 3 is full: all three are waiting
     started = time.monotonic()
     service.proc.send_signal(signal.SIGTERM)
     for thread in threads:
@@ -374,6 +385,7 @@ def test_a_stopping_service_answers_its_long_polls_at_once(spawner: Spawner, bro
     elapsed = time.monotonic() - started
     assert expect(answers["read"], 200)["status"] == "queued"
     assert expect(answers["lease"], 200)["jobs"] == []
+    assert answers["events"].status_code == 200
     assert elapsed < 2.0, f"the long-polls answered {elapsed:.2f} s after SIGTERM"
     # A clean stop (uvicorn re-raises the signal once it has shut down).
     assert service.proc.wait(10) in (0, -signal.SIGTERM), service.log(4000)
