@@ -9,6 +9,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.orm import Session
 
 from alembic import command
 from service.db import create_engine
@@ -45,6 +48,34 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+class SchemaBehind(Exception):
+    """The database has no celeriac schema, or an older one than this code needs."""
+
+
+def script_revisions() -> tuple[frozenset[str], frozenset[str]] | None:
+    """This code's migration heads and every revision it knows; None where its
+    migrations are not at hand (then nothing is checked). Reads files: not at import."""
+    try:
+        script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    except FileNotFoundError:
+        return None
+    known = frozenset(revision.revision for revision in script.walk_revisions())
+    return frozenset(script.get_heads()), known
+
+
+def schema_problem(session: Session, heads: frozenset[str], known: frozenset[str]) -> str | None:
+    """Why this code cannot serve the database's schema, or None. A revision this code does
+    not know is a later release's (a rolling deploy migrates before it replaces the old
+    replicas, and migrations only add): that schema is served."""
+    current = frozenset(MigrationContext.configure(session.connection()).get_current_heads())
+    if not current:
+        return "the database has no celeriac schema: run `celeriac migrate`"
+    if current != heads and current <= known:
+        return (f"the database's schema is at {', '.join(sorted(current))}, this service needs"
+                f" {', '.join(sorted(heads))}: run `celeriac migrate`")  # fmt: skip
+    return None
 
 
 def wait_for_database(database_url: str, timeout: float) -> None:

@@ -257,6 +257,8 @@ class Runtime:
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     # False until the database answered at start-up (service/startup.py): routes 503.
     started: bool = False
+    # What start-up waits for, when it is not the database answering (a schema to migrate).
+    startup_problem: str | None = None
 
     def __post_init__(self) -> None:
         self.tracing = Tracing(self.settings.tracing)  # no-op unless CELERIAC_TRACING

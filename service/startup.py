@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from service import errors
 from service.brokers.base import BrokerHooks
+from service.migrate import SchemaBehind, schema_problem, script_revisions
 from service.outage import describe, is_unreachable
 from service.runtime import Runtime
 
@@ -26,15 +27,28 @@ BACKOFF_MIN, BACKOFF_MAX = 0.25, 5.0
 LOG_EVERY_SECONDS = 5.0
 BROKER_START_SECONDS = 10.0  # a broker host that does not answer must not hang the start
 # What "not up yet" looks like: anything else is a bug and is logged with its traceback.
-_NOT_UP = (errors.DatabaseUnavailable, RedisError, OSError, TimeoutError)
+_NOT_UP = (errors.DatabaseUnavailable, RedisError, OSError, TimeoutError, SchemaBehind)
 
 
 def starting(runtime: Runtime) -> errors.DatabaseUnavailable:
     """The 503 every route answers until start-up has finished."""
+    waiting = runtime.startup_problem or "waits for its database (and broker)"
     return runtime.db.outage.unavailable(
-        "the service is starting and waits for its database (and broker); retry in "
-        f"{runtime.db.outage.retry_after()}s"
+        f"the service is starting: {waiting}; retry in {runtime.db.outage.retry_after()}s"
     )
+
+
+async def check_schema(runtime: Runtime) -> None:
+    """Serve only a database migrated as far as this code needs: before, every route
+    would fail on a missing table or column. Checked again until someone migrates it."""
+    revisions = await asyncio.to_thread(script_revisions)
+    if revisions is None:
+        return
+    heads, known = revisions
+    problem = await runtime.db.read(lambda session: schema_problem(session, heads, known))
+    runtime.startup_problem = problem
+    if problem is not None:
+        raise SchemaBehind(problem)
 
 
 async def with_backoff(step: Callable[[], Awaitable[T]], what: str) -> T:
@@ -78,6 +92,7 @@ async def start_when_reachable(
     """Wait for the database, measure its clock, start the broker, then ``start_loops``
     (which may use the database again, so it too is retried); then serve."""
     await with_backoff(lambda: runtime.db.read(runtime.clock.measure), "connecting to the database")
+    await with_backoff(lambda: check_schema(runtime), "serving the database's schema")
     await with_backoff(lambda: start_broker(runtime), f"starting the {runtime.broker.name} broker")
     await with_backoff(start_loops, "starting the background loops")
     runtime.started = True

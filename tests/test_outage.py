@@ -311,3 +311,42 @@ def test_a_data_error_is_not_an_outage(cluster: Cluster) -> None:
     finally:
         engine.dispose()
         closed.dispose()
+
+
+def test_an_unmigrated_database_is_served_once_migrated(tmp_path: Path) -> None:
+    """``serve --no-migrate`` on a database nobody migrated (no SQL server needed: a fresh
+    SQLite file): it answers, but is not ready, says why (`celeriac migrate`) in /readyz,
+    every route's 503 and its log, instead of a 500 on every request; once migrated it
+    serves, without a restart."""
+    port = free_port()
+    database = f"sqlite:///{tmp_path / 'unmigrated.db'}"
+    env = child_env({**SERVICE_TUNING, "CELERIAC_DATABASE_URL": database})
+    process = spawn(service_command(port), env, tmp_path, f"service-{port}")
+    service = Service(process.proc, process.log_path, f"http://127.0.0.1:{port}")
+    try:
+        with httpx.Client(base_url=service.url, timeout=5) as client:
+
+            def answers(path: str, status: int) -> bool:
+                assert service.proc.poll() is None, f"the service exited:\n{service.log()}"
+                with contextlib.suppress(httpx.TransportError):
+                    return client.get(path).status_code == status
+                return False
+
+            wait_until(lambda: answers("/healthz", 200), 15, "/healthz")
+            ready = client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "celeriac migrate" in ready.json()["checks"]["database"]
+            refused = client.post("/jobs", json={"task": "t.x"})
+            assert_problem(refused, 503, "database-unavailable")
+            assert "celeriac migrate" in refused.json()["detail"]
+            migrate = spawn([sys.executable, "-m", "celeriac", "migrate"], env, tmp_path, "migrate")
+            assert migrate.proc.wait(60) == 0, migrate.log()
+            wait_until(lambda: answers("/readyz", 200), 15, "/readyz once migrated")
+            job = expect(client.post("/jobs", json={"task": "t.x"}), 202)
+            assert expect(client.get(f"/jobs/{job['id']}"), 200)["status"] == "queued"
+    finally:
+        code = service.stop()
+    log = service.log(30000)
+    assert code in (0, -15), f"the service exited {code}:\n{log}"
+    assert "Traceback" not in log, log
+    assert "celeriac migrate" in log, log

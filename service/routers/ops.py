@@ -65,6 +65,8 @@ async def readyz(request: Request) -> JSONResponse:
         _probe(runtime.db.read(_select_one)),
         _probe(runtime.broker.ping()) if runtime.started else _waiting(),
     )
+    if runtime.startup_problem is not None and database == "ok":  # answers, cannot serve
+        database = f"unavailable: {runtime.startup_problem}"
     checks = {"database": database, "broker": broker}
     ready = runtime.started and database == broker == "ok"
     return JSONResponse(
