@@ -17,6 +17,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors, flow, ui
@@ -153,6 +154,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # run where keys are typed). /openapi.json stays: it is the public contract.
         docs_url=None if settings.auth_enabled else "/docs",
         redoc_url=None if settings.auth_enabled else "/redoc",
+        # FastAPI's own OpenTelemetry only with ours (CELERIAC_TRACING, docs/operations.md):
+        # off, no request looks up a provider, as the docs promise.
+        telemetry=None if settings.tracing else NO_FASTAPI_TELEMETRY,
     )
     app.include_router(jobs.router)
     app.include_router(leases.router)
@@ -176,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
