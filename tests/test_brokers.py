@@ -28,6 +28,7 @@ from conftest import (
     unique_name,
 )
 
+from service.brokers import redis as redis_broker
 from service.brokers.amqp import AmqpBroker, Layout
 from service.brokers.base import Broker, BrokerHooks, BrokerUnavailable
 from service.brokers.redis import RedisBroker
@@ -265,6 +266,36 @@ def test_reconcile_reoffers_what_the_index_lost(backend: Backend) -> None:
         # (On a shared database it may re-offer other tests' queued jobs too.)
         assert repaired >= (0 if backend.broker == "sql" else 3)
         assert await h.lease() == ids
+
+    run(backend, scenario)
+
+
+def test_reconcile_walks_a_backlog_larger_than_one_pass(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push lost behind more stale queued jobs than one pass reads (here 2 a pass) is
+    found all the same: passes go on where the last one stopped."""
+    if backend.broker != "redis":
+        pytest.skip("the Redis index's reconcile")
+    monkeypatch.setattr(redis_broker, "RECONCILE_LIMIT", 2)
+
+    async def scenario(h: Harness) -> None:
+        ids = await h.submit(5)
+        await h.broker.reconcile(h.runtime.clock.now())  # the first pass: the index's epoch
+        lost = max(ids)  # the newest: behind every other stale job in id order
+        batch = await h.broker.candidates([h.queue], 10, 0.0)
+        assert sorted(batch.ids) == sorted(ids)
+        await batch.hand_back([i for i in batch.ids if i != lost], still_ready=True)
+        await asyncio.sleep(0.01)  # reconcile only re-adds jobs ready before "now"
+        stale = await h.runtime.db.read(
+            lambda session: session.execute(
+                sa.select(sa.func.count()).where(JOBS_TABLE.c.status == "queued")
+            ).scalar_one()
+        )  # other tests' queued jobs share the database, and the passes
+        for _ in range(stale // 2 + 10):  # a margin for jobs other tests queue meanwhile
+            await h.broker.reconcile(h.runtime.clock.now())
+        # In the index again (a lease would find it anyway: dispatch tops up from SQL).
+        assert sorted((await h.broker.candidates([h.queue], 10, 0.0)).ids) == sorted(ids)
 
     run(backend, scenario)
 

@@ -141,6 +141,7 @@ class RedisBroker(Broker):
         self.url = url
         self.layout = RedisLayout(prefix)
         self.reconcile_age = timedelta(seconds=reconcile_age_seconds)
+        self._reconciled_to = ""  # where the next reconcile pass goes on (``reconcile``)
         self.serve_workers = serve_workers
         self.grants_outside_sql = serve_workers
         self._redis: aioredis.Redis | None = None
@@ -327,8 +328,13 @@ class RedisBroker(Broker):
             log.warning("Redis dispatch index was empty or new: rebuilt %d jobs from SQL", count)
             return count
         stale = await self.db.read(
-            partial(queued_since, before=now - self.reconcile_age, limit=RECONCILE_LIMIT)
-        )
+            partial(queued_since, before=now - self.reconcile_age, limit=RECONCILE_LIMIT,
+                    after_id=self._reconciled_to)
+        )  # fmt: skip
+        # A backlog larger than a pass is walked a pass at a time, in id order, then from
+        # the start again: a lost push behind thousands of older queued jobs (a paused
+        # queue's, or one nobody works) is found too, not only among the oldest.
+        self._reconciled_to = stale[-1].id if len(stale) == RECONCILE_LIMIT else ""
         return await self._reindex_jobs(stale)
 
     async def _rebuild(self) -> int:
