@@ -720,7 +720,9 @@ async def settle_succeeded_direct(
         # The attempt as it was: the update left all but the lease's columns alone.
         effects.ended.append(_ended(row | {"lease_token": tokens[job_id]}, row, now))
         effects.finished.append(job_id)
-        if waited(job_id):
+        # Only a whole row stands for the job: a waiter that came while the statement
+        # ran (after ``whole`` was decided) is woken without it, and reads the job.
+        if whole and waited(job_id):
             effects.settled[job_id] = row
         if row.get("traceparent"):
             effects.trace(row)

@@ -316,6 +316,29 @@ def test_a_batch_settle_returns_what_its_effects_need(db: Database) -> None:
     assert narrow.settled == {} and list(whole.settled) == [second["id"]]
 
 
+def test_a_waiter_that_comes_during_the_settle_is_not_handed_a_narrow_row(db: Database) -> None:
+    """A ``?wait=`` that registers while the statement runs (after it chose to return
+    ``ENDED_COLUMNS`` only) is woken without a row, and reads the job: handed the narrow
+    row, it answered a 500 (seen once, a Redis worker's success applied by the ingest)."""
+    job, _, granted = _lease_both(db)
+    runtime = runtime_of(db)
+    assert runtime.direct is not None
+    asked: list[str] = []
+
+    def waited(job_id: str) -> bool:  # no one waits when asked first; someone does after
+        asked.append(job_id)
+        return len(asked) > 1
+
+    effects = Effects()
+    report = Settle(job["id"], granted.token, Outcome.succeeded, result=RESULT)
+    settled = asyncio.run(
+        settle_succeeded_direct(runtime.direct, [report], Clock().now(), effects, key_id="k1",
+                                waited=waited)
+    )  # fmt: skip
+    assert set(settled[job["id"]]) == set(ENDED_COLUMNS)
+    assert effects.finished == [job["id"]] and effects.settled == {}
+
+
 def test_under_flow_control_only_plain_jobs_take_the_direct_path(db: Database) -> None:
     """With a limit configured, the direct claim grants a job that names no limits and
     leaves one that does (flow control counts it); the dispatcher's pool path grants
