@@ -254,6 +254,15 @@ def test_database_stopped_under_load(cluster: Cluster, tmp_path: Path) -> None:
     assert not missing, f"{len(missing)} acknowledged jobs are not in SQL: {sorted(missing)[:5]}"
 
 
+def answers_with(service: Service, client: httpx.Client, path: str, status: int) -> bool:
+    """Whether ``GET path`` answers ``status`` now (a service not listening yet: no); the
+    service must still be running."""
+    assert service.proc.poll() is None, f"the service exited:\n{service.log()}"
+    with contextlib.suppress(httpx.TransportError):
+        return client.get(path).status_code == status
+    return False
+
+
 def test_starts_while_database_is_down(cluster: Cluster, tmp_path: Path) -> None:
     cluster.stop("fast")
     port = free_port()
@@ -267,10 +276,7 @@ def test_starts_while_database_is_down(cluster: Cluster, tmp_path: Path) -> None
         with httpx.Client(base_url=service.url, timeout=5) as client:
 
             def answers(path: str, status: int) -> bool:
-                assert service.proc.poll() is None, f"the service exited:\n{service.log()}"
-                with contextlib.suppress(httpx.TransportError):
-                    return client.get(path).status_code == status
-                return False
+                return answers_with(service, client, path, status)
 
             wait_until(lambda: answers("/healthz", 200), 15, "/healthz while the DB is down")
             assert answers("/readyz", 503)
@@ -327,10 +333,7 @@ def test_an_unmigrated_database_is_served_once_migrated(tmp_path: Path) -> None:
         with httpx.Client(base_url=service.url, timeout=5) as client:
 
             def answers(path: str, status: int) -> bool:
-                assert service.proc.poll() is None, f"the service exited:\n{service.log()}"
-                with contextlib.suppress(httpx.TransportError):
-                    return client.get(path).status_code == status
-                return False
+                return answers_with(service, client, path, status)
 
             wait_until(lambda: answers("/healthz", 200), 15, "/healthz")
             ready = client.get("/readyz")
