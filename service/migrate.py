@@ -3,6 +3,7 @@ embedded SQLite default). Test databases are built only through here."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ class SchemaBehind(Exception):
     """The database has no celeriac schema, or an older one than this code needs."""
 
 
+@functools.cache  # the files do not change under a running process
 def script_revisions() -> tuple[frozenset[str], frozenset[str]] | None:
     """This code's migration heads and every revision it knows; None where its
     migrations are not at hand (then nothing is checked). Reads files: not at import."""

@@ -42,9 +42,8 @@ class Signals:
         # Told of every finish this process hears of, local or from another replica, while
         # an events stream is open (service/events.py); None: nobody listens.
         self.on_finished: Callable[[list[str]], None] | None = None
-        # The service is stopping (``drain``): long-polls answer at once.
-        self.draining = False
-        self.stopping = asyncio.Event()  # set with it, for waits no other event ends
+        # Set when the service is stopping (``drain``): long-polls answer at once.
+        self.stopping = asyncio.Event()
 
     # A waiter registers *before* it checks the database, so a wake-up that lands between
     # its check and its wait is never lost.
@@ -110,12 +109,15 @@ class Signals:
                     event.job = job
                 event.set()
 
+    @property
+    def draining(self) -> bool:
+        return self.stopping.is_set()
+
     def drain(self) -> None:
         """The service was told to stop: every long-poll here answers now with what it
         has (a ``?wait=`` the job as it is, a lease its jobs so far, none), and new ones do
         not wait. Otherwise the server's graceful shutdown would cut them off after its
         timeout, and a request cut off answers 500."""
-        self.draining = True
         self.stopping.set()
         for finished in self._finished.values():
             for waiter in finished:
