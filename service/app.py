@@ -142,7 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded(webhook_client.aclose(), "the webhook client")
             await _bounded(broker.close(), "the broker")
             await _bounded(runtime.close(), "the event loop's database connections")
-            db.engine.dispose()
+            db.dispose()
 
     app = FastAPI(
         title="celeriac",

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from service import errors, flow, flow_redis
 from service.auth import Principal
+from service.db import SHORT_UNIT_ROWS
 from service.leases import HeartbeatOutcome, LeaseTerms, Settle, claim_by_ids, heartbeat, new_token
 from service.models import JobValues
 from service.reports import raise_problem, settle_many
@@ -151,7 +152,10 @@ async def claim(runtime: Runtime, principal: Principal, body: LeaseClaim) -> lis
     granted = terms(runtime, body.worker, body.lease_seconds, principal.key_id)
     ids = list(dict.fromkeys(body.ids))
     allows = None if principal.queues is None else principal.allows_queue
-    rows = await runtime.db.run(lambda session: claim_by_ids(session, ids, granted, allows))
+    rows = await runtime.db.run(
+        lambda session: claim_by_ids(session, ids, granted, allows),
+        short=len(ids) <= SHORT_UNIT_ROWS,
+    )
     runtime.observer.leased(rows)
     return rows
 
@@ -164,7 +168,9 @@ async def extend(
 ) -> list[HeartbeatOutcome]:
     """Heartbeats: extend leases (and store progress). items: (job id, token, progress)."""
     extended = terms(runtime, "", lease_seconds, key_id)
-    outcomes = await runtime.db.run(lambda session: heartbeat(session, items, extended))
+    outcomes = await runtime.db.run(
+        lambda session: heartbeat(session, items, extended), short=len(items) <= SHORT_UNIT_ROWS
+    )
     with_progress = {job_id for job_id, _token, progress in items if progress is not None}
     if with_progress:  # GET /events
         stored = [o.id for o in outcomes if o.id in with_progress and o.problem is None]

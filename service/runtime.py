@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.brokers.base import Broker
-from service.db import Database
+from service.db import SHORT_UNIT_ROWS, Database
 from service.dispatch import Dispatcher
 from service.effects import Effects
 from service.idempotency import Outcome, Submitted, store_group
@@ -184,12 +184,15 @@ class SubmitBatcher:
         return committed
 
     async def _insert_pooled(self, batch: list[Waiter], retried: bool = False) -> Committed:
-        """``_insert`` through the pool, in a database thread and one ORM session."""
+        """``_insert`` in one ORM session, in the committer's thread (on SQLite a small
+        group on the event loop, ``Database.run``)."""
         rows = [row for row, _ in batch]
-        work = partial(self.runtime.db.run_sync, partial(self._store, rows=rows))
+        work = partial(self._store, rows=rows)
+        short = len(rows) <= SHORT_UNIT_ROWS
         try:
-            loop = asyncio.get_running_loop()
-            outcomes, committed = await loop.run_in_executor(self._committer, work)
+            outcomes, committed = await self.runtime.db.run(
+                work, short=short, executor=self._committer
+            )
         except Exception as exc:
             return await self._refused(batch, exc, retried)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
@@ -303,9 +306,9 @@ class Runtime:
     def spawned(self) -> list[asyncio.Task[Any]]:
         return list(self._spawned)
 
-    async def transact(self, work: Callable[[Session, Effects], T]) -> T:
+    async def transact(self, work: Callable[[Session, Effects], T], *, short: bool = False) -> T:
         """Run ``work`` in one transaction, then its effects: nothing reaches the broker or
-        a waiter before the commit that makes it true."""
+        a waiter before the commit that makes it true. ``short``: as ``Database.run``."""
 
         def attempt(session: Session) -> tuple[T, Effects]:
             effects = Effects()  # fresh for each try: a retried transaction starts over
@@ -313,7 +316,7 @@ class Runtime:
             self.broker.in_transaction(session, effects)  # a NOTIFY rides the commit
             return result, effects
 
-        result, effects = await self.db.run(attempt)
+        result, effects = await self.db.run(attempt, short=short)
         await self.apply(effects)
         return result
 

@@ -134,7 +134,7 @@ async def harness(
         await broker.close()
         if isinstance(broker, RedisBroker):
             delete_redis_prefix(broker.layout.prefix, backend.redis_db)
-        db.engine.dispose()
+        db.dispose()
 
 
 def run(backend: Backend, scenario: Callable[[Harness], Awaitable[None]], **kw: Any) -> None:

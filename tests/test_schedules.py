@@ -217,7 +217,7 @@ def database(tmp_path: Path) -> Iterator[Database]:
     try:
         yield db
     finally:
-        db.engine.dispose()
+        db.dispose()
 
 
 def make_spec(name: str, **fields: Any) -> ScheduleCreate:

@@ -143,7 +143,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         try:
             yield db
         finally:
-            db.engine.dispose()
+            db.dispose()
 
 
 def test_group_commit_bisects_to_the_bad_row(database: Database) -> None:

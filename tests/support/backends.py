@@ -300,4 +300,4 @@ def migrated_database(kind: str, workdir: Path) -> Iterator[Database]:
         try:
             yield database
         finally:
-            database.engine.dispose()
+            database.dispose()

@@ -1,0 +1,93 @@
+"""Short units of work on SQLite run on the event loop (service/db.py, ``Database._on_loop``)
+and never wait there for SQLite's write lock: held elsewhere, the unit waits in a thread
+while the loop goes on serving."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.db import Database, create_engine
+
+
+def _database(path: Path) -> Database:
+    db = Database(create_engine(f"sqlite:///{path}"))
+    db.run_sync(lambda session: session.execute(sa.text("CREATE TABLE marks (n INTEGER)")))
+    return db
+
+
+def _mark(n: int) -> Callable[[Session], int]:
+    def work(session: Session) -> int:
+        session.execute(sa.text("INSERT INTO marks VALUES (:n)"), {"n": n})
+        return threading.get_ident()
+
+    return work
+
+
+def _marks(db: Database) -> list[int]:
+    return db.run_sync(
+        lambda session: [row[0] for row in session.execute(sa.text("SELECT n FROM marks"))]
+    )
+
+
+def test_a_short_unit_runs_on_the_event_loop_and_a_long_one_in_a_thread(tmp_path: Path) -> None:
+    db = _database(tmp_path / "loop.db")
+
+    async def main() -> tuple[int, int, int, int]:
+        short = await db.run(_mark(1), short=True)
+        long = await db.run(_mark(2))
+        read = await db.read(lambda session: threading.get_ident(), short=True)
+        return threading.get_ident(), short, long, read
+
+    try:
+        loop_thread, short, long, read = asyncio.run(main())
+        assert short == loop_thread and read == loop_thread
+        assert long != loop_thread
+        assert sorted(_marks(db)) == [1, 2]  # both committed
+    finally:
+        db.dispose()
+
+
+def test_a_short_unit_waits_in_a_thread_while_the_write_lock_is_held_elsewhere(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.db"
+    db = _database(path)
+    holder = sqlite3.connect(path, isolation_level=None)  # as another process would
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO marks VALUES (0)")
+
+    async def main() -> tuple[int, int]:
+        turns = 0
+
+        async def ticking() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0.005)
+                turns += 1
+
+        ticker = asyncio.create_task(ticking())
+        unit = asyncio.create_task(db.run(_mark(1), short=True))
+        await asyncio.sleep(0.3)
+        assert not unit.done(), "the unit did not wait for the lock"
+        turns_while_locked = turns
+        holder.execute("COMMIT")  # the lock is free: the waiting unit goes on
+        ran_in = await asyncio.wait_for(unit, 10)
+        ticker.cancel()
+        return turns_while_locked, ran_in
+
+    try:
+        turns_while_locked, ran_in = asyncio.run(main())
+        # The loop kept turning while the unit waited (blocked, it would be 0 or 1).
+        assert turns_while_locked >= 10
+        assert ran_in != threading.get_ident()  # it waited in a thread, not on the loop
+        assert sorted(_marks(db)) == [0, 1]
+    finally:
+        holder.close()
+        db.dispose()
