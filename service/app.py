@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start = asyncio.create_task(
             start_when_reachable(runtime, start_loops), name="celeriac-start"
         )
+        freeze_start_up_objects()
         try:
             with drain_on_stop_signal(signals):
                 yield
@@ -213,6 +215,20 @@ def drain_on_stop_signal(signals: Signals) -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def freeze_start_up_objects() -> None:
+    """Under ``celeriac serve`` (the main thread): what start-up built (the imported
+    modules, the app with its routes and schemas, SQLAlchemy's metadata: about 190,000
+    objects) lives as long as the process, and every full pass of the cyclic garbage
+    collector walked all of it: 60 to 90 ms on this project's machine, a pause that every
+    request in flight felt. Frozen, a full pass walks only what came since (a few ms;
+    docs/benchmarks.md, issue 14, sixth pass). Not for an in-process test client, which
+    builds many apps in one process: frozen, their reference cycles would never be freed."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    gc.collect()  # garbage from start-up is freed, not frozen
+    gc.freeze()
 
 
 async def _bounded(step: Awaitable[object], what: str) -> None:
