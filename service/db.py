@@ -26,7 +26,7 @@ CONNECT_TIMEOUT_SECONDS = 5
 # How long a SQLite connection in a worker thread waits for another's write lock.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # The most rows a unit of work may touch to run on the event loop (``Database.run``,
-# ``short``): a claim, a settle or a submit of a few jobs takes well under a millisecond
+# ``rows``): a claim, a settle or a submit of a few jobs takes well under a millisecond
 # there; a batch of hundreds would hold every other request up while it ran.
 SHORT_UNIT_ROWS = 64
 
@@ -112,7 +112,7 @@ def is_transient(exc: sa.exc.DBAPIError) -> bool:
 class Database:
     """Runs one unit of work per call: a session, a transaction that commits when the
     function returns and rolls back when it raises. In a worker thread, except a short
-    unit on SQLite (``run``, ``short``), which runs on the event loop when it can."""
+    unit on SQLite (``run``, ``rows``), which runs on the event loop when it can."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -168,23 +168,27 @@ class Database:
         raise AssertionError("unreachable")
 
     async def run(
-        self, work: Callable[[Session], T], *, short: bool = False, executor: Executor | None = None
+        self,
+        work: Callable[[Session], T],
+        *,
+        rows: int | None = None,
+        executor: Executor | None = None,
     ) -> T:
         """``work`` in one transaction, in a thread (``executor``'s, else the shared pool's).
-        ``short``: the caller's word that ``work`` touches at most ``SHORT_UNIT_ROWS`` rows;
-        on SQLite it then runs on the event loop unless another connection holds the write
-        lock (``_on_loop``)."""
-        if short and self._loop_sessions is not None:
+        ``rows``: the most rows ``work`` touches, when the caller knows; at most
+        ``SHORT_UNIT_ROWS`` on SQLite, it runs on the event loop unless another connection
+        holds the write lock (``_on_loop``)."""
+        if self._runs_on_loop(rows):
             with contextlib.suppress(_LockHeldElsewhere):
                 return self._on_loop(work, write=True)
         if executor is not None:
             return await asyncio.get_running_loop().run_in_executor(executor, self.run_sync, work)
         return await anyio.to_thread.run_sync(self.run_sync, work)
 
-    async def read(self, work: Callable[[Session], T], *, short: bool = False) -> T:
-        """Read-only work: on SQLite this must not take the write lock. ``short`` as for
+    async def read(self, work: Callable[[Session], T], *, rows: int | None = None) -> T:
+        """Read-only work: on SQLite this must not take the write lock. ``rows`` as for
         ``run``."""
-        if short and self._loop_sessions is not None:
+        if self._runs_on_loop(rows):
             with contextlib.suppress(_LockHeldElsewhere):
                 return self._on_loop(work, write=False)
         return await anyio.to_thread.run_sync(self._read_sync, work)
@@ -193,6 +197,9 @@ class Database:
         with self._watched(), self.sessions() as session:
             session.connection(execution_options=self._read_options)
             return work(session)
+
+    def _runs_on_loop(self, rows: int | None) -> bool:
+        return self._loop_sessions is not None and rows is not None and rows <= SHORT_UNIT_ROWS
 
     def _on_loop(self, work: Callable[[Session], T], *, write: bool) -> T:
         """SQLite's statements are calls into a library on a local file, microseconds each,

@@ -32,7 +32,7 @@ from typing import Any
 
 from service.brokers.base import Broker, BrokerUnavailable, Candidates
 from service.brokers.sql import SqlBroker
-from service.db import SHORT_UNIT_ROWS, Database
+from service.db import Database
 from service.leases import (
     LeaseTerms,
     claim_by_ids,
@@ -165,9 +165,7 @@ class Dispatcher:
         from service import flow  # flow control's module imports the runtime, which imports this
 
         if self.direct is None:
-            return await self.db.run(
-                lambda s: claim_by_ids(s, ids, terms()), short=len(ids) <= SHORT_UNIT_ROWS
-            )
+            return await self.db.run(lambda s: claim_by_ids(s, ids, terms()), rows=len(ids))
         rest: Sequence[str] = ids
         granted: list[JobValues] = []
         with contextlib.suppress(Refused):  # nothing committed: the pool's path
@@ -179,9 +177,7 @@ class Dispatcher:
                 taken = {row["id"] for row in granted}
                 rest = [job_id for job_id in ids if job_id not in taken]
         if rest:
-            granted += await self.db.run(
-                lambda s: claim_by_ids(s, rest, terms()), short=len(rest) <= SHORT_UNIT_ROWS
-            )
+            granted += await self.db.run(lambda s: claim_by_ids(s, rest, terms()), rows=len(rest))
         # The broker's order; last, what flow control took from SQL for blocked ids.
         order = {job_id: index for index, job_id in enumerate(ids)}
         return sorted(granted, key=lambda row: order.get(row["id"], len(ids)))
@@ -197,7 +193,7 @@ class Dispatcher:
                 return await claim_queue_direct(self.direct, queues[0], max_jobs, terms())
         return await self.db.run(
             lambda s: claim_from_queues(s, queues, max_jobs, terms()),
-            short=max_jobs <= SHORT_UNIT_ROWS,
+            rows=max_jobs,
         )
 
     def _direct_applies(self) -> bool:

@@ -11,7 +11,6 @@ from typing import Any, Protocol
 
 from service import errors, flow, flow_redis
 from service.auth import Principal
-from service.db import SHORT_UNIT_ROWS
 from service.leases import HeartbeatOutcome, LeaseTerms, Settle, claim_by_ids, heartbeat, new_token
 from service.models import JobValues
 from service.reports import raise_problem, settle_many
@@ -154,7 +153,7 @@ async def claim(runtime: Runtime, principal: Principal, body: LeaseClaim) -> lis
     allows = None if principal.queues is None else principal.allows_queue
     rows = await runtime.db.run(
         lambda session: claim_by_ids(session, ids, granted, allows),
-        short=len(ids) <= SHORT_UNIT_ROWS,
+        rows=len(ids),
     )
     runtime.observer.leased(rows)
     return rows
@@ -169,7 +168,7 @@ async def extend(
     """Heartbeats: extend leases (and store progress). items: (job id, token, progress)."""
     extended = terms(runtime, "", lease_seconds, key_id)
     outcomes = await runtime.db.run(
-        lambda session: heartbeat(session, items, extended), short=len(items) <= SHORT_UNIT_ROWS
+        lambda session: heartbeat(session, items, extended), rows=len(items)
     )
     with_progress = {job_id for job_id, _token, progress in items if progress is not None}
     if with_progress:  # GET /events

@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service import errors, flow, results
-from service.db import SHORT_UNIT_ROWS
 from service.jobs import get_job
 from service.leases import (
     Effects,
@@ -50,8 +49,7 @@ async def settle_many(runtime: Runtime, reports: list[Settle], key_id: str) -> l
         keep_settled(session, effects, runtime.signals.is_waited)  # for waiters here
         return outcomes
 
-    short = len(rest) <= SHORT_UNIT_ROWS
-    others = iter(await runtime.transact(work, short=short) if rest else [])
+    others = iter(await runtime.transact(work, rows=len(rest)) if rest else [])
     return [
         SettleOutcome(r.id, None, JobStatus.succeeded) if r.id in direct else next(others)
         for r in reports
@@ -78,7 +76,7 @@ async def settle_one(
         direct = await _settle_direct(runtime, [report], now, key_id, whole=True)
         if report.id in direct:
             return direct[report.id]
-        return await runtime.transact(work, short=True)
+        return await runtime.transact(work, rows=1)
     except BaseException:
         await results.discard(runtime, stored)
         raise

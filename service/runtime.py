@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.brokers.base import Broker
-from service.db import SHORT_UNIT_ROWS, Database
+from service.db import Database
 from service.dispatch import Dispatcher
 from service.effects import Effects
 from service.idempotency import Outcome, Submitted, store_group
@@ -188,10 +188,9 @@ class SubmitBatcher:
         group on the event loop, ``Database.run``)."""
         rows = [row for row, _ in batch]
         work = partial(self._store, rows=rows)
-        short = len(rows) <= SHORT_UNIT_ROWS
         try:
             outcomes, committed = await self.runtime.db.run(
-                work, short=short, executor=self._committer
+                work, rows=len(rows), executor=self._committer
             )
         except Exception as exc:
             return await self._refused(batch, exc, retried)
@@ -306,9 +305,11 @@ class Runtime:
     def spawned(self) -> list[asyncio.Task[Any]]:
         return list(self._spawned)
 
-    async def transact(self, work: Callable[[Session, Effects], T], *, short: bool = False) -> T:
+    async def transact(
+        self, work: Callable[[Session, Effects], T], *, rows: int | None = None
+    ) -> T:
         """Run ``work`` in one transaction, then its effects: nothing reaches the broker or
-        a waiter before the commit that makes it true. ``short``: as ``Database.run``."""
+        a waiter before the commit that makes it true. ``rows``: as ``Database.run``."""
 
         def attempt(session: Session) -> tuple[T, Effects]:
             effects = Effects()  # fresh for each try: a retried transaction starts over
@@ -316,7 +317,7 @@ class Runtime:
             self.broker.in_transaction(session, effects)  # a NOTIFY rides the commit
             return result, effects
 
-        result, effects = await self.db.run(attempt, short=short)
+        result, effects = await self.db.run(attempt, rows=rows)
         await self.apply(effects)
         return result
 

@@ -37,7 +37,7 @@ async def read_job(runtime: Runtime, principal: Principal, job_id: str, wait: fl
     """The job, once it finished or ``wait`` seconds passed (capped by the settings)."""
     if principal.queues is not None:  # another tenant's job is not found (nor waited on)
         await runtime.db.read(
-            lambda session: jobs.check_visible(session, job_id, principal), short=True
+            lambda session: jobs.check_visible(session, job_id, principal), rows=1
         )
     return await wait_admitted(runtime, principal, job_id, wait)
 
@@ -113,7 +113,7 @@ async def read_values(runtime: Runtime, job_id: str) -> JobValues:
             if not rows:
                 raise jobs.not_found(job_id)
             return cast(JobValues, rows[0])
-    return await runtime.db.read(lambda session: _read(session, job_id), short=True)
+    return await runtime.db.read(lambda session: _read(session, job_id), rows=1)
 
 
 def _read(session: Session, job_id: str) -> JobValues:

@@ -13,7 +13,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import Database, create_engine
+from service.db import SHORT_UNIT_ROWS, Database, create_engine
 
 
 def _database(path: Path) -> Database:
@@ -40,16 +40,18 @@ def test_a_short_unit_runs_on_the_event_loop_and_a_long_one_in_a_thread(tmp_path
     db = _database(tmp_path / "loop.db")
 
     async def main() -> tuple[int, int, int, int]:
-        short = await db.run(_mark(1), short=True)
+        short = await db.run(_mark(1), rows=1)
         long = await db.run(_mark(2))
-        read = await db.read(lambda session: threading.get_ident(), short=True)
+        over = await db.run(_mark(3), rows=SHORT_UNIT_ROWS + 1)
+        assert over != threading.get_ident()  # past the limit: a thread
+        read = await db.read(lambda session: threading.get_ident(), rows=1)
         return threading.get_ident(), short, long, read
 
     try:
         loop_thread, short, long, read = asyncio.run(main())
         assert short == loop_thread and read == loop_thread
         assert long != loop_thread
-        assert sorted(_marks(db)) == [1, 2]  # both committed
+        assert sorted(_marks(db)) == [1, 2, 3]  # all committed
     finally:
         db.dispose()
 
@@ -73,7 +75,7 @@ def test_a_short_unit_waits_in_a_thread_while_the_write_lock_is_held_elsewhere(
                 turns += 1
 
         ticker = asyncio.create_task(ticking())
-        unit = asyncio.create_task(db.run(_mark(1), short=True))
+        unit = asyncio.create_task(db.run(_mark(1), rows=1))
         await asyncio.sleep(0.3)
         assert not unit.done(), "the unit did not wait for the lock"
         turns_while_locked = turns

@@ -254,30 +254,46 @@ def test_database_stopped_under_load(cluster: Cluster, tmp_path: Path) -> None:
     assert not missing, f"{len(missing)} acknowledged jobs are not in SQL: {sorted(missing)[:5]}"
 
 
-def answers_with(service: Service, client: httpx.Client, path: str, status: int) -> bool:
-    """Whether ``GET path`` answers ``status`` now (a service not listening yet: no); the
-    service must still be running."""
-    assert service.proc.poll() is None, f"the service exited:\n{service.log()}"
-    with contextlib.suppress(httpx.TransportError):
-        return client.get(path).status_code == status
-    return False
+@dataclass(frozen=True)
+class Started:
+    service: Service
+    client: httpx.Client
+
+    def answers(self, path: str, status: int) -> bool:
+        """Whether ``GET path`` answers ``status`` now (a service not listening yet: no);
+        the service must still be running."""
+        assert self.service.proc.poll() is None, f"the service exited:\n{self.service.log()}"
+        with contextlib.suppress(httpx.TransportError):
+            return self.client.get(path).status_code == status
+        return False
 
 
-def test_starts_while_database_is_down(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.stop("fast")
+@contextlib.contextmanager
+def started_service(env: dict[str, str], tmp_path: Path) -> Iterator[Started]:
+    """``celeriac serve`` with ``env``, and a client of it; stopped at the end, which must
+    be clean: a normal exit, no traceback in its log."""
     port = free_port()
-    env = child_env(settings_for(cluster))
-    # Compose runs `celeriac migrate` first, beside a database that may still be starting.
-    migrate = spawn([sys.executable, "-m", "celeriac", "migrate", "--wait", "30"], env,
-                    tmp_path, "migrate")  # fmt: skip
     process = spawn(service_command(port), env, tmp_path, f"service-{port}")
     service = Service(process.proc, process.log_path, f"http://127.0.0.1:{port}")
     try:
         with httpx.Client(base_url=service.url, timeout=5) as client:
+            yield Started(service, client)
+    finally:
+        code = service.stop()
+    log = service.log(30000)
+    assert code in (0, -15), f"the service exited {code}:\n{log}"
+    assert "Traceback" not in log, log
 
-            def answers(path: str, status: int) -> bool:
-                return answers_with(service, client, path, status)
 
+def test_starts_while_database_is_down(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.stop("fast")
+    env = child_env(settings_for(cluster))
+    # Compose runs `celeriac migrate` first, beside a database that may still be starting.
+    migrate = spawn([sys.executable, "-m", "celeriac", "migrate", "--wait", "30"], env,
+                    tmp_path, "migrate")  # fmt: skip
+    with started_service(env, tmp_path) as started:
+        try:
+            client, answers = started.client, started.answers
             wait_until(lambda: answers("/healthz", 200), 15, "/healthz while the DB is down")
             assert answers("/readyz", 503)
             refused = client.post("/jobs", json={"task": "t.x"})
@@ -290,13 +306,9 @@ def test_starts_while_database_is_down(cluster: Cluster, tmp_path: Path) -> None
             wait_until(lambda: answers("/readyz", 200), 20, "/readyz once the DB is up")
             job = expect(client.post("/jobs", json={"task": "t.x"}), 202)
             assert expect(client.get(f"/jobs/{job['id']}"), 200)["status"] == "queued"
-    finally:
-        migrate.stop()
-        code = service.stop()
-    log = service.log(30000)
-    assert code in (0, -15), f"the service exited {code}:\n{log}"
-    assert "Traceback" not in log, log
-    assert len(outage_lines(service)) < 10, log
+        finally:
+            migrate.stop()
+    assert len(outage_lines(started.service)) < 10, started.service.log(30000)
 
 
 def test_a_data_error_is_not_an_outage(cluster: Cluster) -> None:
@@ -324,36 +336,25 @@ def test_an_unmigrated_database_is_served_once_migrated(tmp_path: Path) -> None:
     SQLite file): it answers, but is not ready, says why (`celeriac migrate`) in /readyz,
     every route's 503 and its log, instead of a 500 on every request; once migrated it
     serves, without a restart."""
-    port = free_port()
     database = f"sqlite:///{tmp_path / 'unmigrated.db'}"
     env = child_env({**SERVICE_TUNING, "CELERIAC_DATABASE_URL": database})
-    process = spawn(service_command(port), env, tmp_path, f"service-{port}")
-    service = Service(process.proc, process.log_path, f"http://127.0.0.1:{port}")
-    try:
-        with httpx.Client(base_url=service.url, timeout=5) as client:
+    with started_service(env, tmp_path) as started:
+        client = started.client
+        wait_until(lambda: started.answers("/healthz", 200), 15, "/healthz")
 
-            def answers(path: str, status: int) -> bool:
-                return answers_with(service, client, path, status)
+        def says_migrate() -> bool:  # once start-up has looked at the schema
+            return "celeriac migrate" in client.get("/readyz").json()["checks"]["database"]
 
-            wait_until(lambda: answers("/healthz", 200), 15, "/healthz")
-
-            def says_migrate() -> bool:  # once start-up has looked at the schema
-                return "celeriac migrate" in client.get("/readyz").json()["checks"]["database"]
-
-            wait_until(says_migrate, 15, "/readyz to name the migration")
-            ready = client.get("/readyz")
-            assert ready.status_code == 503, ready.text
-            refused = client.post("/jobs", json={"task": "t.x"})
-            assert_problem(refused, 503, "database-unavailable")
-            assert "celeriac migrate" in refused.json()["detail"]
-            migrate = spawn([sys.executable, "-m", "celeriac", "migrate"], env, tmp_path, "migrate")
-            assert migrate.proc.wait(60) == 0, migrate.log()
-            wait_until(lambda: answers("/readyz", 200), 15, "/readyz once migrated")
-            job = expect(client.post("/jobs", json={"task": "t.x"}), 202)
-            assert expect(client.get(f"/jobs/{job['id']}"), 200)["status"] == "queued"
-    finally:
-        code = service.stop()
-    log = service.log(30000)
-    assert code in (0, -15), f"the service exited {code}:\n{log}"
-    assert "Traceback" not in log, log
+        wait_until(says_migrate, 15, "/readyz to name the migration")
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        refused = client.post("/jobs", json={"task": "t.x"})
+        assert_problem(refused, 503, "database-unavailable")
+        assert "celeriac migrate" in refused.json()["detail"]
+        migrate = spawn([sys.executable, "-m", "celeriac", "migrate"], env, tmp_path, "migrate")
+        assert migrate.proc.wait(60) == 0, migrate.log()
+        wait_until(lambda: started.answers("/readyz", 200), 15, "/readyz once migrated")
+        job = expect(client.post("/jobs", json={"task": "t.x"}), 202)
+        assert expect(client.get(f"/jobs/{job['id']}"), 200)["status"] == "queued"
+    log = started.service.log(30000)
     assert "celeriac migrate" in log, log
