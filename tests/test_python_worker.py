@@ -365,10 +365,22 @@ def test_sigusr1_dumps_stacks_and_sigquit_is_a_cold_shutdown_at_once(
     try:
         stuck = tasks.sleep.delay(60)
         eventually(lambda: stuck.status == "running", what="the job to start")
-        proc.signal(signal.SIGUSR1)  # a stuck worker shows where it is, and goes on
-        # Every thread's stack, the task's own frame among them.
+        # A stuck worker shows where it is, and goes on: every thread's stack, the
+        # task's own frame among them. "running" is set when the job is leased, a
+        # moment before the task's thread enters it, and each dump is a snapshot: ask
+        # again until one catches the task (a loaded machine stretched that moment).
         task_frame = re.compile(r'pw_tasks\.py", line \d+ in sleep')
-        eventually(lambda: task_frame.search(proc.log()), what="the stack dump")
+
+        def dump_shows_the_task() -> bool:
+            proc.signal(signal.SIGUSR1)
+            try:
+                eventually(lambda: task_frame.search(proc.log()), timeout=1.0)
+            except AssertionError:
+                return False
+            return True
+
+        eventually(dump_shows_the_task, what="a stack dump with the task's frame")
+        assert proc.popen.poll() is None, proc.log()
         assert client.get(stuck.id)["status"] == "running"
         proc.signal(signal.SIGQUIT)  # no warm shutdown first
         assert proc.wait(timeout=20) == 1, proc.log()
