@@ -11,9 +11,11 @@ def add(x: int, y: int) -> int:
 add.delay(2, 3).get(timeout=10)  # 5, once a worker runs: celeriac worker -A proj:app
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .app import Celeriac
 from .canvas import Signature, WorkflowHandle, chain, chord, group
-from .client import AsyncClient, Client
+from .client import Client
 from .context import JobContext, current_job, get_current_job
 from .errors import (
     Cancelled,
@@ -27,6 +29,9 @@ from .errors import (
 )
 from .handle import JobHandle
 from .task import AsyncTask, Task
+
+if TYPE_CHECKING:
+    from ._async_client import AsyncClient
 
 __all__ = [
     "AsyncClient",
@@ -52,3 +57,13 @@ __all__ = [
     "get_current_job",
     "group",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``AsyncClient`` is imported on first use: it brings httpx, which a worker and a
+    blocking submitter never need (about 0.1 s of start-up)."""
+    if name == "AsyncClient":
+        from ._async_client import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

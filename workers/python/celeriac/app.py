@@ -7,10 +7,9 @@ import inspect
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Unpack, overload
 
 from .client import (
-    AsyncClient,
     Client,
     RetryBackoff,
     SubmitOptions,
@@ -19,6 +18,9 @@ from .client import (
 )
 from .handle import JobHandle
 from .task import AsyncTask, BaseTask, Task, TaskOptions, check_name, unique_option
+
+if TYPE_CHECKING:
+    from ._async_client import AsyncClient
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -120,6 +122,8 @@ class Celeriac:
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
+            from ._async_client import AsyncClient  # on first use: it brings httpx
+
             client = AsyncClient(self._server, self._api_key, retries=self._retries)
             self._async_clients[loop] = client
         return client
