@@ -36,7 +36,7 @@ from service.effects import Effects
 from service.isolation import is_row_error, reason
 from service.leases import Grant, LeaseTerms, Settle, jobs_c
 from service.pg_direct import Refused
-from service.states import JobStatus, Outcome
+from service.states import JobStatus, LeaseProblem, Outcome
 
 if TYPE_CHECKING:
     from service.brokers.base import BrokerHooks
@@ -48,6 +48,14 @@ log = logging.getLogger("celeriac.redis.protocol")
 GROUP = "celeriac-service"
 EVENT_BATCH = 2000
 CLAIM_IDLE_MS = 15_000
+# A report whose job SQL still has queued came before its lease event, which another
+# replica read and has not applied yet (the consumer group shares the stream, so one
+# job's events may go to two replicas). It stays unacknowledged here and is applied
+# again every EARLY_RETRY_MS until the lease lands, for at most EARLY_SECONDS: then it
+# is applied as it is (refused as stale, and dropped). Under CLAIM_IDLE_MS, so that this
+# replica never takes over its own held reports as abandoned.
+EARLY_RETRY_MS = 50
+EARLY_SECONDS = 10.0
 
 
 def load_envelopes(session: Session, ids: Sequence[str]) -> dict[str, str]:
@@ -90,6 +98,8 @@ class EventIngest:
         self.broker = broker
         self.waited = broker.signals.is_waited
         self.direct = hooks.direct
+        # Reports held back (see EARLY_SECONDS): stream entry id -> (fields, first held).
+        self.early: dict[str, tuple[dict[str, str], float]] = {}
 
     async def run(self) -> None:
         # Not ``while True``: a cancel that redis-py turns into a RedisError while a read
@@ -100,11 +110,13 @@ class EventIngest:
                 await self._drain_abandoned()
                 while not self.broker.closing:
                     answer = await self.blocking.xreadgroup(
-                        GROUP, self.consumer, {self.stream: ">"}, count=EVENT_BATCH, block=5000
-                    )
-                    if answer:
-                        # RESP2: [[stream, [(entry id, fields), ...]]]
-                        await self._apply(cast(list[Any], answer)[0][1])
+                        GROUP, self.consumer, {self.stream: ">"}, count=EVENT_BATCH,
+                        block=EARLY_RETRY_MS if self.early else 5000,
+                    )  # fmt: skip
+                    # RESP2: [[stream, [(entry id, fields), ...]]]
+                    entries = cast(list[Any], answer)[0][1] if answer else []
+                    if entries or self.early:
+                        await self._apply(self._take_early() + entries)
                     else:
                         await self._drain_abandoned()
             except errors.DatabaseUnavailable:
@@ -141,46 +153,79 @@ class EventIngest:
 
     async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         events = redis_events.decode_all(entries)  # malformed ones dropped, logged once
-        effects = await self._apply_events(events, self.now())
+        effects, early = await self._apply_events(events, self.now())
         # Waiters and dispatch first: they wait on this commit, the tombstones do not.
         await self.after_commit(effects)
-        reported = [self.layout.job(e["id"]) for e in events if e["k"] in REPORTS]
+        held = self._hold_early(entries, early)
+        reported = [
+            self.layout.job(e["id"]) for e in events if e["k"] in REPORTS and e["id"] not in early
+        ]
         if reported:  # SQL has the reports now: the tombstones may go
             await self.forget(keys=reported)
-        ids = [entry_id for entry_id, _fields in entries]
+        ids = [entry_id for entry_id, _fields in entries if entry_id not in held]
+        if not ids:
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.stream, GROUP, *ids)
             pipe.xdel(self.stream, *ids)
             await pipe.execute()
 
-    async def _apply_events(self, events: list[Event], now: datetime) -> Effects:
+    def _hold_early(self, entries: list[tuple[str, dict[str, str]]], early: set[str]) -> set[str]:
+        """The entries of reports that came before their lease (``early``: their job ids)
+        to keep unacknowledged and apply again, unless held for EARLY_SECONDS already.
+        A held entry applied at last (or given up) leaves ``self.early``."""
+        now = asyncio.get_running_loop().time()
+        held: set[str] = set()
+        for entry_id, fields in entries:
+            first = self.early.pop(entry_id, None)
+            if fields.get("k") not in REPORTS or fields.get("id") not in early:
+                continue
+            since = now if first is None else first[1]
+            if now - since < EARLY_SECONDS:
+                self.early[entry_id] = (fields, since)
+                held.add(entry_id)
+            else:
+                log.warning("Redis worker report for job %s dropped: its lease did not reach"
+                            " SQL in %.0fs", fields.get("id"), EARLY_SECONDS)  # fmt: skip
+        return held
+
+    def _take_early(self) -> list[tuple[str, dict[str, str]]]:
+        """The held reports, to be applied again before the new entries (``_hold_early``
+        holds them again if their lease is still not in SQL)."""
+        return [(entry_id, fields) for entry_id, (fields, _since) in self.early.items()]
+
+    async def _apply_events(self, events: list[Event], now: datetime) -> tuple[Effects, set[str]]:
         """The batch: what the direct path takes (``_apply_direct``), then the rest in one
         transaction; if the database refuses a row of it, each event in a transaction of
         its own (stream order), dropping the ones it still refuses. An outage propagates:
         the batch stays unacknowledged and is read again (what already committed is
-        applied again harmlessly)."""
-        effects = Effects()
+        applied again harmlessly). Also returns the jobs whose report came before their
+        lease (``apply_events``)."""
+        effects, early = Effects(), set[str]()
         if self.direct is not None:
             events = await self._apply_direct(self.direct, events, now, effects)
         if not events:
-            return effects
+            return effects, early
         try:
             one = partial(_applied, events=events, now=now, waited=self.waited)
-            effects.merge(await self.db.run(one))
-            return effects
+            applied, early = await self.db.run(one)
+            effects.merge(applied)
+            return effects, early
         except Exception as exc:
             if not is_row_error(exc):
                 raise
         for event in events:
             try:
                 one = partial(_applied, events=[event], now=now, waited=self.waited)
-                effects.merge(await self.db.run(one))
+                applied, too_early = await self.db.run(one)
+                effects.merge(applied)
+                early |= too_early
             except Exception as exc:
                 if not is_row_error(exc):
                     raise
                 log.warning("Redis worker event %s for job %s dropped: the database refused it"
                             " (%s)", event["k"], event["id"], reason(exc))  # fmt: skip
-        return effects
+        return effects, early
 
     async def _apply_direct(
         self, direct: DirectPg, events: list[Event], now: datetime, effects: Effects
@@ -225,18 +270,23 @@ def _mirrored(event: Event, now: datetime) -> dict[str, Any]:
 
 def _applied(
     session: Session, events: list[Event], now: datetime, waited: Callable[[str], bool]
-) -> Effects:
+) -> tuple[Effects, set[str]]:
     effects = Effects()  # fresh for each try: a retried transaction starts over
-    apply_events(session, events, now, effects)
+    early = apply_events(session, events, now, effects)
     leases.keep_settled(session, effects, waited)  # ``?wait=`` here answers without a read
-    return effects
+    return effects, early
 
 
-def apply_events(session: Session, events: list[Event], now: datetime, effects: Effects) -> None:
+def apply_events(
+    session: Session, events: list[Event], now: datetime, effects: Effects
+) -> set[str]:
     """Apply a batch: every lease first, then heartbeats, then reports, each as one
-    batch. Per job this keeps stream order, because a job's lease event always precedes
-    its heartbeats and report, and it can only be leased again after SQL applied that
-    report (or reclaimed the lease, which a later stale report cannot undo)."""
+    batch. Per job this keeps stream order within a replica, because a job's lease event
+    always precedes its heartbeats and report, and it can only be leased again after SQL
+    applied that report (or reclaimed the lease, which a later stale report cannot
+    undo). Between replicas it does not: the lease may be in another's batch. Returns
+    the jobs whose report was refused while SQL still has them queued: reports that
+    came before their lease, for the caller to apply again (EARLY_SECONDS)."""
     leased = [e for e in events if e["k"] == Kind.lease]
     beats = [e for e in events if e["k"] == Kind.heartbeat]
     reports = [_report(e["k"], e) for e in events if e["k"] in REPORTS]
@@ -246,8 +296,14 @@ def apply_events(session: Session, events: list[Event], now: datetime, effects: 
     _grant(session, [e for e in leased if e["id"] not in grants], now)
     effects.leases_recorded += len(leased)  # metrics (may count a re-applied event twice)
     _extend(session, beats, now)
-    if reports:
-        leases.settle(session, reports, now, effects, grants)
+    if not reports:
+        return set()
+    outcomes = leases.settle(session, reports, now, effects, grants)
+    refused = [outcome.id for outcome in outcomes if outcome.problem is LeaseProblem.stale]
+    if not refused:
+        return set()
+    queued = sa.select(jobs_c.id).where(jobs_c.id.in_(refused), jobs_c.status == JobStatus.queued)
+    return set(session.scalars(queued))
 
 
 def _grant(session: Session, events: list[Event], now: datetime) -> None:
