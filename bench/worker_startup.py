@@ -79,7 +79,10 @@ def main() -> None:
     parser.add_argument("--broker", default="")
     parser.add_argument("--redis-prefix", default="celeriac")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=args.base, timeout=60) as client:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        httpx.Client(base_url=args.base, timeout=60) as client,
+    ):
         workdir = Path(tmp)
         (workdir / "startup_tasks.py").write_text(TASKS)
         samples = [sample(args, client, workdir) for _ in range(args.n)]
