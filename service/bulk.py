@@ -71,14 +71,20 @@ def recordset_insert(columns: tuple[str, ...]) -> tuple[Recordset, sa.TextClause
 def _update_executemany(
     session: Session, columns: Sequence[str], changes: Sequence[Mapping[str, Any]]
 ) -> None:
-    statement = (
+    session.execute(
+        _update_by_id(tuple(columns)),
+        [{"match_id": c["id"], **{f"new_{name}": c[name] for name in columns}} for c in changes],
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _update_by_id(columns: tuple[str, ...]) -> sa.Update:
+    """``UPDATE jobs SET <column> = :new_<column>, … WHERE id = :match_id``, once per set
+    of columns (built anew each time, it cost more than SQLite took to run it)."""
+    return (
         sa.update(JOBS_TABLE)
         .where(jobs_c.id == sa.bindparam("match_id"))
         .values({name: sa.bindparam(f"new_{name}", type_=jobs_c[name].type) for name in columns})
-    )
-    session.execute(
-        statement,
-        [{"match_id": c["id"], **{f"new_{name}": c[name] for name in columns}} for c in changes],
     )
 
 

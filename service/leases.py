@@ -64,6 +64,18 @@ def _select(columns: Sequence[str]) -> sa.Select[Any]:
     return sa.select(*(jobs_c[name] for name in columns))
 
 
+@functools.cache
+def _by_ids(columns: tuple[str, ...] | None, *, lock: bool = False) -> sa.Select[Any]:
+    """``SELECT <columns> (None: all) FROM jobs WHERE id IN :ids [FOR UPDATE]``, built once:
+    the ids go as an expanding parameter (``{"ids": [...]}``). Building a select of a few
+    dozen columns, and SQLAlchemy walking it for its cache key, took longer than SQLite
+    took to run it: about a third of a report's settle."""
+    query = (sa.select(JOBS_TABLE) if columns is None else _select(columns)).where(
+        jobs_c.id.in_(sa.bindparam("ids", expanding=True))
+    )
+    return query.with_for_update() if lock else query
+
+
 def _rows(
     session: Session, query: sa.Select[Any], params: dict[str, Any] | None = None
 ) -> list[JobValues]:
@@ -321,16 +333,22 @@ def claim_by_ids(
     # Two statements here even where one UPDATE … RETURNING could do (claim_from_queues
     # does): measured in one run each, the one-statement claim of a broker's ids drained
     # 1,670 jobs/s against 2,090 for this (docs/benchmarks.md, issue 14).
-    picked = (
-        _select(CLAIM_COLUMNS)
-        .where(jobs_c.id.in_(ids), grantable())
-        .order_by(jobs_c.id)  # as in _grant_statement
-        .with_for_update()
-    )
-    found = {row["id"]: row for row in _rows(session, picked, claim_params(terms))}
+    params = claim_params(terms) | {"ids": list(ids)}
+    found = {row["id"]: row for row in _rows(session, _pick_by_ids(), params)}
     if allows_queue is not None:
         found = {i: row for i, row in found.items() if allows_queue(row["queue"])}
     return _grant(session, [found[i] for i in ids if i in found], terms)
+
+
+@functools.cache
+def _pick_by_ids() -> sa.Select[Any]:
+    """``claim_by_ids``'s lock of the proposed jobs still grantable, built once."""
+    return (
+        _select(CLAIM_COLUMNS)
+        .where(jobs_c.id.in_(sa.bindparam("ids", expanding=True)), grantable())
+        .order_by(jobs_c.id)  # as in _grant_statement
+        .with_for_update()
+    )
 
 
 def _grant(session: Session, rows: list[JobValues], terms: LeaseTerms) -> list[JobValues]:
@@ -363,12 +381,24 @@ def grant(session: Session, ids: Sequence[str], lease: Lease) -> None:
     dispatch path (HTTP leases from any broker, the Redis worker protocol's leases
     mirrored into SQL) grants through it. A job that is no longer queued (cancelled,
     expired, granted elsewhere) is left alone: its worker's report will be stale."""
-    session.execute(
+    values = {"token": lease.token, "worker": lease.worker, "key_id": lease.key_id,
+              "now": lease.now, "deadline": lease.expires_at}  # fmt: skip
+    session.execute(_grant_ids_once(), {"ids": list(ids), **values})
+
+
+@functools.cache
+def _grant_ids_once() -> sa.Update:
+    """``grant``'s statement, built once (over bind parameters, as ``_grant_statement``)."""
+    deadline = sa.bindparam("deadline", type_=UTCDateTime())
+    ids: sa.BindParameter[list[str]] = sa.bindparam("ids", expanding=True)
+    return (
         sa.update(JOBS_TABLE)
         .where(jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued)
         .values(
-            **_lease_values(lease.token, lease.worker, lease.key_id, lease.now),
-            lease_expires_at=lease.expires_at,
+            **_lease_values(
+                sa.bindparam("token"), sa.bindparam("worker"), sa.bindparam("key_id"), _NOW
+            ),
+            lease_expires_at=deadline,
         )
     )
 
@@ -454,8 +484,8 @@ def _lock_and_check(
     # An id that is no job's ("%00" in a path, 300 characters) is "not found" without a
     # query: PostgreSQL refuses NUL in a parameter, and the query would fail the batch.
     ids = list({c.id for c in checks if is_job_id(c.id)})
-    query = _select(STATE_COLUMNS).where(jobs_c.id.in_(ids)).with_for_update()
-    rows = {row["id"]: row for row in _rows(session, query)}
+    query = _by_ids(STATE_COLUMNS, lock=True)
+    rows = {row["id"]: row for row in _rows(session, query, {"ids": ids})}
     for state in rows.values():
         grant = (grants or {}).get(state["id"])
         if grant is not None and state["status"] == JobStatus.queued:
@@ -588,7 +618,7 @@ def keep_settled(session: Session, effects: Effects, waited: Callable[[str], boo
     primary-key query, only when some waiter is here."""
     ids = [job_id for job_id in effects.finished if waited(job_id)]
     if ids:
-        for row in _rows(session, sa.select(JOBS_TABLE).where(jobs_c.id.in_(ids))):
+        for row in _rows(session, _by_ids(None), {"ids": ids}):
             effects.settled[row["id"]] = row
 
 
