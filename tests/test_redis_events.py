@@ -8,14 +8,18 @@ straight into the stream with redis-py, as any client with Redis access could.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from conftest import Api, Service, Spawner, redis_client
 
+from service.brokers.redis_protocol import GROUP
 from service.db import create_engine
 
 POISON = {
@@ -108,6 +112,39 @@ def test_a_reports_logs_are_checked_as_over_http_and_never_cost_the_report() -> 
     assert failed["l"] == "why\n"
 
 
+@dataclass
+class EarlyReport:
+    """A service on the Redis protocol, one job leased from Redis whose lease event the
+    test read as consumer ``other-replica`` of the service's group (so the service has
+    not), and the job's report, sent: what a replica sees when another holds the lease."""
+
+    service: Service
+    api: Api
+    client: Any
+    stream: str
+    job: str
+    lease_event: tuple[bytes, dict[bytes, bytes]]
+    reported_at: float
+
+
+@contextlib.contextmanager
+def early_report(spawner: Spawner, queue: str, database: str) -> Iterator[EarlyReport]:
+    backend = spawner.backend(database, "redis")
+    service: Service = spawner.service(backend)
+    api: Api = spawner.api(service.url)
+    tag = "{" + backend.redis_prefix + "}"
+    stream = f"{tag}:events"
+    job = api.submit(queue=queue, max_retries=0)["id"]
+    client = redis_client(backend.redis_db)
+    try:
+        lease_event = _lease_read_by_another_replica(client, tag, queue, stream)
+        fcall(client, tag, "complete", job, lease_event[1][b"t"].decode(), "7")
+        yield EarlyReport(service, api, client, stream, job, lease_event, time.monotonic())
+    finally:
+        client.close()
+    assert "Traceback" not in service.log(10**6)
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
 def test_a_report_that_comes_before_its_lease_waits_for_it(
     spawner: Spawner, queue: str, database: str
@@ -119,64 +156,21 @@ def test_a_report_that_comes_before_its_lease_waits_for_it(
 
     The other replica is played here by a consumer of the same group that reads the
     lease event and, later, hands it back to the stream (as if it applied it late)."""
-    backend = spawner.backend(database, "redis")
-    service: Service = spawner.service(backend)
-    api: Api = spawner.api(service.url)
-    tag = "{" + backend.redis_prefix + "}"
-    stream, group = f"{tag}:events", "celeriac-service"
-    job = api.submit(queue=queue, max_retries=0)["id"]
-    client = redis_client(backend.redis_db)
-    try:
-        lease_event = _lease_read_by_another_replica(client, tag, queue, stream, group)
-        entry_id, fields = lease_event
-        token = fields[b"t"].decode()
-        fcall(client, tag, "complete", job, token, "7")
+    with early_report(spawner, queue, database) as early:
+        client, stream = early.client, early.stream
         deadline = time.monotonic() + 10
-        while not _report_read_by_the_service(client, stream, group):
+        while not _report_read_by_the_service(client, stream):
             assert time.monotonic() < deadline, "the service never read the report"
             time.sleep(0.02)
-        assert api.get(job)["status"] == "queued"  # held: neither applied nor dropped
+        assert early.api.get(early.job)["status"] == "queued"  # held: not applied, not dropped
+        entry_id, fields = early.lease_event
         with client.pipeline(transaction=True) as pipe:  # the other replica, at last
             pipe.xadd(stream, fields)
-            pipe.xack(stream, group, entry_id)
+            pipe.xack(stream, GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             pipe.execute()
-        done = api.wait_finished(job, 10)
+        done = early.api.wait_finished(early.job, 10)
         assert (done["status"], done["result"], done["attempt"]) == ("succeeded", 7, 1), done
-    finally:
-        client.close()
-    assert "Traceback" not in service.log(10**6)
-
-
-def _lease_read_by_another_replica(
-    client: Any, tag: str, queue: str, stream: str, group: str
-) -> tuple[bytes, dict[bytes, bytes]]:
-    """Lease the queue's job from Redis and read the lease event as consumer
-    ``other-replica``, in one transaction: the service, blocked on the stream, is only
-    served after it, so it cannot read the event first."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with client.pipeline(transaction=True) as pipe:
-            pipe.fcall("celeriac_v1_lease", 2, stream, f"{tag}:ready:{queue}", "1",
-                       "early-test", "1", "30000")  # fmt: skip
-            pipe.xreadgroup(group, "other-replica", {stream: ">"}, count=100)
-            leased, read = pipe.execute()
-        if leased:
-            entries = read[0][1]
-            assert [fields[b"k"] for _id, fields in entries] == [b"L"], entries
-            return entries[0]
-        client.blpop([f"{tag}:wake:{queue}"], 0.2)  # not indexed yet: wait for the push
-    raise AssertionError("the job never reached the Redis index")
-
-
-def _report_read_by_the_service(client: Any, stream: str, group: str) -> bool:
-    """Whether the service read the report: it is pending on the service's consumer
-    (held), or gone from the stream (applied or dropped, then acknowledged and deleted)."""
-    reports = [i for i, fields in client.xrange(stream) if fields[b"k"] == b"C"]
-    if not reports:
-        return True
-    pending = client.xpending_range(stream, group, min="-", max="+", count=100)
-    return any(p["message_id"] in reports and p["consumer"] != b"other-replica" for p in pending)
 
 
 def test_a_report_whose_lease_never_reaches_sql_is_dropped_in_the_end(
@@ -186,22 +180,41 @@ def test_a_report_whose_lease_never_reaches_sql_is_dropped_in_the_end(
     as stale and dropped, as any stale report (a lease that ran out and was reclaimed)."""
     from service.brokers.redis_protocol import EARLY_SECONDS
 
-    backend = spawner.backend("sqlite", "redis")
-    service: Service = spawner.service(backend)
-    api: Api = spawner.api(service.url)
-    tag = "{" + backend.redis_prefix + "}"
-    stream, group = f"{tag}:events", "celeriac-service"
-    job = api.submit(queue=queue, max_retries=0)["id"]
-    client = redis_client(backend.redis_db)
-    try:
-        _entry_id, fields = _lease_read_by_another_replica(client, tag, queue, stream, group)
-        held_from = time.monotonic()
-        fcall(client, tag, "complete", job, fields[b"t"].decode(), "7")
-        while any(f[b"k"] == b"C" for _i, f in client.xrange(stream)):
-            assert time.monotonic() - held_from < EARLY_SECONDS + 10, "never dropped"
+    with early_report(spawner, queue, "sqlite") as early:
+        while any(f[b"k"] == b"C" for _i, f in early.client.xrange(early.stream)):
+            assert time.monotonic() - early.reported_at < EARLY_SECONDS + 10, "never dropped"
             time.sleep(0.1)
-        assert time.monotonic() - held_from >= EARLY_SECONDS - 1  # held that long first
-        assert api.get(job)["status"] == "queued"
-    finally:
-        client.close()
-    assert f"report for job {job} dropped" in service.log(10**6)
+        assert time.monotonic() - early.reported_at >= EARLY_SECONDS - 1  # held that long
+        assert early.api.get(early.job)["status"] == "queued"
+    assert f"report for job {early.job} dropped" in early.service.log(10**6)
+
+
+def _lease_read_by_another_replica(
+    client: Any, tag: str, queue: str, stream: str
+) -> tuple[bytes, dict[bytes, bytes]]:
+    """Lease the queue's job from Redis and read the lease event as consumer
+    ``other-replica``, in one transaction: the service, blocked on the stream, is only
+    served after it, so it cannot read the event first."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.fcall("celeriac_v1_lease", 2, stream, f"{tag}:ready:{queue}", "1",
+                       "early-test", "1", "30000")  # fmt: skip
+            pipe.xreadgroup(GROUP, "other-replica", {stream: ">"}, count=100)
+            leased, read = pipe.execute()
+        if leased:
+            entries = read[0][1]
+            assert [fields[b"k"] for _id, fields in entries] == [b"L"], entries
+            return entries[0]
+        client.blpop([f"{tag}:wake:{queue}"], 0.2)  # not indexed yet: wait for the push
+    raise AssertionError("the job never reached the Redis index")
+
+
+def _report_read_by_the_service(client: Any, stream: str) -> bool:
+    """Whether the service read the report: it is pending on the service's consumer
+    (held), or gone from the stream (applied or dropped, then acknowledged and deleted)."""
+    reports = [i for i, fields in client.xrange(stream) if fields[b"k"] == b"C"]
+    if not reports:
+        return True
+    pending = client.xpending_range(stream, GROUP, min="-", max="+", count=100)
+    return any(p["message_id"] in reports and p["consumer"] != b"other-replica" for p in pending)
