@@ -59,7 +59,9 @@ def quick(n: int) -> int:
     return n
 
 @app.task(name="mt.hold")
-def hold(flag: str) -> str:
+def hold(flag: str, started: str = "") -> str:
+    if started:  # the task is under way (a job reads "running" from its lease on)
+        open(started, "w").close()
     while not os.path.exists(flag):  # until the test lets go
         time.sleep(0.05)
     return "released"
@@ -310,10 +312,11 @@ def test_restart_under_a_steady_stream_of_jobs_loses_none(
 
 def test_stop_lets_running_jobs_finish(nodes: Nodes, pair: dict[str, int], client: Client) -> None:
     release = nodes.workdir / "release-held-jobs"
-    held = [client.submit("mt.hold", [str(release)], queue=PAIR_QUEUE)["id"] for _ in range(4)]
+    marks = [nodes.workdir / f"held-{i}-started" for i in range(4)]
+    held = [client.submit("mt.hold", [str(release), str(m)], queue=PAIR_QUEUE)["id"] for m in marks]
     eventually(
-        lambda: all(client.get(job_id)["status"] == "running" for job_id in held),
-        what="a job on every pool thread of both nodes",
+        lambda: all(mark.exists() for mark in marks),
+        what="a job under way on every pool thread of both nodes",
     )
     waiting = [client.submit("mt.quick", [0], queue=PAIR_QUEUE)["id"] for _ in range(2)]
     pids = {name: nodes.pid(name) for name in ("w1", "w2")}

@@ -72,8 +72,13 @@ def until_cancelled() -> str:
     current_job.raise_if_cancelled()
     return "unreachable"
 
+# ``started``: a file the task creates as it begins. A job reads "running" from its lease
+# on, a moment before a pool thread enters the task (and a warm shutdown hands back a job
+# leased but not yet started): a test that needs the task under way waits for the file.
 @app.task(name="pw.sleep", queue="shutdown")
-def sleep(seconds: float) -> str:
+def sleep(seconds: float, started: str = "") -> str:
+    if started:
+        open(started, "w").close()
     current_job.wait_cancelled(seconds)
     return f"slept {seconds}"
 """
@@ -325,9 +330,10 @@ def test_sigterm_finishes_the_running_job_and_leases_no_more(
     tasks: ModuleType, server: str, workdir: Path, client: Client
 ) -> None:
     proc = start_worker(server, workdir, "-A", "pw_tasks.app", "-Q", "shutdown", "-c", "2")
+    started = workdir / f"started-{time.monotonic_ns()}"
     try:
-        running = tasks.sleep.delay(1.5)
-        eventually(lambda: running.status == "running", what="the job to start")
+        running = tasks.sleep.delay(1.5, str(started))
+        eventually(started.exists, what="the task to start")
         proc.signal(signal.SIGTERM)
         eventually(lambda: "warm shutdown" in proc.log(), what="the signal to be handled")
         later = tasks.sleep.delay(0.1)
@@ -343,9 +349,10 @@ def test_second_signal_releases_unfinished_jobs(
     tasks: ModuleType, server: str, workdir: Path, client: Client
 ) -> None:
     proc = start_worker(server, workdir, "-A", "pw_tasks", "-Q", "shutdown", "-c", "1")
+    started = workdir / f"started-{time.monotonic_ns()}"
     try:
-        stuck = tasks.sleep.delay(60)
-        eventually(lambda: stuck.status == "running", what="the job to start")
+        stuck = tasks.sleep.delay(60, str(started))
+        eventually(started.exists, what="the task to start")
         proc.signal(signal.SIGTERM)
         # Two signals sent at once may arrive as one: wait for the first to be handled.
         eventually(lambda: "warm shutdown" in proc.log(), what="the warm shutdown to start")
@@ -362,24 +369,14 @@ def test_sigusr1_dumps_stacks_and_sigquit_is_a_cold_shutdown_at_once(
     tasks: ModuleType, server: str, workdir: Path, client: Client
 ) -> None:
     proc = start_worker(server, workdir, "-A", "pw_tasks", "-Q", "shutdown", "-c", "1")
+    started = workdir / f"started-{time.monotonic_ns()}"
     try:
-        stuck = tasks.sleep.delay(60)
-        eventually(lambda: stuck.status == "running", what="the job to start")
-        # A stuck worker shows where it is, and goes on: every thread's stack, the
-        # task's own frame among them. "running" is set when the job is leased, a
-        # moment before the task's thread enters it, and each dump is a snapshot: ask
-        # again until one catches the task (a loaded machine stretched that moment).
+        stuck = tasks.sleep.delay(60, str(started))
+        eventually(started.exists, what="the task to start")
+        proc.signal(signal.SIGUSR1)  # a stuck worker shows where it is, and goes on
+        # Every thread's stack, the task's own frame among them.
         task_frame = re.compile(r'pw_tasks\.py", line \d+ in sleep')
-
-        def dump_shows_the_task() -> bool:
-            proc.signal(signal.SIGUSR1)
-            try:
-                eventually(lambda: task_frame.search(proc.log()), timeout=1.0)
-            except AssertionError:
-                return False
-            return True
-
-        eventually(dump_shows_the_task, what="a stack dump with the task's frame")
+        eventually(lambda: task_frame.search(proc.log()), what="the stack dump")
         assert proc.popen.poll() is None, proc.log()
         assert client.get(stuck.id)["status"] == "running"
         proc.signal(signal.SIGQUIT)  # no warm shutdown first
@@ -412,11 +409,13 @@ def test_prefetched_jobs_wait_for_a_slot_and_go_back_at_a_warm_shutdown(
     tasks: ModuleType, server: str, workdir: Path, client: Client
 ) -> None:
     # -c 1 and the default prefetch multiplier (4): one job runs, three more are held.
-    jobs = [tasks.sleep.apply_async([2.0], queue="prefetch") for _ in range(5)]
+    marks = [workdir / f"prefetch-{i}-{time.monotonic_ns()}" for i in range(5)]
+    jobs = [tasks.sleep.apply_async([2.0, str(mark)], queue="prefetch") for mark in marks]
     proc = start_worker(server, workdir, "-A", "pw_tasks", "-Q", "prefetch", "-c", "1")
     try:
         statuses = lambda: sorted(job.status for job in jobs)  # noqa: E731
         eventually(lambda: statuses() == ["queued"] + ["running"] * 4, what="4 jobs leased")
+        eventually(lambda: any(mark.exists() for mark in marks), what="one task to start")
         proc.signal(signal.SIGTERM)
         # The held ones go back at once, while the running one finishes.
         eventually(lambda: statuses() == ["queued"] * 4 + ["running"], what="held jobs back")
