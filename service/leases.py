@@ -383,11 +383,11 @@ def grant(session: Session, ids: Sequence[str], lease: Lease) -> None:
     expired, granted elsewhere) is left alone: its worker's report will be stale."""
     values = {"token": lease.token, "worker": lease.worker, "key_id": lease.key_id,
               "now": lease.now, "deadline": lease.expires_at}  # fmt: skip
-    session.execute(_grant_ids_once(), {"ids": list(ids), **values})
+    session.execute(_grant_by_ids(), {"ids": list(ids), **values})
 
 
 @functools.cache
-def _grant_ids_once() -> sa.Update:
+def _grant_by_ids() -> sa.Update:
     """``grant``'s statement, built once (over bind parameters, as ``_grant_statement``)."""
     deadline = sa.bindparam("deadline", type_=UTCDateTime())
     ids: sa.BindParameter[list[str]] = sa.bindparam("ids", expanding=True)

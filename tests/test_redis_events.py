@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import Api, Service, Spawner, redis_client
 
-from service.brokers.redis_protocol import GROUP
+from service.brokers.redis_protocol import GROUP, EarlyReports, Entry
 from service.db import create_engine
 
 POISON = {
@@ -121,6 +121,7 @@ class EarlyReport:
     service: Service
     api: Api
     client: Any
+    tag: str
     stream: str
     job: str
     lease_event: tuple[bytes, dict[bytes, bytes]]
@@ -139,7 +140,7 @@ def early_report(spawner: Spawner, queue: str, database: str) -> Iterator[EarlyR
     try:
         lease_event = _lease_read_by_another_replica(client, tag, queue, stream)
         fcall(client, tag, "complete", job, lease_event[1][b"t"].decode(), "7")
-        yield EarlyReport(service, api, client, stream, job, lease_event, time.monotonic())
+        yield EarlyReport(service, api, client, tag, stream, job, lease_event, time.monotonic())
     finally:
         client.close()
     assert "Traceback" not in service.log(10**6)
@@ -186,7 +187,28 @@ def test_a_report_whose_lease_never_reaches_sql_is_dropped_in_the_end(
             time.sleep(0.1)
         assert time.monotonic() - early.reported_at >= EARLY_SECONDS - 1  # held that long
         assert early.api.get(early.job)["status"] == "queued"
+        # Decided, so its tombstone goes as any applied report's (it would hold the job
+        # back from the reconciler for an hour).
+        assert 0 < early.client.ttl(f"{early.tag}:job:{early.job}") <= 30
     assert f"report for job {early.job} dropped" in early.service.log(10**6)
+
+
+def test_early_reports_are_held_a_while_and_a_bounded_number() -> None:
+    def report(n: int) -> Entry:
+        return f"{n}-0", {"k": "C", "id": f"job-{n}", "t": "token"}
+
+    held = EarlyReports(limit=2)
+    entries = [report(n) for n in range(3)] + [("9-0", {"k": "L", "id": "job-0"})]
+    early = {"job-0", "job-1", "job-2"}
+    assert held.hold(entries, early, now=100.0) == {"job-0", "job-1"}  # the limit
+    assert [entry_id for entry_id, _f in held.take()] == ["0-0", "1-0"]
+    assert not held.holds("2-0") and not held.holds("9-0")
+    # Applied again: job-1's lease reached SQL meanwhile, job-0's did not.
+    assert held.hold(held.take(), {"job-0"}, now=105.0) == {"job-0"}
+    assert held.holds("0-0") and not held.holds("1-0")
+    # Held since 100: at 110 it is dropped, however often it comes back early.
+    assert held.hold(held.take(), {"job-0"}, now=110.0) == set()
+    assert not held
 
 
 def _lease_read_by_another_replica(

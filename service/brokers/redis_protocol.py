@@ -56,6 +56,50 @@ CLAIM_IDLE_MS = 15_000
 # replica never takes over its own held reports as abandoned.
 EARLY_RETRY_MS = 50
 EARLY_SECONDS = 10.0
+# At most this many held at once (a batch's worth): anyone who can write to the stream
+# could send reports for queued jobs, and each held one is applied again every 50 ms.
+EARLY_LIMIT = EVENT_BATCH
+
+Entry = tuple[str, dict[str, str]]  # a stream entry: its id, its fields
+
+
+class EarlyReports:
+    """Reports read before their lease reached SQL (see EARLY_SECONDS), held
+    unacknowledged to be applied again with the next batch."""
+
+    def __init__(self, limit: int = EARLY_LIMIT) -> None:
+        self.limit = limit
+        self._held: dict[str, tuple[dict[str, str], float]] = {}  # entry id -> fields, since
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def take(self) -> list[Entry]:
+        """The held entries, to go before the new ones (``hold`` sorts them again)."""
+        return [(entry_id, fields) for entry_id, (fields, _since) in self._held.items()]
+
+    def hold(self, entries: list[Entry], early: set[str], now: float) -> set[str]:
+        """Of a batch's ``entries`` just applied, the reports of the jobs in ``early``
+        (refused while SQL still had the job queued) to keep: unless held EARLY_SECONDS
+        already, or ``limit`` are held. Returns their job ids; any other entry of the
+        batch, held before or not, leaves."""
+        jobs: set[str] = set()
+        for entry_id, fields in entries:
+            first = self._held.pop(entry_id, None)
+            job_id = fields.get("id")
+            if fields.get("k") not in REPORTS or job_id not in early:
+                continue
+            since = now if first is None else first[1]
+            if now - since < EARLY_SECONDS and len(self._held) < self.limit:
+                self._held[entry_id] = (fields, since)
+                jobs.add(job_id)
+            else:
+                log.warning("Redis worker report for job %s dropped: its lease did not reach"
+                            " SQL in %.0fs", job_id, now - since)  # fmt: skip
+        return jobs
+
+    def holds(self, entry_id: str) -> bool:
+        return entry_id in self._held
 
 
 def load_envelopes(session: Session, ids: Sequence[str]) -> dict[str, str]:
@@ -98,8 +142,7 @@ class EventIngest:
         self.broker = broker
         self.waited = broker.signals.is_waited
         self.direct = hooks.direct
-        # Reports held back (see EARLY_SECONDS): stream entry id -> (fields, first held).
-        self.early: dict[str, tuple[dict[str, str], float]] = {}
+        self.early = EarlyReports()
 
     async def run(self) -> None:
         # Not ``while True``: a cancel that redis-py turns into a RedisError while a read
@@ -116,7 +159,7 @@ class EventIngest:
                     # RESP2: [[stream, [(entry id, fields), ...]]]
                     entries = cast(list[Any], answer)[0][1] if answer else []
                     if entries or self.early:
-                        await self._apply(self._take_early() + entries)
+                        await self._apply(self.early.take() + entries)
                     else:
                         await self._drain_abandoned()
             except errors.DatabaseUnavailable:
@@ -151,48 +194,24 @@ class EventIngest:
             if start in ("0-0", b"0-0"):
                 return
 
-    async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    async def _apply(self, entries: list[Entry]) -> None:
         events = redis_events.decode_all(entries)  # malformed ones dropped, logged once
         effects, early = await self._apply_events(events, self.now())
         # Waiters and dispatch first: they wait on this commit, the tombstones do not.
         await self.after_commit(effects)
-        held = self._hold_early(entries, early)
+        held = self.early.hold(entries, early, asyncio.get_running_loop().time())
         reported = [
-            self.layout.job(e["id"]) for e in events if e["k"] in REPORTS and e["id"] not in early
+            self.layout.job(e["id"]) for e in events if e["k"] in REPORTS and e["id"] not in held
         ]
-        if reported:  # SQL has the reports now: the tombstones may go
+        if reported:  # SQL has the reports now (or refused them): the tombstones may go
             await self.forget(keys=reported)
-        ids = [entry_id for entry_id, _fields in entries if entry_id not in held]
+        ids = [entry_id for entry_id, _fields in entries if not self.early.holds(entry_id)]
         if not ids:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.stream, GROUP, *ids)
             pipe.xdel(self.stream, *ids)
             await pipe.execute()
-
-    def _hold_early(self, entries: list[tuple[str, dict[str, str]]], early: set[str]) -> set[str]:
-        """The entries of reports that came before their lease (``early``: their job ids)
-        to keep unacknowledged and apply again, unless held for EARLY_SECONDS already.
-        A held entry applied at last (or given up) leaves ``self.early``."""
-        now = asyncio.get_running_loop().time()
-        held: set[str] = set()
-        for entry_id, fields in entries:
-            first = self.early.pop(entry_id, None)
-            if fields.get("k") not in REPORTS or fields.get("id") not in early:
-                continue
-            since = now if first is None else first[1]
-            if now - since < EARLY_SECONDS:
-                self.early[entry_id] = (fields, since)
-                held.add(entry_id)
-            else:
-                log.warning("Redis worker report for job %s dropped: its lease did not reach"
-                            " SQL in %.0fs", fields.get("id"), EARLY_SECONDS)  # fmt: skip
-        return held
-
-    def _take_early(self) -> list[tuple[str, dict[str, str]]]:
-        """The held reports, to be applied again before the new entries (``_hold_early``
-        holds them again if their lease is still not in SQL)."""
-        return [(entry_id, fields) for entry_id, (fields, _since) in self.early.items()]
 
     async def _apply_events(self, events: list[Event], now: datetime) -> tuple[Effects, set[str]]:
         """The batch: what the direct path takes (``_apply_direct``), then the rest in one
