@@ -824,6 +824,15 @@ class PausedView:
         self.queues = self.queues | {queue} if paused else self.queues - {queue}
 
 
+async def active_now(runtime: Runtime) -> bool:
+    """``active``, read again once the paused view is older than ``PAUSED_VIEW_SECONDS``.
+    For a path that claims nothing through SQL (the Redis protocol's ingest of leases and
+    reports): in a service whose workers all lease from Redis, nothing else would ever
+    replace the start-up's "assume so", and its events would never take the direct path."""
+    await paused_view(runtime).current(runtime)
+    return active(runtime.db.engine)
+
+
 def _paused_and_configured(session: Session) -> tuple[list[str], bool]:
     """The paused queues, and whether any flow control is configured at all."""
     query = sa.select(QueueSettingsRow.name).where(QueueSettingsRow.paused.is_(True))

@@ -28,7 +28,7 @@ from service.effects import Dispatch, Ended
 from service.effects import Effects as Effects  # re-exported: the domain's callers use it
 from service.ids import is_job_id
 from service.models import JOBS_TABLE, JobValues, UTCDateTime
-from service.pg_direct import Row
+from service.pg_direct import Row, Step
 from service.states import PENDING, JobStatus, LeaseProblem, Outcome
 from service.webhooks import record_finished
 
@@ -430,12 +430,17 @@ async def grant_mirrored_direct(direct: DirectPg, rows: Sequence[Mapping[str, An
     under its own (``mirrored``), in one statement from the event loop on PostgreSQL. As
     ``grant``, a job no longer queued is left alone. Without flow control only: under it,
     a mirrored grant also writes the job's limit slots (``flow.record_mirrored``)."""
-    if not rows:
-        return
+    if rows:
+        await direct.fetch(*grant_mirrored_step(direct, rows))
+
+
+def grant_mirrored_step(direct: DirectPg, rows: Sequence[Mapping[str, Any]]) -> Step:
+    """``grant_mirrored_direct``'s statement, to run ahead of another in its transaction
+    (``settle_succeeded_direct``'s ``first``)."""
     read = _mirror_recordset()
     compiled = direct.compiled("grant mirrored", lambda: _grant_mirrored_statement(read))
     statuses = {"queued": JobStatus.queued, "running": JobStatus.running}
-    await direct.fetch(compiled, {"rows": read.rows_json(rows), "lease_key": "", **statuses})
+    return compiled, {"rows": read.rows_json(rows), "lease_key": "", **statuses}
 
 
 @functools.cache
@@ -719,9 +724,12 @@ async def settle_succeeded_direct(
     notices: Sequence[tuple[str, str]] = (),
     whole: bool = False,
     limited_queues: Collection[str] = (),
+    first: Sequence[Step] = (),
 ) -> dict[str, JobValues]:
     """Settle successes (``settles_directly``, distinct ids) in one statement from the
-    event loop on PostgreSQL, with ``notices`` in its transaction: the jobs it settled, as
+    event loop on PostgreSQL, with ``first`` before it and ``notices`` after it in its
+    transaction (a Redis worker's leases and reports read together commit once, and a
+    refusal leaves all of it undone): the jobs it settled, as
     they now are (``whole``: every column; else only ``ENDED_COLUMNS``, unless a job is
     waited on here). What it leaves (a stale or foreign token, a job with a webhook, a
     workflow or limits, or in one of ``limited_queues``: its settle writes more than its
@@ -741,6 +749,7 @@ async def settle_succeeded_direct(
             "limited_queues": sorted(limited_queues),
         },
         notices,
+        first,
     )
     tokens = {report.id: report.token for report in reports}
     settled: dict[str, JobValues] = {}

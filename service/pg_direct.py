@@ -12,10 +12,11 @@ here; everything else, and every database but PostgreSQL, keeps the pool.
   so a value written or read here is exactly what the pool's path writes or reads.
 - ``DirectPg.fetch``: run one, in autocommit (each statement its own transaction), on one
   of a few connections of its own (``CONNECTIONS``, opened as needed), with PostgreSQL
-  NOTIFYs in the same implicit transaction when asked (a pipeline whose ``Sync`` commits
-  both). An unreachable database raises ``DatabaseUnavailable`` (503), as the pool does;
-  any other error raises ``Refused``: nothing was committed, and the caller takes the
-  pool's path, which answers as it always has (retries a deadlock, refuses a bad row).
+  NOTIFYs in the same implicit transaction when asked, and statements whose rows nobody
+  reads before it (``first``): a pipeline whose one ``Sync`` commits them all, or none.
+  An unreachable database raises ``DatabaseUnavailable`` (503), as the pool does; any
+  other error raises ``Refused``: nothing was committed, and the caller takes the pool's
+  path, which answers as it always has (retries a deadlock, refuses a bad row).
   A connection that failed, or whose statement was cancelled, is closed, never reused.
 """
 
@@ -43,6 +44,8 @@ APPLICATION_NAME = "celeriac-direct"
 
 Row = dict[str, Any]
 T = TypeVar("T")
+# A statement and its values, run ahead of another in the same transaction.
+Step = tuple["Compiled", Mapping[str, Any]]
 Processor = Callable[[Any], Any] | None
 
 
@@ -181,12 +184,16 @@ class DirectPg:
         compiled: Compiled,
         values: Mapping[str, Any],
         notices: Sequence[tuple[str, str]] = (),
+        first: Sequence[Step] = (),
     ) -> list[Row]:
+        """The rows ``compiled`` returned; ``first`` ran before it, and ``notices`` after,
+        in its transaction: one commit (one flush of the WAL) for all of them."""
         params = bound(compiled.params, values)
+        before = [(step.sql, bound(step.params, step_values)) for step, step_values in first]
         started = time.monotonic()
         try:
             async with self._connection() as conn:
-                fetched, description = await _run(conn, compiled, params, notices)
+                fetched, description = await _run(conn, compiled, params, notices, before)
         except psycopg.Error as exc:
             raise refusal(exc, self.outage) from exc
         self.outage.succeeded(started)
@@ -223,14 +230,17 @@ async def _run(
     compiled: Compiled,
     params: dict[str, Any],
     notices: Sequence[tuple[str, str]],
+    before: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> tuple[list[tuple[Any, ...]], list[Any]]:
     """The rows the statement returned, and their columns the first time only (psycopg
     builds ``description`` anew at each access: a tenth of a round trip's CPU)."""
     cursor = conn.cursor()
-    if not notices:
+    if not notices and not before:
         await cursor.execute(compiled.sql, params)
-    else:  # one implicit transaction: the pipeline's Sync commits the statement and notices
+    else:  # one implicit transaction: the pipeline's one Sync commits every statement
         async with conn.pipeline():
+            for sql, step_params in before:
+                await conn.execute(sql, step_params)
             await cursor.execute(compiled.sql, params)
             for channel, payload in notices:
                 await conn.execute(NOTIFY, (channel, payload))

@@ -10,11 +10,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 from redis.exceptions import RedisError
 
-from service import errors
+from service import errors, flow
 from service.brokers.base import BrokerHooks
 from service.migrate import SchemaBehind, schema_problem, script_revisions
 from service.outage import describe, is_unreachable
@@ -77,7 +78,12 @@ async def start_broker(runtime: Runtime) -> None:
     try:
         await asyncio.wait_for(
             broker.start(
-                BrokerHooks(now=runtime.clock.now, apply=runtime.apply, direct=runtime.direct)
+                BrokerHooks(
+                    now=runtime.clock.now,
+                    apply=runtime.apply,
+                    direct=runtime.direct,
+                    flow_active=partial(flow.active_now, runtime),
+                )
             ),
             BROKER_START_SECONDS,
         )

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -34,12 +34,13 @@ from service.leases import (
     claim_queue_direct,
     grant,
     grant_mirrored_direct,
+    grant_mirrored_step,
     mirrored,
     settle,
     settle_succeeded_direct,
 )
 from service.models import JOBS_TABLE, JobValues, LimitRow
-from service.pg_direct import APPLICATION_NAME
+from service.pg_direct import APPLICATION_NAME, Refused
 from service.runtime import Clock, Runtime
 from service.schemas import JobSubmit
 from service.settings import Settings
@@ -165,6 +166,69 @@ def test_a_mirrored_lease_grants_as_grant_does(db: Database) -> None:
     # As grant: a job no longer queued is left alone (a replayed or late event).
     asyncio.run(mirror(mirrored(first["id"], later), mirrored("not-a-job", later)))
     assert stored(db, first["id"]) == first_row
+
+
+def test_a_lease_and_its_report_are_one_transaction(db: Database) -> None:
+    """The Redis protocol's lease ahead of its report in the settle's transaction
+    (``first``): both land with one commit, and a refusal of either leaves neither (the
+    events then go through the pool, which applies them as it always did)."""
+    job, poisoned = jobs_in(db, 2)
+    runtime = runtime_of(db)
+    direct = runtime.direct
+    assert direct is not None
+    db.run_sync(lambda session: session.execute(sa.text(
+        f"ALTER TABLE jobs ADD CONSTRAINT poison CHECK (id <> '{poisoned['id']}'"
+        " OR status <> 'succeeded')"
+    )))  # fmt: skip
+    now = Clock().now()
+    lease = Lease("tok", "redis-worker", "", now + timedelta(seconds=30), now)
+
+    async def lease_and_settle(job_id: str) -> dict[str, JobValues]:
+        assert direct is not None
+        step = grant_mirrored_step(direct, [mirrored(job_id, lease)])
+        report = Settle(job_id, "tok", Outcome.succeeded, result=RESULT)
+        return await settle_succeeded_direct(
+            direct, [report], now, Effects(), key_id="", waited=lambda _: False, first=[step]
+        )
+
+    async def both() -> tuple[dict[str, JobValues], BaseException | None]:
+        try:
+            settled = await lease_and_settle(job["id"])
+            refused = await asyncio.gather(lease_and_settle(poisoned["id"]), return_exceptions=True)
+            return settled, cast(BaseException | None, refused[0])
+        finally:
+            await runtime.close()
+
+    settled, refused = asyncio.run(both())
+    assert list(settled) == [job["id"]]
+    row = stored(db, job["id"])
+    assert (row["status"], row["attempt"], row["lease_worker"]) == ("succeeded", 1, "redis-worker")
+    assert isinstance(refused, Refused), refused
+    untouched = stored(db, poisoned["id"])
+    assert (untouched["status"], untouched["attempt"]) == (JobStatus.queued, 0), untouched
+
+
+def test_a_process_that_claims_nothing_through_sql_still_learns_flow_control(
+    db: Database,
+) -> None:
+    """``flow.active_now``: the Redis protocol's ingest claims nothing through SQL, where
+    the flow-control state is otherwise read: it looks itself, as often as the paused
+    view (a limit another replica made is seen within ``PAUSED_VIEW_SECONDS``)."""
+    runtime = runtime_of(db)
+    flow.state_of(db.engine).active = True  # a fresh process: assume so until read
+
+    async def look() -> list[bool]:
+        seen = [await flow.active_now(runtime)]
+        now = Clock().now()
+        made = LimitRow(name="elsewhere", max_running=1, created_at=now, updated_at=now)
+        db.run_sync(lambda session: session.add(made))
+        seen.append(await flow.active_now(runtime))  # within the interval: as last read
+        flow.paused_view(runtime).read_at -= flow.PAUSED_VIEW_SECONDS  # the interval ends
+        seen.append(await flow.active_now(runtime))
+        await runtime.close()
+        return seen
+
+    assert asyncio.run(look()) == [False, False, True]
 
 
 def _lease_both(db: Database, **spec: Any) -> tuple[JobValues, JobValues, LeaseTerms]:

@@ -57,6 +57,10 @@ class BrokerUnavailable(Exception):
     """The broker cannot be reached: dispatch serves from SQL meanwhile."""
 
 
+async def _assume_flow_control() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class BrokerHooks:
     """What a broker may call back into: the database clock, and the after-commit effects
@@ -66,6 +70,9 @@ class BrokerHooks:
     apply: Callable[[Effects], Awaitable[None]]
     # PostgreSQL's statements from the event loop (service/pg_direct.py), where they apply.
     direct: DirectPg | None = None
+    # Whether flow control is configured, looked up again now and then (``flow.active_now``);
+    # without it, assume so (the safe side: the pooled path, which writes limit slots).
+    flow_active: Callable[[], Awaitable[bool]] = _assume_flow_control
 
 
 class Candidates:

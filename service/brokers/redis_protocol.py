@@ -60,6 +60,14 @@ EARLY_SECONDS = 10.0
 # could send reports for queued jobs, and each held one is applied again every 50 ms.
 EARLY_LIMIT = EVENT_BATCH
 
+# A batch that leases jobs without reporting them waits this long for more events before
+# it is applied: an idle worker's report of a short job follows its lease event by a
+# fraction of a millisecond, and read together the two commit once, not twice (on
+# PostgreSQL, ``_apply_direct``), which takes a commit off every such round trip. Only the
+# lease's mirror in SQL waits (for a longer job); no report or heartbeat is held back, as
+# the read returns at the first event that comes.
+LINGER_MS = 2
+
 Entry = tuple[str, dict[str, str]]  # a stream entry: its id, its fields
 
 
@@ -142,6 +150,7 @@ class EventIngest:
         self.broker = broker
         self.waited = broker.signals.is_waited
         self.direct = hooks.direct
+        self.flow_active = hooks.flow_active
         self.early = EarlyReports()
 
     async def run(self) -> None:
@@ -152,12 +161,9 @@ class EventIngest:
                 await self._ensure_group()
                 await self._drain_abandoned()
                 while not self.broker.closing:
-                    answer = await self.blocking.xreadgroup(
-                        GROUP, self.consumer, {self.stream: ">"}, count=EVENT_BATCH,
-                        block=EARLY_RETRY_MS if self.early else 5000,
-                    )  # fmt: skip
-                    # RESP2: [[stream, [(entry id, fields), ...]]]
-                    entries = cast(list[Any], answer)[0][1] if answer else []
+                    entries = await self._read(EVENT_BATCH, EARLY_RETRY_MS if self.early else 5000)
+                    if _leases_unreported(entries) and len(entries) < EVENT_BATCH:
+                        entries += await self._read(EVENT_BATCH - len(entries), LINGER_MS)
                     if entries or self.early:
                         await self._apply(self.early.take() + entries)
                     else:
@@ -173,6 +179,15 @@ class EventIngest:
                 # Never let the consumer die: its events would wait for a restart.
                 log.exception("applying Redis worker events failed; retrying in 5s")
                 await asyncio.sleep(5.0)
+
+    async def _read(self, count: int, block_ms: int) -> list[Entry]:
+        """The next entries for this consumer: at most ``count``, once there is one or
+        ``block_ms`` passed (then none)."""
+        answer = await self.blocking.xreadgroup(
+            GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        # RESP2: [[stream, [(entry id, fields), ...]]]
+        return cast(list[Entry], cast(list[Any], answer)[0][1]) if answer else []
 
     async def _ensure_group(self) -> None:
         try:
@@ -250,35 +265,34 @@ class EventIngest:
         self, direct: DirectPg, events: list[Event], now: datetime, effects: Effects
     ) -> list[Event]:
         """On PostgreSQL without flow control, from the event loop (service/pg_direct.py):
-        the batch's leases in one statement, then its successes without logs in another
-        (``settle_succeeded_direct``, which leaves a stale token, a webhook or a workflow
-        to ``settle``). The events left for the pooled transaction: heartbeats, failures,
-        releases and the successes the statement left. A job's lease is granted before
-        its report is applied, as in the pooled path; a report applied here before an
-        earlier heartbeat of its job makes that heartbeat find the job ended, as it
-        would have in the next batch."""
-        from service import flow  # flow imports the runtime, which imports us
-
-        if flow.active(self.db.engine):  # a mirrored grant writes limit slots too
+        the batch's leases and its successes without logs (``settle_succeeded_direct``,
+        which leaves a stale token, a webhook or a workflow to ``settle``) in one
+        transaction, the leases' statement first: one commit, where a lease and its report
+        read together (an idle worker's round trip, a drain) took two. The events left
+        for the pooled transaction: heartbeats, failures, releases and the successes the
+        statement left. A job's lease is granted before its report is applied, as in the
+        pooled path; a report applied here before an earlier heartbeat of its job makes
+        that heartbeat find the job ended, as it would have in the next batch."""
+        if await self.flow_active():  # a mirrored grant writes limit slots too
             return events
         leased = [e for e in events if e["k"] == Kind.lease]
-        try:
-            await leases.grant_mirrored_direct(direct, [_mirrored(e, now) for e in leased])
-        except Refused:  # nothing committed: all of it through the pool
-            return events
-        effects.leases_recorded += len(leased)
+        rows = [_mirrored(e, now) for e in leased]
+        grants = [leases.grant_mirrored_step(direct, rows)] if rows else []
         rest = [e for e in events if e["k"] != Kind.lease]
         reported = [e["id"] for e in rest if e["k"] in REPORTS]
         successes = [_report(e["k"], e) for e in rest if e["k"] == Kind.complete]
         candidates = [report for report in successes if leases.settles_directly(report)]
-        if not candidates or len(set(reported)) < len(reported):
-            return rest  # a job reported twice: which report wins is ``settle``'s to decide
+        settled: Mapping[str, Any] = {}
         try:
-            settled = await leases.settle_succeeded_direct(
-                direct, candidates, now, effects, key_id="", waited=self.waited
-            )
-        except Refused:
-            return rest
+            if candidates and len(set(reported)) == len(reported):
+                settled = await leases.settle_succeeded_direct(
+                    direct, candidates, now, effects, key_id="", waited=self.waited, first=grants
+                )
+            elif grants:  # (a job reported twice: which report wins is ``settle``'s call)
+                await direct.fetch(*grants[0])
+        except Refused:  # nothing committed, the leases neither: all of it through the pool
+            return events
+        effects.leases_recorded += len(leased)
         return [e for e in rest if e["k"] != Kind.complete or e["id"] not in settled]
 
 
@@ -361,3 +375,11 @@ def _report(kind: str, event: Event) -> Settle:
         retry_in=event["retry_in"],
         logs=event.get("l"),
     )
+
+
+def _leases_unreported(entries: list[Entry]) -> bool:
+    """Whether the batch leases a job it does not also report."""
+    leased = {fields.get("id") for _, fields in entries if fields.get("k") == Kind.lease}
+    if not leased:
+        return False
+    return not leased <= {fields.get("id") for _, fields in entries if fields.get("k") in REPORTS}
