@@ -32,7 +32,7 @@ from typing import Any
 
 from service.brokers.base import Broker, BrokerUnavailable, Candidates
 from service.brokers.sql import SqlBroker
-from service.db import Database
+from service.db import SHORT_UNIT_ROWS, Database
 from service.leases import (
     LeaseTerms,
     claim_by_ids,
@@ -42,7 +42,7 @@ from service.leases import (
     short_means_drained,
 )
 from service.models import JobValues
-from service.pg_direct import DirectPg, Refused
+from service.pg_direct import Direct, DirectPg, Refused
 from service.signals import Signals
 
 log = logging.getLogger("celeriac.dispatch")
@@ -55,11 +55,13 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 class Dispatcher:
     def __init__(
         self, db: Database, signals: Signals, broker: Broker, *, fallback_seconds: float,
-        spawn: Spawn, direct: DirectPg | None = None,
+        spawn: Spawn, direct: DirectPg | None = None, loop_direct: Direct | None = None,
     ) -> None:  # fmt: skip
         self.db = db
-        # On PostgreSQL, claims that are one statement run from the event loop.
+        # On PostgreSQL, claims that are one statement run from the event loop; a queue's
+        # claim also on SQLite (``loop_direct``).
         self.direct = direct
+        self.loop_direct = loop_direct
         self.signals = signals
         self.broker = broker
         # The SQL candidate source: the broker itself, or the fallback of an index broker
@@ -187,20 +189,23 @@ class Dispatcher:
     ) -> list[JobValues]:
         """``claim_from_queues``: for one queue, its one statement from the event loop
         where it can be. (Several queues: one transaction through the pool.)"""
-        if len(queues) == 1 and self._direct_applies():
-            assert self.direct is not None
+        direct = self.loop_direct
+        if len(queues) == 1 and direct is not None and self._loop_direct_applies(max_jobs):
             with contextlib.suppress(Refused):
-                return await claim_queue_direct(self.direct, queues[0], max_jobs, terms())
+                return await claim_queue_direct(direct, queues[0], max_jobs, terms())
         return await self.db.run(
             lambda s: claim_from_queues(s, queues, max_jobs, terms()),
             rows=max_jobs,
         )
 
-    def _direct_applies(self) -> bool:
-        """PostgreSQL, and no flow control (its claims are several statements)."""
+    def _loop_direct_applies(self, rows: int) -> bool:
+        """No flow control (its claims are several statements); on SQLite, where the
+        statement runs on the event loop, a short one (``Database.run``'s ``rows``)."""
         from service import flow  # flow control's module imports the runtime, which imports this
 
-        return self.direct is not None and not flow.active(self.db.engine)
+        if flow.active(self.db.engine):
+            return False
+        return self.direct is not None or rows <= SHORT_UNIT_ROWS
 
     def _drained(self, queues: Sequence[str]) -> bool:
         """Whether the last claim of ``queues`` here came back short and nothing became
@@ -245,7 +250,10 @@ class Dispatcher:
                 if rows or remaining <= 0 or self.signals.draining:
                     return rows
                 # Woken by a local commit, NOTIFY, or the shared poll: never a timer here.
+                # (``asyncio.timeout``, not ``wait_for``: no task of its own, so a wake-up
+                # resumes this request in the loop's next turn, not two turns later.)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await event.wait()
             finally:
                 self.signals.drop_ready_waiter(queues, event)

@@ -34,7 +34,7 @@ from service.webhooks import record_finished
 
 if TYPE_CHECKING:
     from service.flow_redis import SlotArbiter
-    from service.pg_direct import DirectPg
+    from service.pg_direct import Direct, DirectPg
 
 BATCH_LIMIT = 1000
 jobs_c = JOBS_TABLE.c
@@ -242,14 +242,16 @@ def claim_queue(
 
 
 async def claim_queue_direct(
-    direct: DirectPg, queue: str, want: int, terms: LeaseTerms
+    direct: Direct, queue: str, want: int, terms: LeaseTerms
 ) -> list[JobValues]:
     """``claim_queue`` (the plain claim, in its one statement) from the event loop on
-    PostgreSQL (service/pg_direct.py). Its own transaction: the caller claims one queue."""
+    PostgreSQL or SQLite (service/pg_direct.py, service/sqlite_direct.py). Its own
+    transaction: the caller claims one queue."""
     own_deadlines = not terms.lease_seconds
+    dialect = direct.dialect.name
     compiled = direct.compiled(
         ("claim queue", own_deadlines),
-        lambda: _grant_statement("postgresql", own_deadlines, False),
+        lambda: _grant_statement(dialect, own_deadlines, False),
     )
     rows = await direct.fetch(compiled, claim_params(terms) | {"claim_queue": queue, "want": want})
     return sorted(_granted(rows), key=lambda row: (-row["priority"], row["id"]))

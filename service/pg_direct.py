@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import select
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -44,6 +45,7 @@ APPLICATION_NAME = "celeriac-direct"
 
 Row = dict[str, Any]
 T = TypeVar("T")
+P = TypeVar("P")  # a statement's parameters, as its driver takes them
 # A statement and its values, run ahead of another in the same transaction.
 Step = tuple["Compiled", Mapping[str, Any]]
 Processor = Callable[[Any], Any] | None
@@ -74,7 +76,7 @@ def still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
     return not poller.poll(0)
 
 
-def bound(bind: Callable[[T], dict[str, Any]], values: T) -> dict[str, Any]:
+def bound(bind: Callable[[T], P], values: T) -> P:
     """``bind(values)``; a value the binding refuses (a date past 9999 once moved to UTC)
     raises ``Refused``: nothing was sent, and the pool's path names the row at fault."""
     try:
@@ -92,9 +94,41 @@ def refusal(exc: psycopg.Error, outage: OutageTracker) -> Exception:
     return Refused(str(exc))
 
 
+class Direct(ABC):
+    """A direct path: statements compiled once for its database, each run from the event
+    loop. ``DirectPg``, or ``DirectSqlite`` (service/sqlite_direct.py) for the statements
+    that read the same on SQLite (a queue's claim, a job read)."""
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self.dialect = dialect
+        self._statements: dict[Any, Compiled] = {}
+
+    def compiled(self, key: Any, build: Callable[[], sa.ClauseElement]) -> Compiled:
+        """The statement ``build`` makes, compiled once per ``key`` for this database."""
+        found = self._statements.get(key)
+        if found is None:
+            found = self._statements[key] = Compiled(build(), self.dialect)
+        return found
+
+    @abstractmethod
+    async def fetch(
+        self,
+        compiled: Compiled,
+        values: Mapping[str, Any],
+        notices: Sequence[tuple[str, str]] = (),
+        first: Sequence[Step] = (),
+    ) -> list[Row]:
+        """The rows ``compiled`` returned; ``first`` ran before it, and ``notices`` after,
+        in its transaction: one commit (one flush of the WAL) for all of them."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
 class Compiled:
-    """A Core statement compiled once for PostgreSQL through psycopg: its SQL, the bind
-    processor of each parameter, and the result processor of each returned column."""
+    """A Core statement compiled once for its database (PostgreSQL through psycopg, or
+    SQLite: service/sqlite_direct.py): its SQL, the bind processor of each parameter,
+    and the result processor of each returned column."""
 
     def __init__(
         self,
@@ -110,10 +144,13 @@ class Compiled:
         )
         self.sql = compiled.string
         # One processor per parameter here (a tuple only for expanding IN lists, which
-        # these statements do not use: ``= ANY(array)`` instead).
+        # these statements do not use: ``= ANY(array)`` instead). SQLite's parameters
+        # are positional (``?``), in the statement's order, a name once per use.
         binds = cast(Mapping[str, Processor], compiled._bind_processors)
+        self.positional = bool(dialect.positional)
+        names = list(compiled.positiontup or ()) if self.positional else list(compiled.params)
         self.binders: tuple[tuple[str, Processor], ...] = tuple(
-            (name, binds.get(name)) for name in compiled.params
+            (name, binds.get(name)) for name in names
         )
         self._fixed = {
             name: bind.effective_value
@@ -137,11 +174,22 @@ class Compiled:
             for value in (values[name] if name in values else fixed[name],)
         }
 
+    def positional_params(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """``params`` in the statement's order, for a driver with ``?`` placeholders."""
+        fixed = self._fixed
+        return tuple(
+            bind(value) if bind is not None else value
+            for name, bind in self.binders
+            for value in (values[name] if name in values else fixed[name],)
+        )
+
     def rows(self, fetched: Sequence[Sequence[Any]], description: Sequence[Any]) -> list[Row]:
         if self.columns is None:
+            # (psycopg's columns tell their type; sqlite3's are plain tuples)
+            types = [getattr(column, "type_code", None) for column in description]
             self.columns = tuple(
-                (key, kind._cached_result_processor(self._dialect, column.type_code))
-                for (key, kind), column in zip(self._returned, description, strict=True)
+                (key, kind._cached_result_processor(self._dialect, type_code))
+                for (key, kind), type_code in zip(self._returned, types, strict=True)
             )
         return [self._row(self.columns, values) for values in fetched]
 
@@ -153,17 +201,16 @@ class Compiled:
         }
 
 
-class DirectPg:
+class DirectPg(Direct):
     """``fetch(compiled, values, notices)``: run one statement (and send the notices in its
     transaction); the rows it returned. See the module's docstring."""
 
     def __init__(self, engine: sa.Engine, outage: OutageTracker) -> None:
-        self.dialect = engine.dialect
+        super().__init__(engine.dialect)
         self.outage = outage
         self._connect_args = connect_args(engine, APPLICATION_NAME)
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._slots = asyncio.Semaphore(CONNECTIONS)
-        self._statements: dict[Any, Compiled] = {}
 
     @classmethod
     def for_engine(cls, engine: sa.Engine, outage: OutageTracker) -> DirectPg | None:
@@ -172,13 +219,6 @@ class DirectPg:
             return None
         return cls(engine, outage)
 
-    def compiled(self, key: Any, build: Callable[[], sa.ClauseElement]) -> Compiled:
-        """The statement ``build`` makes, compiled once per ``key`` for this database."""
-        found = self._statements.get(key)
-        if found is None:
-            found = self._statements[key] = Compiled(build(), self.dialect)
-        return found
-
     async def fetch(
         self,
         compiled: Compiled,
@@ -186,8 +226,6 @@ class DirectPg:
         notices: Sequence[tuple[str, str]] = (),
         first: Sequence[Step] = (),
     ) -> list[Row]:
-        """The rows ``compiled`` returned; ``first`` ran before it, and ``notices`` after,
-        in its transaction: one commit (one flush of the WAL) for all of them."""
         params = bound(compiled.params, values)
         before = [(step.sql, bound(step.params, step_values)) for step, step_values in first]
         started = time.monotonic()

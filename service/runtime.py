@@ -26,10 +26,11 @@ from service.jobs import Defaults, dispatch_of_values
 from service.longpoll import LongPolls
 from service.models import JobValues
 from service.observe import Observer
-from service.pg_direct import DirectPg, Refused
+from service.pg_direct import Direct, DirectPg, Refused
 from service.pg_pipeline import SubmitPipeline
 from service.settings import Settings
 from service.signals import Signals
+from service.sqlite_direct import DirectSqlite
 from service.tracing import Tracing
 
 T = TypeVar("T")
@@ -276,6 +277,9 @@ class Runtime:
         self.submits = SubmitBatcher(self)
         # On PostgreSQL: the hot paths' single statements, from the event loop (pg_direct.py).
         self.direct = DirectPg.for_engine(self.db.engine, self.db.outage)
+        # Those of them that read the same on SQLite (a queue's claim, a job read): there,
+        # on a connection of their own (sqlite_direct.py).
+        self.loop_direct: Direct | None = self.direct or DirectSqlite.for_engine(self.db.engine)
         self.long_polls = LongPolls(
             self.settings.max_long_polls, self.settings.max_long_polls_per_key
         )
@@ -287,14 +291,15 @@ class Runtime:
             fallback_seconds=self.settings.sql_poll_fallback_seconds,
             spawn=self.spawn,
             direct=self.direct,
+            loop_direct=self.loop_direct,
         )
 
     async def close(self) -> None:
         """Close the connections of the event loop's own (the submit pipeline's, the
         direct path's); the pool's are the engine's."""
         await self.submits.close()
-        if self.direct is not None:
-            await self.direct.close()
+        if self.loop_direct is not None:  # (PostgreSQL's is ``direct`` itself)
+            await self.loop_direct.close()
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``work`` beyond the request that started it; cancelled at shutdown."""

@@ -97,16 +97,17 @@ async def wait_for_finish(
             # commits, NOTIFY or pub/sub, or the SQL broker's one shared poll for all
             # waiters on a database without notifications, service/brokers/sql.py).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                async with asyncio.timeout(remaining):  # no task of its own (unlike wait_for)
+                    await event.wait()
             job = None
     finally:
         runtime.signals.drop_finished_waiter(job_id, event)
 
 
 async def read_values(runtime: Runtime, job_id: str) -> JobValues:
-    """The job as stored (``JobNotFound`` if there is none): on PostgreSQL one statement
-    from the event loop, else (or if that fails) through the pool."""
-    direct = runtime.direct
+    """The job as stored (``JobNotFound`` if there is none): on PostgreSQL and SQLite one
+    statement from the event loop, else (or if that fails) through the pool."""
+    direct = runtime.loop_direct
     if direct is not None and is_job_id(job_id):
         with contextlib.suppress(Refused):
             rows = await direct.fetch(direct.compiled("job by id", jobs.by_id), {"job_id": job_id})

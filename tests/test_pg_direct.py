@@ -1,5 +1,6 @@
 """The hot paths' single statements on PostgreSQL, run from the event loop
-(service/pg_direct.py): reading a job, the claims, and the settle of a success. In
+(service/pg_direct.py): the claims, the mirror of Redis workers' leases, and the settle
+of a success (a job read and a queue's claim: tests/test_loop_direct.py, SQLite's too). In
 process, on a real migrated PostgreSQL database, each against the pool's path it stands
 in for: the same values read, the same rows written, and what the direct path leaves (a
 stale token, a job with a webhook) still answered by the pool's path as before."""
@@ -30,8 +31,6 @@ from service.leases import (
     Settle,
     claim_by_ids,
     claim_ids_direct,
-    claim_queue,
-    claim_queue_direct,
     grant,
     grant_mirrored_direct,
     grant_mirrored_step,
@@ -93,24 +92,6 @@ def without(row: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in keys}
 
 
-def test_a_job_reads_the_same_as_through_the_pool(db: Database) -> None:
-    [job] = jobs_in(db, 1)
-    runtime = runtime_of(db)
-
-    async def both() -> tuple[JobValues, JobValues]:
-        try:
-            direct = await waiting.read_values(runtime, job["id"])
-            pooled = await runtime.db.read(lambda session: waiting._read(session, job["id"]))
-            return direct, pooled
-        finally:
-            await runtime.close()
-
-    direct, pooled = asyncio.run(both())
-    assert direct == pooled
-    assert list(direct["kwargs"]) == ["b", "a"] and direct["kwargs"] == KWARGS
-    assert direct["created_at"].utcoffset() == timedelta(0)
-
-
 def test_claims_grant_as_the_pool_does(db: Database) -> None:
     first, second = jobs_in(db, 2)
     runtime = runtime_of(db)
@@ -123,22 +104,6 @@ def test_claims_grant_as_the_pool_does(db: Database) -> None:
     # Granted once: neither path grants a running job again.
     again = asyncio.run(claim_ids_direct(runtime.direct, [first["id"], second["id"]], terms()))
     assert again == []
-
-
-def test_a_queue_claim_grants_as_the_pool_does(db: Database) -> None:
-    jobs_in(db, 2, queue="q_direct_a", priority=5)
-    jobs_in(db, 1, queue="q_direct_a", priority=9)
-    jobs_in(db, 3, queue="q_direct_b", priority=5)
-    jobs_in(db, 1, queue="q_direct_b", priority=9)
-    runtime = runtime_of(db)
-    assert runtime.direct is not None
-    granted = terms()
-    direct = asyncio.run(claim_queue_direct(runtime.direct, "q_direct_a", 2, granted))
-    pooled = db.run_sync(lambda session: claim_queue(session, "q_direct_b", 2, granted))
-    assert [r["priority"] for r in direct] == [9, 5] == [r["priority"] for r in pooled]
-    assert [without(r, "id", "queue") for r in direct] == [
-        without(r, "id", "queue") for r in pooled
-    ]
 
 
 def test_a_mirrored_lease_grants_as_grant_does(db: Database) -> None:
