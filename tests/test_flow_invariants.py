@@ -162,15 +162,17 @@ def test_a_full_key_does_not_hold_back_another(
     api: Api, service: Service, spawner: Spawner, tmp_path: Path
 ) -> None:
     """Fairness at small scale: 200 jobs of key A, then 10 of key B; B's last job
-    finishes before A's 100th."""
+    finishes before A's 100th. (Each takes 20 ms, so that A's first hundred take longer
+    than one of flow control's half-second rechecks: with no-op jobs they took about as
+    long, and one recheck's wait decided the verdict.)"""
     _tasks(spawner)
     queue, prefix = f"q_{uuid.uuid4().hex[:8]}", f"fair{uuid.uuid4().hex[:6]}-"
     expect(api.http.put(f"/limits/{prefix}*", json={"max_running": 3}), 200)
     path = tmp_path / "runs.txt"
     a = [{"task": "flow.record", "queue": queue, "limits": [f"{prefix}a"],
-          "args": [f"{prefix}a", str(path), 0.0]} for _ in range(200)]  # fmt: skip
+          "args": [f"{prefix}a", str(path), 0.02]} for _ in range(200)]  # fmt: skip
     b = [{"task": "flow.record", "queue": queue, "limits": [f"{prefix}b"],
-          "args": [f"{prefix}b", str(path), 0.0]} for _ in range(10)]  # fmt: skip
+          "args": [f"{prefix}b", str(path), 0.02]} for _ in range(10)]  # fmt: skip
     ids = [job["id"] for job in api.submit_batch(a)] + [job["id"] for job in api.submit_batch(b)]
     _worker(spawner, service.url, queue, "fair-a")
     _all_finished(api, ids, timeout=60)
