@@ -6,7 +6,8 @@ claim of one job (``leases.claim_queue``) and the settle of its success report
 does not take PostgreSQL's direct path) each in a transaction of its own, through the
 same sessions and functions as the service, one job at a time. Prints CPU microseconds
 per unit and Python function calls per settle: the part of a round trip that is the
-database layer's, without HTTP, a worker or a network.
+database layer's, without HTTP, a worker or a network. On SQLite, also a claim that
+finds nothing, through a session on the event loop and on SQLite's direct path.
 
     .venv/bin/python bench/settle_unit.py --n 500 --runs 3
 
@@ -89,7 +90,43 @@ def main() -> None:
             settle_one(row)
         settle_us = (time.process_time() - started) / args.n * 1e6
         print(f"run {run + 1}: claim {claim_us:6.0f} us CPU, settle {settle_us:6.0f} us CPU")
+    if engine.dialect.name == "sqlite":
+        empty_claims(engine, args.n)
     engine.dispose()
+
+
+def empty_claims(engine: Any, n: int) -> None:
+    """A claim that finds nothing (what a prefetching worker's next ask mostly does), on
+    the event loop as the service runs it on SQLite: a unit of work through a session
+    (``Database._on_loop``), and the one statement on SQLite's direct path."""
+    import asyncio
+
+    from service.db import Database
+    from service.leases import LeaseTerms, claim_queue, claim_queue_direct, new_token
+    from service.sqlite_direct import DirectSqlite
+
+    db, direct = Database(engine), DirectSqlite.for_engine(engine)
+    assert direct is not None
+
+    def terms() -> LeaseTerms:
+        return LeaseTerms("bench", new_token(), datetime.now(UTC), None, 60.0)
+
+    def through_session() -> object:
+        return db._on_loop(lambda s: claim_queue(s, "empty", 1, terms()), write=True)
+
+    async def direct_path() -> None:
+        assert direct is not None
+        for _ in range(n):
+            await claim_queue_direct(direct, "empty", 1, terms())
+
+    for label, run in (("session", lambda: [through_session() for _ in range(n)]),
+                       ("direct", lambda: asyncio.run(direct_path()))):  # fmt: skip
+        run()  # warm
+        started = time.process_time()
+        run()
+        print(f"empty claim, {label}: {(time.process_time() - started) / n * 1e6:6.0f} us CPU")
+    asyncio.run(direct.close())
+    db.dispose()
 
 
 if __name__ == "__main__":

@@ -141,7 +141,10 @@ class Dispatcher:
             await batch.hand_back(batch.ids, still_ready=True)
             raise
         granted = {row["id"] for row in rows}
-        await batch.ack(granted)
+        if granted and batch.ack_may_wait and not self._flow_active():
+            self._spawn(batch.ack(granted), "celeriac-index-ack")  # after the answer
+        else:
+            await batch.ack(granted)
         await batch.hand_back([i for i in batch.ids if i not in granted], still_ready=False)
         return rows
 
@@ -201,11 +204,14 @@ class Dispatcher:
     def _loop_direct_applies(self, rows: int) -> bool:
         """No flow control (its claims are several statements); on SQLite, where the
         statement runs on the event loop, a short one (``Database.run``'s ``rows``)."""
-        from service import flow  # flow control's module imports the runtime, which imports this
-
-        if flow.active(self.db.engine):
+        if self._flow_active():
             return False
         return self.direct is not None or rows <= SHORT_UNIT_ROWS
+
+    def _flow_active(self) -> bool:
+        from service import flow  # flow control's module imports the runtime, which imports this
+
+        return flow.active(self.db.engine)
 
     def _drained(self, queues: Sequence[str]) -> bool:
         """Whether the last claim of ``queues`` here came back short and nothing became

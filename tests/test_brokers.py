@@ -173,6 +173,26 @@ def test_publish_then_candidates_then_grant(backend: Backend) -> None:
     run(backend, scenario)
 
 
+def test_an_http_grant_drops_the_envelopes_after_the_answer(backend: Backend) -> None:
+    """The Redis index's ack of an HTTP grant only tidies (the envelope a Redis worker
+    would have read becomes a tombstone): without flow control it runs after the lease is
+    answered, off the round trip's path, and still runs."""
+    if backend.broker != "redis":
+        pytest.skip("the Redis index's envelopes")
+
+    async def scenario(h: Harness) -> None:
+        assert isinstance(h.broker, RedisBroker)
+        [job_id] = await h.submit(1)
+        job_key = f"{h.broker.layout.tag}:job:{job_id}"
+        assert await h.broker.redis.hexists(job_key, "env")
+        assert await h.lease() == [job_id]
+        await asyncio.gather(*h.runtime.spawned())  # the ack, spawned by the grant
+        assert await h.broker.redis.hgetall(job_key) == {"done": "1"}
+        assert 0 < await h.broker.redis.ttl(job_key) <= 30  # flow_redis.TOMBSTONE_SECONDS
+
+    run(backend, scenario, redis_workers=True)
+
+
 def test_order_is_priority_then_age_then_queue_order(backend: Backend) -> None:
     async def scenario(h: Harness) -> None:
         other = unique_name("q_c_")

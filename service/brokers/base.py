@@ -79,6 +79,11 @@ class Candidates:
     """One answer of ``Broker.candidates``: ids in the order to grant them. The base
     class is a batch that needs no settling (an index that already removed them)."""
 
+    # Whether ``ack`` may run after the lease is answered (without flow control): it only
+    # tidies the index, since SQL's grant is what fences the jobs, and a late or lost ack
+    # at worst offers a granted job again, which SQL then refuses.
+    ack_may_wait = False
+
     def __init__(self, ids: Sequence[str] = ()) -> None:
         self.ids = list(dict.fromkeys(ids))
 

@@ -102,7 +102,11 @@ def score(job: Dispatch) -> float:
 
 class _Popped(Candidates):
     """Ids popped from their ready sets: already out of other hands. Handed back still
-    ready (SQL failed), they return to their set with their score."""
+    ready (SQL failed), they return to their set with their score. Their ack drops the
+    envelopes Redis workers would have read: a Redis round trip the lease's answer need
+    not wait for (under flow control it does: a hash may hold the lease's limit slots)."""
+
+    ack_may_wait = True
 
     def __init__(self, broker: RedisBroker, entries: list[tuple[str, str, str]]) -> None:
         super().__init__([job_id for _key, job_id, _score in entries])
