@@ -35,6 +35,7 @@ from service.webhooks import record_finished
 if TYPE_CHECKING:
     from service.flow_redis import SlotArbiter
     from service.pg_direct import Direct, DirectPg
+    from service.sqlite_direct import DirectSqlite, Run
 
 BATCH_LIMIT = 1000
 jobs_c = JOBS_TABLE.c
@@ -753,6 +754,54 @@ async def settle_succeeded_direct(
         notices,
         first,
     )
+    return _settled_effects(rows, reports, now, effects, whole=whole, waited=waited)
+
+
+async def settle_succeeded_sqlite(
+    direct: DirectSqlite,
+    reports: Sequence[Settle],
+    now: datetime,
+    effects: Effects,
+    *,
+    key_id: str,
+    waited: Callable[[str], bool],
+    whole: bool = False,
+) -> dict[str, JobValues]:
+    """``settle_succeeded_direct`` on SQLite's direct path (service/sqlite_direct.py), for
+    a short batch: each success one ``UPDATE … RETURNING`` with the same fencing, all in
+    one transaction. A result's expiry is a second statement, computed here from the job's
+    ``result_ttl`` as ``settle`` computes it: SQLite's date functions keep milliseconds,
+    the stored timestamps microseconds."""
+    whole = whole or any(waited(report.id) for report in reports)
+    settle_one = direct.compiled(("settle succeeded", whole), lambda: _settle_one_statement(whole))
+    expire = direct.compiled("result expires", _result_expires_statement)
+
+    def work(run: Run) -> list[Row]:
+        rows: list[Row] = []
+        for report in reports:
+            values = {f"new_{name}": value for name, value in _success(report, now).items()}
+            rows += run(settle_one, {"match_id": report.id, "match_token": report.token,
+                                     "key_id": key_id, **values})  # fmt: skip
+        for row in rows:
+            if row["result_ttl"]:
+                row["result_expires_at"] = now + timedelta(seconds=row["result_ttl"])
+                run(expire, {"match_id": row["id"], "expires": row["result_expires_at"]})
+        return rows
+
+    rows = await direct.transact(work)
+    return _settled_effects(rows, reports, now, effects, whole=whole, waited=waited)
+
+
+def _settled_effects(
+    rows: Sequence[Row],
+    reports: Sequence[Settle],
+    now: datetime,
+    effects: Effects,
+    *,
+    whole: bool,
+    waited: Callable[[str], bool],
+) -> dict[str, JobValues]:
+    """What a direct settle's rows (the jobs it settled) leave to do, in ``effects``."""
     tokens = {report.id: report.token for report in reports}
     settled: dict[str, JobValues] = {}
     for row in cast(list[JobValues], rows):
@@ -768,6 +817,39 @@ async def settle_succeeded_direct(
         if row.get("traceparent"):
             effects.trace(row)
     return settled
+
+
+def _settle_one_statement(whole: bool) -> sa.Update:
+    """``_settle_succeeded_statement``'s fencing and writes for one report, in Core (its
+    ``RETURNING`` also the job's ``result_ttl``, for the expiry)."""
+    columns = list(JOBS_TABLE.columns) if whole else [jobs_c[name] for name in ENDED_COLUMNS]
+    if not whole:
+        columns.append(jobs_c.result_ttl)
+    writes = {
+        name: sa.bindparam(f"new_{name}", type_=jobs_c[name].type) for name in SUCCESS_COLUMNS
+    }
+    return (
+        sa.update(JOBS_TABLE)
+        .where(
+            jobs_c.id == sa.bindparam("match_id"),
+            jobs_c.lease_token == sa.bindparam("match_token"),
+            jobs_c.status == JobStatus.running,
+            sa.or_(jobs_c.lease_key.is_(None), jobs_c.lease_key == sa.bindparam("key_id")),
+            jobs_c.webhook.is_(None),
+            jobs_c.workflow_id.is_(None),
+            jobs_c.limit_key.is_(None),
+        )
+        .values(**writes, result_expires_at=None)
+        .returning(*columns)
+    )
+
+
+def _result_expires_statement() -> sa.Update:
+    return (
+        sa.update(JOBS_TABLE)
+        .where(jobs_c.id == sa.bindparam("match_id"))
+        .values(result_expires_at=sa.bindparam("expires", type_=UTCDateTime()))
+    )
 
 
 @functools.cache

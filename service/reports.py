@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service import errors, flow, results
+from service.db import SHORT_UNIT_ROWS
 from service.jobs import get_job
 from service.leases import (
     Effects,
@@ -18,12 +19,14 @@ from service.leases import (
     keep_settled,
     settle,
     settle_succeeded_direct,
+    settle_succeeded_sqlite,
     settles_directly,
 )
 from service.models import JobValues, values_of
-from service.pg_direct import Refused
+from service.pg_direct import DirectPg, Refused
 from service.runtime import Runtime
 from service.schemas import Report
+from service.sqlite_direct import DirectSqlite
 from service.states import JobStatus, LeaseProblem, Outcome
 
 
@@ -86,11 +89,12 @@ async def _settle_direct(
     runtime: Runtime, reports: list[Settle], now: datetime, key_id: str, *, whole: bool = False
 ) -> dict[str, JobValues]:
     """The successes settled in one statement from the event loop (PostgreSQL,
-    ``settles_directly``; service/pg_direct.py), their effects applied: the jobs
-    as they now are (``whole``: every column, else what the effects need). The rest,
-    and all of a batch that names a job twice (the first report settles it, which is
-    ``settle``'s to decide), are left to ``settle``."""
-    direct = runtime.direct
+    ``settles_directly``; service/pg_direct.py; on SQLite a short batch, a statement
+    each: service/sqlite_direct.py), their effects applied: the jobs as they now are
+    (``whole``: every column, else what the effects need). The rest, and all of a batch
+    that names a job twice (the first report settles it, which is ``settle``'s to
+    decide), are left to ``settle``."""
+    direct = runtime.loop_direct
     # Under flow control, jobs in queues with limits of their own hold a slot: not here.
     limited = flow.limited_queues(runtime.db.engine) if flow.active(runtime.db.engine) else ()
     if direct is None or limited is None:
@@ -98,6 +102,11 @@ async def _settle_direct(
     candidates = [report for report in reports if settles_directly(report)]
     if not candidates or len({report.id for report in reports}) < len(reports):
         return {}
+    if isinstance(direct, DirectSqlite):
+        if limited or len(candidates) > SHORT_UNIT_ROWS:  # (it runs on the event loop)
+            return {}
+        return await _settled_on_sqlite(runtime, direct, candidates, now, key_id, whole)
+    assert isinstance(direct, DirectPg)
     effects = Effects()
     # What the broker tells other replicas, in the statement's own transaction (a NOTIFY
     # for the SQL broker); for a job the statement leaves, a wake-up too many, harmless.
@@ -111,6 +120,27 @@ async def _settle_direct(
     except Refused:  # nothing committed: all of them through the pool
         return {}
     effects.announced = bool(notices)
+    if settled:
+        await runtime.apply(effects)
+    return settled
+
+
+async def _settled_on_sqlite(
+    runtime: Runtime,
+    direct: DirectSqlite,
+    candidates: list[Settle],
+    now: datetime,
+    key_id: str,
+    whole: bool,
+) -> dict[str, JobValues]:
+    effects = Effects()
+    try:
+        settled = await settle_succeeded_sqlite(
+            direct, candidates, now, effects, key_id=key_id,
+            waited=runtime.signals.is_waited, whole=whole,
+        )  # fmt: skip
+    except Refused:  # nothing committed: all of them through the pool
+        return {}
     if settled:
         await runtime.apply(effects)
     return settled

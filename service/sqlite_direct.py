@@ -14,14 +14,17 @@ waits for the lock in a thread, retries, and answers as it always has."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 
 from service.db import _create_sqlite_engine
 from service.pg_direct import Compiled, Direct, Refused, Row, Step, bound
+
+T = TypeVar("T")
 
 
 class DirectSqlite(Direct):
@@ -49,17 +52,35 @@ class DirectSqlite(Direct):
         notices: Sequence[tuple[str, str]] = (),
         first: Sequence[Step] = (),
     ) -> list[Row]:
-        """As ``DirectPg.fetch``, for one statement: SQLite has no notices, and nothing
-        here runs statements ahead of another."""
+        """As ``DirectPg.fetch``, for one statement: SQLite has no notices (several
+        statements in one transaction: ``transact``)."""
         if notices or first:
             raise Refused("one statement at a time on SQLite's direct path")
-        params = bound(compiled.positional_params, values)
-        try:
-            cursor = self._driver().execute(compiled.sql, params)
-            fetched = cursor.fetchall()
-        except sqlite3.Error as exc:  # autocommit: a failed statement changed nothing
+        try:  # autocommit: a failed statement changed nothing
+            return _run(self._driver(), compiled, values)
+        except sqlite3.Error as exc:
             raise Refused(str(exc)) from exc
-        return compiled.rows(fetched, cursor.description or ())
+
+    async def transact(self, work: Callable[[Run], T]) -> T:
+        """``work(run)`` in one transaction, where ``run(compiled, values)`` runs one
+        statement and returns its rows: committed when ``work`` returns; when it raises,
+        or SQLite refuses anything (the write lock held elsewhere: nothing waits for it),
+        rolled back, and ``Refused`` (or what ``work`` raised)."""
+        driver = self._driver()
+        try:
+            driver.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise Refused(str(exc)) from exc
+        try:
+            result = work(lambda compiled, values: _run(driver, compiled, values))
+            driver.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                driver.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise Refused(str(exc)) from exc
+            raise
+        return result
 
     def _driver(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -71,3 +92,12 @@ class DirectSqlite(Direct):
             self._connection.close()
             self._connection = None
         self._engine.dispose()
+
+
+Run = Callable[[Compiled, Mapping[str, Any]], list[Row]]
+
+
+def _run(driver: sqlite3.Connection, compiled: Compiled, values: Mapping[str, Any]) -> list[Row]:
+    cursor = driver.execute(compiled.sql, bound(compiled.positional_params, values))
+    fetched = cursor.fetchall()
+    return compiled.rows(fetched, cursor.description or ())

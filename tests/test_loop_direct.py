@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,16 @@ from conftest import migrated_database, selected_databases
 from service import waiting
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
+from service.effects import Effects
 from service.jobs import Defaults, insert_jobs, new_job
-from service.leases import LeaseTerms, claim_queue, claim_queue_direct
+from service.leases import (
+    LeaseTerms,
+    Settle,
+    claim_queue,
+    claim_queue_direct,
+    settle,
+    settle_succeeded_sqlite,
+)
 from service.models import JOBS_TABLE, JobValues
 from service.pg_direct import Refused
 from service.runtime import Clock, Runtime
@@ -29,9 +38,11 @@ from service.schemas import JobSubmit
 from service.settings import Settings
 from service.signals import Signals
 from service.sqlite_direct import DirectSqlite
+from service.states import Outcome
 
 DATABASES = [kind for kind in ("postgres", "sqlite") if kind in selected_databases()]
 KWARGS = {"b": 1, "a": [None, 1.5, "x", {"z": 2**70}]}
+RESULT = {"zeta": [1, None], "alpha": 2**66}
 
 
 @pytest.fixture(params=DATABASES)
@@ -144,6 +155,54 @@ def test_on_sqlite_a_held_write_lock_refuses_at_once_and_changes_nothing(tmp_pat
             holder.execute("ROLLBACK")
             holder.close()
         assert [row["id"] for row in asyncio.run(claim())] == [job["id"]]
+        asyncio.run(direct.close())
+
+
+@pytest.mark.skipif("sqlite" not in DATABASES, reason="SQLite's direct settle")
+def test_on_sqlite_a_success_settles_as_settle_writes_it(tmp_path: Path) -> None:
+    """``settle_succeeded_sqlite``: the same row as ``settle`` writes (the result's expiry
+    to the microsecond), the same effects; a stale token is left to ``settle``, and a held
+    write lock refuses the whole batch, changing nothing."""
+    with migrated_database("sqlite", tmp_path) as db:
+        first, second, third = jobs_in(db, 3, "q_settle")
+        granted = terms()
+        db.run_sync(lambda session: claim_queue(session, "q_settle", 3, granted))
+        direct = DirectSqlite.for_engine(db.engine)
+        assert direct is not None
+        now, effects = Clock().now(), Effects()
+        batch = [
+            Settle(first["id"], "tok", Outcome.succeeded, result=RESULT),
+            Settle(second["id"], "stale", Outcome.succeeded, result=RESULT),
+        ]
+
+        async def direct_settle(reports: list[Settle], into: Effects) -> dict[str, JobValues]:
+            assert direct is not None
+            return await settle_succeeded_sqlite(
+                direct, reports, now, into, key_id="k1", waited=lambda _: True
+            )
+
+        settled = asyncio.run(direct_settle(batch, effects))
+        assert list(settled) == [first["id"]]  # the stale report is left to settle
+        pooled = Effects()
+        other = Settle(second["id"], "tok", Outcome.succeeded, result=RESULT)
+        db.run_sync(lambda session: settle(session, [other], now, pooled, key_id="k1"))
+        direct_row, pooled_row = stored(db, first["id"]), stored(db, second["id"])
+        assert without(direct_row, "id") == without(pooled_row, "id")
+        assert direct_row["result_expires_at"] == now + timedelta(seconds=12.5)
+        assert list(direct_row["result"]) == ["zeta", "alpha"]
+        assert settled[first["id"]] == direct_row == effects.settled[first["id"]]
+        [ended], [pooled_ended] = effects.ended, pooled.ended
+        assert without(asdict(ended), "id") == without(asdict(pooled_ended), "id")
+        holder = sqlite3.connect(str(db.engine.url.database), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            late = [Settle(third["id"], "tok", Outcome.succeeded, result=1)]
+            with pytest.raises(Refused):
+                asyncio.run(direct_settle(late, Effects()))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert stored(db, third["id"])["status"] == "running"
         asyncio.run(direct.close())
 
 
