@@ -32,7 +32,7 @@ from typing import Any
 
 from service.brokers.base import Broker, BrokerUnavailable, Candidates
 from service.brokers.sql import SqlBroker
-from service.db import SHORT_UNIT_ROWS, Database
+from service.db import Database
 from service.leases import (
     LeaseTerms,
     claim_by_ids,
@@ -193,20 +193,14 @@ class Dispatcher:
         """``claim_from_queues``: for one queue, its one statement from the event loop
         where it can be. (Several queues: one transaction through the pool.)"""
         direct = self.loop_direct
-        if len(queues) == 1 and direct is not None and self._loop_direct_applies(max_jobs):
+        plain = len(queues) == 1 and not self._flow_active()  # (flow control's: several)
+        if direct is not None and plain and direct.takes(max_jobs):
             with contextlib.suppress(Refused):
                 return await claim_queue_direct(direct, queues[0], max_jobs, terms())
         return await self.db.run(
             lambda s: claim_from_queues(s, queues, max_jobs, terms()),
             rows=max_jobs,
         )
-
-    def _loop_direct_applies(self, rows: int) -> bool:
-        """No flow control (its claims are several statements); on SQLite, where the
-        statement runs on the event loop, a short one (``Database.run``'s ``rows``)."""
-        if self._flow_active():
-            return False
-        return self.direct is not None or rows <= SHORT_UNIT_ROWS
 
     def _flow_active(self) -> bool:
         from service import flow  # flow control's module imports the runtime, which imports this

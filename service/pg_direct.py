@@ -99,9 +99,17 @@ class Direct(ABC):
     loop. ``DirectPg``, or ``DirectSqlite`` (service/sqlite_direct.py) for the statements
     that read the same on SQLite (a queue's claim, a job read)."""
 
+    # The most rows a unit may touch here (None: any); a path on the event loop itself
+    # takes short units only, as ``Database.run`` does.
+    max_rows: int | None = None
+
     def __init__(self, dialect: sa.Dialect) -> None:
         self.dialect = dialect
         self._statements: dict[Any, Compiled] = {}
+
+    def takes(self, rows: int) -> bool:
+        """Whether a unit of ``rows`` rows may take this path."""
+        return self.max_rows is None or rows <= self.max_rows
 
     def compiled(self, key: Any, build: Callable[[], sa.ClauseElement]) -> Compiled:
         """The statement ``build`` makes, compiled once per ``key`` for this database."""

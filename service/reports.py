@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service import errors, flow, results
-from service.db import SHORT_UNIT_ROWS
 from service.jobs import get_job
 from service.leases import (
     Effects,
@@ -102,8 +101,10 @@ async def _settle_direct(
     candidates = [report for report in reports if settles_directly(report)]
     if not candidates or len({report.id for report in reports}) < len(reports):
         return {}
+    if not direct.takes(len(candidates)):
+        return {}
     if isinstance(direct, DirectSqlite):
-        if limited or len(candidates) > SHORT_UNIT_ROWS:  # (it runs on the event loop)
+        if limited:
             return {}
         return await _settled_on_sqlite(runtime, direct, candidates, now, key_id, whole)
     assert isinstance(direct, DirectPg)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 
-from service.db import _create_sqlite_engine
+from service.db import SHORT_UNIT_ROWS, _create_sqlite_engine
 from service.pg_direct import Compiled, Direct, Refused, Row, Step, bound
 
 T = TypeVar("T")
@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 class DirectSqlite(Direct):
     """``fetch(compiled, values)``: run one statement; the rows it returned."""
+
+    max_rows = SHORT_UNIT_ROWS  # it runs on the event loop
 
     def __init__(self, engine: sa.Engine) -> None:
         super().__init__(engine.dialect)
