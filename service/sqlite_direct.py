@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 
-from service.db import SHORT_UNIT_ROWS, _create_sqlite_engine
+from service.db import SHORT_UNIT_ROWS, WalCheckpointer, loop_sqlite_engine
 from service.pg_direct import Compiled, Direct, Refused, Row, Step, bound
 
 T = TypeVar("T")
@@ -32,20 +32,21 @@ class DirectSqlite(Direct):
 
     max_rows = SHORT_UNIT_ROWS  # it runs on the event loop
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, checkpoints: WalCheckpointer) -> None:
         super().__init__(engine.dialect)
         # Its own engine of one connection, with the pool's pragmas (WAL, synchronous),
         # checked out once: every statement here runs on the event loop, one at a time.
-        self._engine = _create_sqlite_engine(engine.url, busy_timeout_ms=0, pool_size=1)
+        # Its commits are counted for the file's checkpoints, which run in a thread.
+        self._engine = engine
+        self._checkpoints = checkpoints
         self._connection: Any = None  # the pool's wrapper, holding the checkout
 
     @classmethod
     def for_engine(cls, engine: sa.Engine) -> DirectSqlite | None:
         """The direct path where it applies: SQLite on a file (each connection to an
         in-memory database would have a database of its own)."""
-        if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
-            return None
-        return cls(engine)
+        loop = loop_sqlite_engine(engine)
+        return None if loop is None else cls(*loop)
 
     async def fetch(
         self,
@@ -58,10 +59,15 @@ class DirectSqlite(Direct):
         statements in one transaction: ``transact``)."""
         if notices or first:
             raise Refused("one statement at a time on SQLite's direct path")
+        driver = self._driver()
+        changes = driver.total_changes
         try:  # autocommit: a failed statement changed nothing
-            return _run(self._driver(), compiled, values)
+            rows = _run(driver, compiled, values)
         except sqlite3.Error as exc:
             raise Refused(str(exc)) from exc
+        if driver.total_changes != changes:  # it wrote: a commit
+            self._checkpoints.committed()
+        return rows
 
     async def transact(self, work: Callable[[Run], T]) -> T:
         """``work(run)`` in one transaction, where ``run(compiled, values)`` runs one
@@ -82,6 +88,7 @@ class DirectSqlite(Direct):
             if isinstance(exc, sqlite3.Error):
                 raise Refused(str(exc)) from exc
             raise
+        self._checkpoints.committed()
         return result
 
     def _driver(self) -> sqlite3.Connection:

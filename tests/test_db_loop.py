@@ -13,7 +13,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import SHORT_UNIT_ROWS, Database, create_engine
+from service.db import CHECKPOINT_EVERY_COMMITS, SHORT_UNIT_ROWS, Database, create_engine
+from service.pg_direct import Compiled, Refused
+from service.sqlite_direct import DirectSqlite
 
 
 def _database(path: Path) -> Database:
@@ -92,4 +94,44 @@ def test_a_short_unit_waits_in_a_thread_while_the_write_lock_is_held_elsewhere(
         assert sorted(_marks(db)) == [0, 1]
     finally:
         holder.close()
+        db.dispose()
+
+
+def test_the_loops_connections_leave_checkpoints_to_a_thread_which_bounds_the_log(
+    tmp_path: Path,
+) -> None:
+    """A commit on the event loop never copies the write-ahead log back itself (its
+    fsyncs held every request up); the checkpointer's thread does, every
+    CHECKPOINT_EVERY_COMMITS commits, so the log stays near its usual size."""
+    path = tmp_path / "wal.db"
+    db = _database(path)
+    direct = DirectSqlite.for_engine(db.engine)
+    assert direct is not None and db.checkpoints is not None
+    insert = Compiled(sa.text("INSERT INTO marks VALUES (:n)"), db.engine.dialect)
+    commits = 6 * CHECKPOINT_EVERY_COMMITS
+
+    async def main() -> int:
+        autocheckpoint = await db.read(
+            lambda session: session.execute(sa.text("PRAGMA wal_autocheckpoint")).scalar_one(),
+            rows=1,
+        )
+        for n in range(commits // 2):  # both of the loop's connections: ORM and direct
+            await db.run(_mark(n), rows=1)
+            try:
+                await direct.fetch(insert, {"n": n})
+            except Refused:  # the checkpoint holds the write lock: the pool's path, as callers do
+                await db.run(_mark(n))
+        await direct.close()
+        return int(autocheckpoint)
+
+    try:
+        assert asyncio.run(main()) == 0  # SQLite's own checkpoint is off on the loop
+        db.checkpoints.close()  # waits for a checkpoint under way
+        assert db.checkpoints.checkpoints >= 5
+        assert len(_marks(db)) == commits
+        # Each commit appends a frame or two of 4 KiB: never checkpointed, the log would
+        # hold them all (about 10 MB); reset after each checkpoint, it stays far smaller.
+        wal = Path(f"{path}-wal").stat().st_size
+        assert wal < commits * 4096 / 3, wal
+    finally:
         db.dispose()
