@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from service import errors
 from service.jobs import insert_jobs
 from service.models import JOBS_TABLE, JobRow, JobValues, values_of
+from service.sqlite_direct import DirectSqlite
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,22 @@ def _insert_skipping_taken(session: Session, rows: list[JobValues]) -> list[JobV
     query = sa.select(JOBS_TABLE.c.id).where(JOBS_TABLE.c.id.in_(ids))
     inserted = set(connection.execute(query).scalars())
     return [row for row in rows if row["id"] not in inserted]
+
+
+async def insert_skipping_taken_direct(direct: DirectSqlite, rows: Sequence[JobValues]) -> set[str]:
+    """``_insert_skipping_taken`` on SQLite's connection on the event loop
+    (service/sqlite_direct.py): the group's rows in one transaction, an ``INSERT … ON
+    CONFLICT (idempotency_key) DO NOTHING RETURNING id`` each, compiled once; the ids of
+    the rows skipped because their key was taken (as ``SubmitPipeline.insert`` on
+    PostgreSQL). ``Refused``: nothing committed (the write lock held elsewhere, a row the
+    database or a binding refuses), and the pool's path stores the group."""
+    keys = tuple(rows[0])
+
+    def build() -> sa.ClauseElement:
+        return _skipping_taken_keys("sqlite").returning(JOBS_TABLE.c.id)
+
+    insert = direct.compiled(("insert skipping taken keys", keys), build, column_keys=keys)
+    return await direct.transact(lambda run: {row["id"] for row in rows if not run(insert, row)})
 
 
 def _skipping_taken_keys(dialect: str) -> sa.Insert:

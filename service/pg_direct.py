@@ -111,11 +111,17 @@ class Direct(ABC):
         """Whether a unit of ``rows`` rows may take this path."""
         return self.max_rows is None or rows <= self.max_rows
 
-    def compiled(self, key: Any, build: Callable[[], sa.ClauseElement]) -> Compiled:
-        """The statement ``build`` makes, compiled once per ``key`` for this database."""
+    def compiled(
+        self,
+        key: Any,
+        build: Callable[[], sa.ClauseElement],
+        column_keys: Sequence[str] | None = None,
+    ) -> Compiled:
+        """The statement ``build`` makes, compiled once per ``key`` for this database
+        (an INSERT for the columns ``column_keys`` when given)."""
         found = self._statements.get(key)
         if found is None:
-            found = self._statements[key] = Compiled(build(), self.dialect)
+            found = self._statements[key] = Compiled(build(), self.dialect, column_keys)
         return found
 
     @abstractmethod

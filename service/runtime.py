@@ -20,7 +20,7 @@ from service.brokers.base import Broker
 from service.db import Database
 from service.dispatch import Dispatcher
 from service.effects import Effects
-from service.idempotency import Outcome, Submitted, store_group
+from service.idempotency import Outcome, Submitted, insert_skipping_taken_direct, store_group
 from service.isolation import is_row_error, not_storable
 from service.jobs import Defaults, dispatch_of_values
 from service.longpoll import LongPolls
@@ -156,19 +156,18 @@ class SubmitBatcher:
     async def _insert(self, batch: list[Waiter]) -> Committed:
         """Store the rows of ``batch`` and settle their futures; returns the rows inserted
         (replays are not) and what their commits leave to do."""
-        if self.pipeline is None:
-            return await self._insert_pooled(batch)
         rows = [row for row, _ in batch]
         announced = Effects()  # the broker's part for every row: a wake-up too many is harmless
-        notices = self.runtime.broker.commit_notices(submitted_effects(rows, announced))
         try:
-            skipped = await self.pipeline.insert(rows, notices)
+            skipped = await self._insert_direct(rows, announced)
         except Refused:  # nothing committed: the pool's path finds the row at fault
             return await self._insert_pooled(batch)
         except Exception as exc:
             for _, future in batch:
                 _settle(future, exc)
             return Committed([], Effects())
+        if skipped is None:
+            return await self._insert_pooled(batch)
         effects = announced  # the common case: every row inserted, nothing to recompute
         if skipped:
             effects = submitted_effects([row for row in rows if row["id"] not in skipped])
@@ -183,6 +182,20 @@ class SubmitBatcher:
             rest = await self._insert_pooled([w for w in batch if w[0]["id"] in skipped])
             committed = committed.joined(rest)
         return committed
+
+    async def _insert_direct(self, rows: list[JobValues], announced: Effects) -> set[str] | None:
+        """The group's one statement from the event loop, skipping rows whose key is
+        taken (their ids are returned): on PostgreSQL the pipeline's, its NOTIFY in the
+        same commit; on SQLite, on the loop's connection (a group of at most
+        ``SHORT_UNIT_ROWS``). None where neither applies. ``announced`` gets what the
+        commit leaves to do for every row."""
+        notices = self.runtime.broker.commit_notices(submitted_effects(rows, announced))
+        if self.pipeline is not None:
+            return await self.pipeline.insert(rows, notices)
+        direct = self.runtime.loop_direct
+        if not notices and isinstance(direct, DirectSqlite) and direct.takes(len(rows)):
+            return await insert_skipping_taken_direct(direct, rows)
+        return None
 
     async def _insert_pooled(self, batch: list[Waiter], retried: bool = False) -> Committed:
         """``_insert`` in one ORM session, in the committer's thread (on SQLite a small

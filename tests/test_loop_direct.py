@@ -18,10 +18,11 @@ import pytest
 import sqlalchemy as sa
 from conftest import migrated_database, selected_databases
 
-from service import waiting
+from service import jobs, waiting
 from service.brokers.sql import SqlBroker
 from service.db import Database, create_engine
 from service.effects import Effects
+from service.idempotency import insert_skipping_taken_direct
 from service.jobs import Defaults, insert_jobs, new_job
 from service.leases import (
     LeaseTerms,
@@ -204,6 +205,79 @@ def test_on_sqlite_a_success_settles_as_settle_writes_it(tmp_path: Path) -> None
             holder.close()
         assert stored(db, third["id"])["status"] == "running"
         asyncio.run(direct.close())
+
+
+@pytest.mark.skipif("sqlite" not in DATABASES, reason="SQLite's direct submit")
+def test_on_sqlite_a_submit_group_stores_as_the_pool_does(tmp_path: Path) -> None:
+    """``insert_skipping_taken_direct``: the group commit's one transaction on the loop's
+    connection writes the row the pool's insert writes; a row whose idempotency key is
+    taken is skipped and named (the batcher resolves it on the pool's path: a replay),
+    and a held write lock refuses the whole group, changing nothing."""
+    with migrated_database("sqlite", tmp_path) as db:
+        now, defaults = Clock().now(), Defaults(max_retries=1, result_ttl=12.5)
+        spec = JobSubmit(task="tests.direct", queue="q_submit", kwargs=KWARGS)
+
+        def row(key: str | None) -> JobValues:
+            values = new_job(spec, now, defaults)
+            values.update({"idempotency_key": key, "request_hash": key and "h"})
+            return values
+
+        pooled, direct_row, keyed, again = row(None), row(None), row("k-1"), row("k-1")
+        db.run_sync(lambda session: insert_jobs(session, [pooled]))
+        direct = DirectSqlite.for_engine(db.engine)
+        assert direct is not None
+
+        async def insert(rows: list[JobValues]) -> set[str]:
+            assert direct is not None
+            return await insert_skipping_taken_direct(direct, rows)
+
+        assert asyncio.run(insert([direct_row, keyed])) == set()
+        assert without(stored(db, direct_row["id"]), "id") == without(
+            stored(db, pooled["id"]), "id"
+        )
+        assert stored(db, keyed["id"])["idempotency_key"] == "k-1"
+        assert asyncio.run(insert([again, row(None)])) == {again["id"]}  # the key is taken
+        holder = sqlite3.connect(str(db.engine.url.database), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        late = row(None)
+        try:
+            with pytest.raises(Refused):
+                asyncio.run(insert([late]))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        count = sa.select(sa.func.count()).select_from(JOBS_TABLE)
+        assert db.run_sync(lambda session: session.execute(count).scalar_one()) == 4
+        asyncio.run(direct.close())
+
+
+@pytest.mark.skipif("sqlite" not in DATABASES, reason="SQLite's direct submit")
+def test_on_sqlite_the_group_commit_takes_the_direct_path_and_still_replays(
+    tmp_path: Path,
+) -> None:
+    with migrated_database("sqlite", tmp_path) as db:
+        runtime = runtime_of(db)
+        spec = JobSubmit(task="tests.direct", queue="q_batcher")
+
+        def keyed(key: str) -> JobValues:
+            values = new_job(spec, Clock().now(), Defaults(max_retries=1, result_ttl=1.0))
+            values.update({"idempotency_key": key, "request_hash": jobs.request_hash(spec)})
+            return values
+
+        async def submits() -> list[Any]:
+            try:
+                first = await runtime.submits.submit(keyed("same"))
+                replay = await runtime.submits.submit(keyed("same"))
+                return [first, replay]
+            finally:
+                await runtime.close()
+
+        first, replay = asyncio.run(submits())
+        direct = runtime.loop_direct
+        assert direct is not None and any(
+            key[0] == "insert skipping taken keys" for key in direct._statements
+        )
+        assert not first.replayed and replay.replayed and replay.row["id"] == first.row["id"]
 
 
 def test_only_a_database_file_takes_sqlites_direct_path(tmp_path: Path) -> None:
