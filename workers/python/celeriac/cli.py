@@ -53,11 +53,35 @@ def fail(message: str, status: int = 2) -> typer.Exit:
 
 def dump_stacks_on_sigusr1() -> None:
     """``kill -USR1 <pid>`` writes every thread's stack to stderr (the log): the first
-    thing to look at when a process seems stuck, and it does not stop the process."""
-    import faulthandler
+    thing to look at when a process seems stuck, and it does not stop the process.
+
+    Written by a Python signal handler, which runs in the main thread with the GIL held,
+    in faulthandler's format. faulthandler itself reads the other threads' frames while
+    they run: under load that crashed the very process it was asked to show (a
+    segfault in its ``dump_traceback``, seen twice in the service's test of this)."""
     import signal
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGUSR1, _write_stacks)
+
+
+def _write_stacks(_signum: int, _frame: object) -> None:
+    import os
+    import sys
+    import threading
+    from types import FrameType
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    lines: list[str] = []
+    for ident, frame in sys._current_frames().items():
+        lines.append(f"Thread {ident:#x} ({names.get(ident, '?')}, most recent call first):")
+        current: FrameType | None = frame
+        while current is not None:
+            code = current.f_code
+            lines.append(f'  File "{code.co_filename}", line {current.f_lineno} in {code.co_name}')
+            current = current.f_back
+        lines.append("")
+    # One write to the descriptor: the handler may have interrupted a write to sys.stderr.
+    os.write(2, "\n".join(lines).encode(errors="replace") + b"\n")
 
 
 def configure_logging(
