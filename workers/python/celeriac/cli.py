@@ -80,8 +80,11 @@ def _write_stacks(_signum: int, _frame: object) -> None:
             lines.append(f'  File "{code.co_filename}", line {current.f_lineno} in {code.co_name}')
             current = current.f_back
         lines.append("")
-    # One write to the descriptor: the handler may have interrupted a write to sys.stderr.
-    os.write(2, "\n".join(lines).encode(errors="replace") + b"\n")
+    # To the descriptor, not sys.stderr: the handler may have interrupted a write to it.
+    # A write to a pipe may take part of a long dump: the rest goes after it.
+    dump = memoryview("\n".join(lines).encode(errors="replace") + b"\n")
+    while dump:
+        dump = dump[os.write(2, dump) :]
 
 
 def configure_logging(
