@@ -87,7 +87,17 @@ def test_a_submit_over_the_long_poll_cap_is_committed_at_once(spawner: Spawner) 
     service = spawner.service(extra={"CELERIAC_MAX_LONG_POLLS": "1"})
     api = spawner.api(service.url)
     held = api.submit(queue="held")
-    holder = threading.Thread(target=api.get, args=(held["id"],), kwargs={"wait": 20})
+
+    def hold_the_slot() -> None:
+        # A probe may hold the one slot when the holder arrives; a refused long-poll answers
+        # at once with Retry-After, so the holder asks again until it is the one waiting.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            answer = api.http.get(f"/jobs/{held['id']}", params={"wait": 20})
+            if "retry-after" not in answer.headers:
+                return
+
+    holder = threading.Thread(target=hold_the_slot)
     holder.start()
     try:
         # The barrier: a short probe refused with Retry-After proves the holder is counted.
