@@ -181,7 +181,7 @@ async def leased(broker: RedisBroker, job_ids: Sequence[str]) -> None:
     """Jobs just leased over HTTP: their envelopes go (``RedisBroker.drop_envelopes``);
     a hash that holds its HTTP lease's slots keeps its token."""
     args: list[Any] = [PROTOCOL, TOMBSTONE_SECONDS, *job_ids]
-    await broker.redis.fcall("celeriac_v1_http_leased", 1, _flow_key(broker), *args)
+    await broker.calls.call("FCALL", "celeriac_v1_http_leased", 1, _flow_key(broker), *args)
 
 
 def _flow_key(broker: RedisBroker) -> str:

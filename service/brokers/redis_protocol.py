@@ -21,10 +21,9 @@ from datetime import datetime, timedelta
 from functools import partial
 from itertools import groupby
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.orm import Session
@@ -69,6 +68,15 @@ EARLY_LIMIT = EVENT_BATCH
 LINGER_MS = 2
 
 Entry = tuple[str, dict[str, str]]  # a stream entry: its id, its fields
+
+
+def _fields(raw: list[str] | dict[str, str] | None) -> dict[str, str]:
+    """An entry's fields as a dict: from the flat list Redis sends (redis-py, the fallback
+    for URLs the link does not speak, has made the dict already); a deleted entry's are
+    none."""
+    if isinstance(raw, dict):
+        return raw
+    return dict(zip(raw[::2], raw[1::2], strict=False)) if raw else {}
 
 
 class EarlyReports:
@@ -137,16 +145,14 @@ class EventIngest:
     """Applies ``{tag}:events`` to SQL. Every replica runs one; the consumer group shares
     the stream between them."""
 
-    def __init__(self, broker: RedisBroker, hooks: BrokerHooks, blocking: aioredis.Redis) -> None:
+    def __init__(self, broker: RedisBroker, hooks: BrokerHooks) -> None:
         self.db = broker.db
         self.redis = broker.redis
-        self.blocking = blocking
         self.layout = broker.layout
         self.stream = broker.layout.events
         self.now = hooks.now
         self.after_commit = hooks.apply
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
-        self.forget = broker.lua["forget"]
         self.broker = broker
         self.waited = broker.signals.is_waited
         self.direct = hooks.direct
@@ -183,11 +189,12 @@ class EventIngest:
     async def _read(self, count: int, block_ms: int) -> list[Entry]:
         """The next entries for this consumer: at most ``count``, once there is one or
         ``block_ms`` passed (then none)."""
-        answer = await self.blocking.xreadgroup(
-            GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
-        )
-        # RESP2: [[stream, [(entry id, fields), ...]]]
-        return cast(list[Entry], cast(list[Any], answer)[0][1]) if answer else []
+        answer = await self.broker.calls.blocking(
+            "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", count, "BLOCK", block_ms,
+            "STREAMS", self.stream, ">",
+        )  # fmt: skip
+        # RESP2: [[stream, [[entry id, [field, value, ...]], ...]]]
+        return [(entry_id, _fields(raw)) for entry_id, raw in answer[0][1]] if answer else []
 
     async def _ensure_group(self) -> None:
         try:
@@ -219,14 +226,11 @@ class EventIngest:
             self.layout.job(e["id"]) for e in events if e["k"] in REPORTS and e["id"] not in held
         ]
         if reported:  # SQL has the reports now (or refused them): the tombstones may go
-            await self.forget(keys=reported)
+            await self.broker.lua.run(self.broker.calls, "forget", keys=reported)
         ids = [entry_id for entry_id, _fields in entries if not self.early.holds(entry_id)]
-        if not ids:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
-            await pipe.execute()
+        if ids:
+            calls = self.broker.calls
+            await calls.many(("XACK", self.stream, GROUP, *ids), ("XDEL", self.stream, *ids))
 
     async def _apply_events(self, events: list[Event], now: datetime) -> tuple[Effects, set[str]]:
         """The batch: what the direct path takes (``_apply_direct``), then the rest in one

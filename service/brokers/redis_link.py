@@ -1,0 +1,271 @@
+"""The hot path's short Redis commands over one pipelined connection.
+
+Each submit publishes its jobs to the index, each HTTP lease of the index pops it and then
+acknowledges it, each settle announces it: one short command each, on every round trip.
+Through redis-py's asyncio client one such command costs about 140 µs of the service's
+CPU on this project's 2-core machine (a pool checkout, its retry wrapper, command
+parsing, timeouts, observability hooks), about three times what sending it and reading
+its reply costs. ``RedisLink`` does only that: it packs a command with hiredis, writes it,
+and resolves the caller's future when hiredis parses its reply.
+
+Its contract:
+
+- Replies come back in the order commands were written, so one connection serves every
+  caller at once: concurrent callers' commands are pipelined, never serialised by a lock.
+- A command that fails in Redis raises ``redis.exceptions.ResponseError``; a connection
+  that cannot be made or is lost fails every command in flight with
+  ``redis.exceptions.ConnectionError``, and the next call connects again. Nothing is
+  retried: a command in flight when the connection dropped may or may not have run, and
+  each caller already treats a ``RedisError`` as "not known to have happened" (a lost
+  publish is repaired by the reconciler, an unanswered pop by SQL's dispatch).
+- A caller that is cancelled leaves its reply to be read and dropped: the order holds.
+- A blocking command (``BZMPOP``) goes through ``blocking``: a connection of its own for
+  the wait (kept for the next one after, up to ``IDLE_BLOCKING_LINKS`` idle; closed if the
+  wait is cancelled, which ends it in Redis too), never the shared one, where it would
+  hold up every command behind it.
+
+``for_url`` gives a link for what it speaks (``redis://`` and ``unix://`` with a host or
+path, a database, a user and a password); anything else (TLS, connection options in the
+URL) gets ``RedisPyCalls``, the same two calls through redis-py's client."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.connection import UnixDomainSocketConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, RedisError, ResponseError
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+IDLE_BLOCKING_LINKS = 64  # kept open for the next long-poll; more are closed when done
+# hiredis's stub types its argument as a one-element tuple: any command is a tuple of values.
+_pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
+_SPOKEN = {"host", "port", "db", "username", "password", "path", "connection_class"}
+
+
+class RedisCalls(Protocol):
+    """Short, non-blocking commands; what the hot path needs of a Redis connection."""
+
+    async def call(self, *args: Any) -> Any: ...
+
+    async def many(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Commands sent together; their replies in order (the first error raised)."""
+        ...
+
+    async def blocking(self, *args: Any) -> Any:
+        """A command that may block (``BZMPOP``), on a connection of its own."""
+        ...
+
+    async def script(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, sending the source once if Redis no longer holds it (a restart)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def for_url(url: str, fallback: aioredis.Redis, blocking: aioredis.Redis) -> RedisCalls:
+    """A ``RedisLink`` where the URL allows one, else the commands of redis-py's
+    ``fallback`` (and ``blocking``, its client for blocking commands)."""
+    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    unix = options.get("connection_class") is UnixDomainSocketConnection
+    if set(options) - _SPOKEN or ("connection_class" in options and not unix):
+        return RedisPyCalls(fallback, blocking)
+    return RedisLink(options)
+
+
+class RedisPyCalls:
+    """The same calls through redis-py's clients (their pools, retries and TLS)."""
+
+    def __init__(self, client: aioredis.Redis, blocking: aioredis.Redis) -> None:
+        self.client = client
+        self.blocking_client = blocking
+
+    async def call(self, *args: Any) -> Any:
+        return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    async def many(self, *commands: tuple[Any, ...]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute())
+
+    async def blocking(self, *args: Any) -> Any:
+        return await self.blocking_client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    async def script(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
+        return await _script(self, sha, source, keys, args)
+
+    async def close(self) -> None:
+        pass  # the client is its owner's to close
+
+
+async def _script(
+    calls: RedisCalls, sha: str, source: str, keys: list[str], args: list[Any]
+) -> Any:
+    try:
+        return await calls.call("EVALSHA", sha, len(keys), *keys, *args)
+    except ResponseError as exc:
+        if not str(exc).startswith("NOSCRIPT"):
+            raise
+    return await calls.call("EVAL", source, len(keys), *keys, *args)  # and cached again
+
+
+class _Replies(asyncio.Protocol):
+    """One connection: its futures, in the order their commands were written."""
+
+    def __init__(self) -> None:
+        # Decoded as the service's redis-py clients decode (decode_responses, "replace").
+        self.reader = hiredis.Reader(
+            protocolError=InvalidResponse,
+            replyError=ResponseError,
+            encoding="utf-8",
+            errors="replace",
+        )
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while self.waiting:
+            try:
+                reply = self.reader.gets()
+            except InvalidResponse as exc:  # the stream cannot be trusted any more
+                self._fail(RedisConnectionError(f"Redis sent what RESP is not: {exc}"))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if reply is False:  # hiredis: the rest of this reply has not arrived
+                return
+            future = self.waiting.popleft()
+            if future.done():  # its caller was cancelled: the reply is dropped
+                continue
+            if isinstance(reply, ResponseError):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+
+    def _fail(self, error: Exception) -> None:
+        self.lost = True
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.lost or self.transport is None or self.transport.is_closing():
+            future.set_exception(RedisConnectionError("connection to Redis lost"))
+            return future
+        self.waiting.append(future)
+        self.transport.write(packed)
+        return future
+
+
+class RedisLink:
+    """One pipelined connection (see the module's docstring for its contract)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self._replies: _Replies | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._idle: list[RedisLink] = []  # for blocking commands, each alone on its own
+
+    async def call(self, *args: Any) -> Any:
+        replies = self._replies
+        if replies is None or replies.lost:
+            replies = await self._connect()
+        return await replies.send(_pack(args))
+
+    async def many(self, *commands: tuple[Any, ...]) -> list[Any]:
+        replies = self._replies
+        if replies is None or replies.lost:
+            replies = await self._connect()
+        futures = [replies.send(_pack(command)) for command in commands]
+        results: list[Any] = []
+        failure: BaseException | None = None
+        for future in futures:  # every one awaited: none left with an unread exception
+            try:
+                results.append(await future)
+            except RedisError as exc:
+                failure = failure or exc
+                results.append(exc)
+        if failure is not None:
+            raise failure
+        return results
+
+    async def script(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
+        return await _script(self, sha, source, keys, args)
+
+    async def blocking(self, *args: Any) -> Any:
+        link = self._idle.pop() if self._idle else RedisLink(self.options)
+        try:
+            reply = await link.call(*args)
+        except BaseException:  # cancelled mid-wait, or an error: not worth sorting out
+            await link.close()
+            raise
+        if len(self._idle) < IDLE_BLOCKING_LINKS:
+            self._idle.append(link)
+        else:
+            await link.close()
+        return reply
+
+    async def close(self) -> None:
+        replies, self._replies = self._replies, None
+        if replies is not None and replies.transport is not None:
+            replies.transport.close()
+        idle, self._idle = self._idle, []
+        for link in idle:
+            await link.close()
+
+    async def _connect(self) -> _Replies:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # one connection attempt for every caller waiting
+            if self._replies is not None and not self._replies.lost:
+                return self._replies
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                    replies = await self._open()
+                    await self._hello(replies)
+            except (OSError, TimeoutError) as exc:
+                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            self._replies = replies
+            return replies
+
+    async def _open(self) -> _Replies:
+        loop = asyncio.get_running_loop()
+        if "path" in self.options:
+            _, replies = await loop.create_unix_connection(_Replies, self.options["path"])
+        else:
+            host, port = self.options.get("host", "localhost"), self.options.get("port", 6379)
+            _, replies = await loop.create_connection(_Replies, host, port)
+        return replies
+
+    async def _hello(self, replies: _Replies) -> None:
+        """AUTH and SELECT, as redis-py would (a failure closes the connection)."""
+        try:
+            if self.options.get("password") is not None:
+                user = self.options.get("username")
+                auth = ("AUTH", user, self.options["password"]) if user else (
+                    "AUTH", self.options["password"]
+                )  # fmt: skip
+                await replies.send(_pack(auth))
+            if int(self.options.get("db") or 0):
+                await replies.send(_pack(("SELECT", int(self.options["db"]))))
+        except BaseException:
+            if replies.transport is not None:
+                replies.transport.close()
+            raise
