@@ -18,7 +18,8 @@ settled). Legs:
   sends its report, the service reads it up to the settle;
 - ``finished_at -> answered``: settle commit, wake the waiter, re-read, answer.
 
-With ``--database`` (the service's database, a libpq URL) it also prints the database's
+With ``--pid`` (the service's process) it also prints the service's CPU per round trip,
+from /proc. With ``--database`` (the service's database, a libpq URL) it also prints the database's
 transactions and ``jobs`` index scans per round trip (pg_stat deltas over the mode, maintenance
 loops included) and the floor of one durable commit on that server (a one-row INSERT in
 a scratch table, dropped after; autocommit).
@@ -30,6 +31,7 @@ a scratch table, dropped after; autocommit).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from datetime import datetime
@@ -106,9 +108,19 @@ def commit_floor(database: str, n: int = 200) -> float:
     return statistics.median(times)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU of process ``pid`` so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(
-    base: str, mode: str, n: int, task: str, wait: float, gap: float, database: str | None
-) -> None:
+    base: str, mode: str, n: int, task: str, wait: float, gap: float, database: str | None,
+    pid: int | None = None,
+) -> None:  # fmt: skip
     rows: list[dict[str, float]] = []
     before = None
     with httpx.Client(base_url=base, timeout=wait + 10) as client:
@@ -116,12 +128,16 @@ def run(
             one(client, mode, task, i, wait)
             time.sleep(gap)
         before = pg_stats(database)
+        cpu_before = cpu_seconds(pid)
         for i in range(n):
             rows.append(one(client, mode, task, i, wait))
             time.sleep(gap)  # let the worker go back to its long-poll: an idle worker
+        cpu = cpu_seconds(pid) - cpu_before
     after = pg_stats(database)
     totals = [r["total"] for r in rows]
     print(f"## {mode}: {n} round trips")
+    if pid is not None:  # idle loops included: read it beside another run's, same --gap
+        print(f"service CPU per round trip: {cpu / n * 1000:.2f} ms")
     if before and after:
         commits, rollbacks, scans = (b - a for a, b in zip(before, after, strict=True))
         print(
@@ -148,10 +164,11 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.05, help="seconds between trips")
     parser.add_argument("--database", help="libpq URL of the service's database")
     parser.add_argument("--mode", choices=["two-call", "one-call", "both"], default="both")
+    parser.add_argument("--pid", type=int, help="the service's process: its CPU per trip")
     args = parser.parse_args()
     modes = ["two-call", "one-call"] if args.mode == "both" else [args.mode]
     for mode in modes:
-        run(args.base, mode, args.n, args.task, args.wait, args.gap, args.database)
+        run(args.base, mode, args.n, args.task, args.wait, args.gap, args.database, args.pid)
     if args.database:
         print(
             f"one durable commit (INSERT, autocommit): {commit_floor(args.database) * 1000:.2f} ms"
