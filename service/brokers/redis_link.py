@@ -164,9 +164,14 @@ class _Replies(asyncio.Protocol):
             if not future.done():
                 future.set_exception(error)
 
+    @property
+    def usable(self) -> bool:
+        """Neither lost nor closing (a close is seen before ``connection_lost`` runs)."""
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self.lost or self.transport is None or self.transport.is_closing():
+        if not self.usable or self.transport is None:
             future.set_exception(RedisConnectionError("connection to Redis lost"))
             return future
         self.waiting.append(future)
@@ -185,13 +190,13 @@ class RedisLink:
 
     async def call(self, *args: Any) -> Any:
         replies = self._replies
-        if replies is None or replies.lost:
+        if replies is None or not replies.usable:
             replies = await self._connect()
         return await replies.send(_pack(args))
 
     async def many(self, *commands: tuple[Any, ...]) -> list[Any]:
         replies = self._replies
-        if replies is None or replies.lost:
+        if replies is None or not replies.usable:
             replies = await self._connect()
         futures = [replies.send(_pack(command)) for command in commands]
         results: list[Any] = []
@@ -234,7 +239,7 @@ class RedisLink:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:  # one connection attempt for every caller waiting
-            if self._replies is not None and not self._replies.lost:
+            if self._replies is not None and self._replies.usable:
                 return self._replies
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
