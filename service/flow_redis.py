@@ -172,7 +172,7 @@ async def free_ended(broker: RedisBroker, effects: Effects) -> None:
     for job_id, token, queue in ended:
         args += [job_id, token, queue]
     try:
-        await broker.redis.fcall("celeriac_v1_http_free", 1, _flow_key(broker), *args)
+        await broker.calls.call("FCALL", "celeriac_v1_http_free", 1, _flow_key(broker), *args)
     except RedisError as exc:  # held until ``repair``
         log.warning("freeing the limit slots of ended leases failed: %s", exc)
 

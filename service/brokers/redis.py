@@ -238,9 +238,7 @@ class RedisBroker(Broker):
 
     async def _index(self, jobs: Sequence[Dispatch]) -> None:
         if not self.serve_workers:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                self._add_ids(pipe, jobs, wake=False)
-                await pipe.execute()
+            await self.calls.many(*self._add_ids(jobs, wake=False))
             return
         fresh = [job for job in jobs if not job.reoffer]
         envelopes = await self._envelopes(fresh)
@@ -252,21 +250,21 @@ class RedisBroker(Broker):
         if len(args) > 1:  # envelopes, ready-set entries and wake-ups: one command
             await self.lua.run(self.calls, "publish", args=args)
         if reoffered := [job for job in jobs if job.reoffer]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                self._add_ids(pipe, reoffered, wake=True)
-                await pipe.execute()
+            await self.calls.many(*self._add_ids(reoffered, wake=True))
 
-    def _add_ids(self, pipe: Any, jobs: Sequence[Dispatch], *, wake: bool) -> None:
+    def _add_ids(self, jobs: Sequence[Dispatch], *, wake: bool) -> list[tuple[Any, ...]]:
         """Ready-set entries only: one ZADD per queue, whatever the number of jobs (and a
         wake-up token per queue for idle Redis-protocol workers)."""
-        by_queue: dict[str, dict[str, float]] = {}
+        by_queue: dict[str, list[Any]] = {}
         for job in jobs:
-            by_queue.setdefault(job.queue, {})[job.id] = score(job)
+            by_queue.setdefault(job.queue, []).extend((score(job), job.id))
+        commands: list[tuple[Any, ...]] = []
         for queue, members in by_queue.items():
-            pipe.zadd(self.layout.ready(queue), members)
+            commands.append(("ZADD", self.layout.ready(queue), *members))
             if wake:
-                pipe.lpush(self.layout.wake(queue), "1")
-                pipe.ltrim(self.layout.wake(queue), 0, 63)
+                commands.append(("LPUSH", self.layout.wake(queue), "1"))
+                commands.append(("LTRIM", self.layout.wake(queue), 0, 63))
+        return commands
 
     async def _envelopes(self, jobs: Sequence[Dispatch]) -> dict[str, str]:
         """Built from the values the publisher had (a submit), else read from SQL."""
