@@ -170,13 +170,19 @@ class _Replies(asyncio.Protocol):
         return not self.lost and self.transport is not None and not self.transport.is_closing()
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return self.send_all([packed])[0]
+
+    def send_all(self, packed: list[bytes]) -> list[asyncio.Future[Any]]:
+        """Each command's future; the commands written in one system call."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in packed]
         if not self.usable or self.transport is None:
-            future.set_exception(RedisConnectionError("connection to Redis lost"))
-            return future
-        self.waiting.append(future)
-        self.transport.write(packed)
-        return future
+            for future in futures:
+                future.set_exception(RedisConnectionError("connection to Redis lost"))
+            return futures
+        self.waiting.extend(futures)
+        self.transport.write(packed[0] if len(packed) == 1 else b"".join(packed))
+        return futures
 
 
 class RedisLink:
@@ -198,7 +204,7 @@ class RedisLink:
         replies = self._replies
         if replies is None or not replies.usable:
             replies = await self._connect()
-        futures = [replies.send(_pack(command)) for command in commands]
+        futures = replies.send_all([_pack(command) for command in commands])
         results: list[Any] = []
         failure: BaseException | None = None
         for future in futures:  # every one awaited: none left with an unread exception
