@@ -79,7 +79,12 @@ def queue_name(backend: Backend, queue: str) -> str:
 
 def ready_messages(backend: Backend, queue: str) -> int:
     async def count(channel: AbstractChannel) -> int:
-        declared = await channel.declare_queue(queue_name(backend, queue), passive=True)
+        try:
+            declared = await channel.declare_queue(queue_name(backend, queue), passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            # Not declared yet: the service declares a queue as it publishes the first of
+            # its jobs, after their commit, so a look right after a submit may come first.
+            return 0
         return int(declared.declaration_result.message_count or 0)
 
     return on_rabbitmq(backend, count)
