@@ -19,14 +19,15 @@ Its contract:
   each caller already treats a ``RedisError`` as "not known to have happened" (a lost
   publish is repaired by the reconciler, an unanswered pop by SQL's dispatch).
 - A caller that is cancelled leaves its reply to be read and dropped: the order holds.
-- A blocking command (``BZMPOP``) goes through ``blocking``: a connection of its own for
+- A blocking command (``BZMPOP``, ``XREADGROUP … BLOCK``) goes through ``blocking``: a
+  connection of its own for
   the wait (kept for the next one after, up to ``IDLE_BLOCKING_LINKS`` idle; closed if the
   wait is cancelled, which ends it in Redis too), never the shared one, where it would
   hold up every command behind it.
 
 ``for_url`` gives a link for what it speaks (``redis://`` and ``unix://`` with a host or
 path, a database, a user and a password); anything else (TLS, connection options in the
-URL) gets ``RedisPyCalls``, the same two calls through redis-py's client."""
+URL) gets ``RedisPyCalls``, the same calls through redis-py's clients."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.connection import UnixDomainSocketConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, RedisError, ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 IDLE_BLOCKING_LINKS = 64  # kept open for the next long-poll; more are closed when done
@@ -195,26 +196,18 @@ class RedisLink:
         self._idle: list[RedisLink] = []  # for blocking commands, each alone on its own
 
     async def call(self, *args: Any) -> Any:
-        replies = self._replies
-        if replies is None or not replies.usable:
-            replies = await self._connect()
-        return await replies.send(_pack(args))
+        return await (await self._ready()).send(_pack(args))
 
     async def many(self, *commands: tuple[Any, ...]) -> list[Any]:
-        replies = self._replies
-        if replies is None or not replies.usable:
-            replies = await self._connect()
-        futures = replies.send_all([_pack(command) for command in commands])
-        results: list[Any] = []
-        failure: BaseException | None = None
-        for future in futures:  # every one awaited: none left with an unread exception
-            try:
-                results.append(await future)
-            except RedisError as exc:
-                failure = failure or exc
-                results.append(exc)
-        if failure is not None:
-            raise failure
+        replies = await self._ready()
+        # Every reply awaited, so none is left with an unread exception; a cancel of the
+        # caller cancels them all (their replies are then read and dropped).
+        results = await asyncio.gather(
+            *replies.send_all([_pack(command) for command in commands]), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return results
 
     async def script(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
@@ -240,6 +233,12 @@ class RedisLink:
         idle, self._idle = self._idle, []
         for link in idle:
             await link.close()
+
+    async def _ready(self) -> _Replies:
+        replies = self._replies
+        if replies is not None and replies.usable:
+            return replies
+        return await self._connect()
 
     async def _connect(self) -> _Replies:
         if self._connecting is None:
@@ -268,12 +267,9 @@ class RedisLink:
     async def _hello(self, replies: _Replies) -> None:
         """AUTH and SELECT, as redis-py would (a failure closes the connection)."""
         try:
-            if self.options.get("password") is not None:
+            if (password := self.options.get("password")) is not None:
                 user = self.options.get("username")
-                auth = ("AUTH", user, self.options["password"]) if user else (
-                    "AUTH", self.options["password"]
-                )  # fmt: skip
-                await replies.send(_pack(auth))
+                await replies.send(_pack(("AUTH", *([user] if user else []), password)))
             if int(self.options.get("db") or 0):
                 await replies.send(_pack(("SELECT", int(self.options["db"]))))
         except BaseException:

@@ -227,7 +227,7 @@ class EventIngest:
         ]
         if reported:  # SQL has the reports now (or refused them): the tombstones may go
             await self.broker.lua.run(self.broker.calls, "forget", keys=reported)
-        ids = [entry_id for entry_id, _fields in entries if not self.early.holds(entry_id)]
+        ids = [entry_id for entry_id, _ in entries if not self.early.holds(entry_id)]
         if ids:
             calls = self.broker.calls
             await calls.many(("XACK", self.stream, GROUP, *ids), ("XDEL", self.stream, *ids))
