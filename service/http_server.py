@@ -1,15 +1,100 @@
 """The HTTP/1.1 protocol ``celeriac serve`` runs: uvicorn's httptools protocol with a cap
-on the request head. llhttp (under httptools) buffers a request line and headers of any
-size, so without this a client could send a 10 MB header (before any key is checked) and
-the service would hold all of it; h11 has a cap but parses more slowly."""
+on the request head, whose writes leave one send per turn of the event loop.
+
+- The cap: llhttp (under httptools) buffers a request line and headers of any size, so
+  without it a client could send a 10 MB header (before any key is checked) and the
+  service would hold all of it; h11 has a cap but parses more slowly.
+- One send per turn: uvicorn writes a response's head and its body with two
+  ``transport.write`` calls, and the event loop sends each at once: two ``send`` system
+  calls per response, and on loopback two wake-ups of the client, which finds half a
+  response the first time (docs/benchmarks.md, issue 14, eleventh pass)."""
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # Far above any real request head (browsers cap at 8-16 KiB per header line); the error
 # is a 431 and the connection closes.
 MAX_HEAD_BYTES = 64 * 1024
+
+
+class OneSendPerTurn(asyncio.Transport):
+    """A transport whose writes made in one turn of the event loop leave together, in one
+    send, at the end of that turn. Ordering is kept (every write goes through the same
+    buffer); ``close`` sends what is pending first, ``abort`` drops it. The rest is the
+    wrapped transport's own."""
+
+    __slots__ = ("_inner", "_loop", "_pending")
+
+    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._inner = inner
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._pending.append(bytes(data))
+        if len(self._pending) == 1:  # held until the next write or the turn's end
+            self._loop.call_soon(self._send)
+        else:  # a response's head and its body: both now, in one send
+            self._send()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _send(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._inner.is_closing():
+            self._inner.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._send()
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._inner.abort()
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._inner.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._inner.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._inner.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._inner.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._inner.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return self._inner.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._send()
+        self._inner.write_eof()
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -20,6 +105,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     _head_bytes = 0
     _head_done = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(OneSendPerTurn(transport, self.loop))
 
     def data_received(self, data: bytes) -> None:
         if not self._head_done:
