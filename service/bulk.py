@@ -128,8 +128,17 @@ class Recordset:
             (name, _once_per_value(convert) if convert is _naive_utc else convert)
             for name, convert in self.plan
         ]
+        # A key left out reads as NULL, as a JSON null does: a new job's twenty-odd empty
+        # columns are neither converted nor written, nor parsed again by PostgreSQL. A
+        # plain JSON column stores JSON null for None, not NULL: that text goes as it is.
+        nulls = {name: "null" for name, convert in self.plan if convert is _json_dumps}
         shaped = [
-            {name: row[name] if convert is None else convert(row[name]) for name, convert in plan}
+            nulls
+            | {
+                name: value if convert is None else convert(value)
+                for name, convert in plan
+                if (value := row[name]) is not None
+            }
             for row in rows
         ]
         try:

@@ -72,43 +72,44 @@ def new_job(
     backoff = spec.retry_backoff
     webhook = defaults.webhooks.get(spec.queue) if spec.webhook is None else spec.webhook
     result_ttl = defaults.result_ttl if spec.result_ttl is None else spec.result_ttl
-    return cast(JobValues, NULL_COLUMNS | dict(
-        id=uuid7() if job_id is None else job_id,
-        task=spec.task,
-        queue=spec.queue,
-        priority=spec.priority,
-        status=JobStatus.scheduled if run_at > now else JobStatus.queued,
-        args=spec.args,
-        kwargs=spec.kwargs,
-        attempt=0,
-        max_retries=defaults.max_retries if spec.max_retries is None else spec.max_retries,
-        backoff_base=1.0 if backoff is None else backoff.base,
-        backoff_max=300.0 if backoff is None else backoff.max,
-        backoff_jitter=True if backoff is None else backoff.jitter,
-        timeout=spec.timeout,
-        run_at=run_at,
-        expires_at=spec.expires_at,
-        cancel_requested=False,
-        created_at=now,
-        lease_token=None,
-        lease_worker=None,
-        lease_expires_at=None,
-        lease_key=None,
-        result=None,
-        error=None,
-        progress=None,
-        idempotency_key=None,
-        request_hash=None,
-        started_at=None,
-        finished_at=None,
-        webhook=webhook.model_dump() if isinstance(webhook, WebhookSpec) else webhook,
-        result_ttl=result_ttl or None,  # 0 keeps the result forever
-        result_ref=None,
-        result_expires_at=None,
-        result_expired=False,
-        limits=spec.limits or None,  # flow control (service/flow.py)
-        limit_key=spec.limits[0] if spec.limits else None,
-    ))  # fmt: skip
+    # A literal, not dict(): a call with forty keyword arguments cost a third more.
+    return cast(JobValues, NULL_COLUMNS | {
+        "id": uuid7() if job_id is None else job_id,
+        "task": spec.task,
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "status": JobStatus.scheduled if run_at > now else JobStatus.queued,
+        "args": spec.args,
+        "kwargs": spec.kwargs,
+        "attempt": 0,
+        "max_retries": defaults.max_retries if spec.max_retries is None else spec.max_retries,
+        "backoff_base": 1.0 if backoff is None else backoff.base,
+        "backoff_max": 300.0 if backoff is None else backoff.max,
+        "backoff_jitter": True if backoff is None else backoff.jitter,
+        "timeout": spec.timeout,
+        "run_at": run_at,
+        "expires_at": spec.expires_at,
+        "cancel_requested": False,
+        "created_at": now,
+        "lease_token": None,
+        "lease_worker": None,
+        "lease_expires_at": None,
+        "lease_key": None,
+        "result": None,
+        "error": None,
+        "progress": None,
+        "idempotency_key": None,
+        "request_hash": None,
+        "started_at": None,
+        "finished_at": None,
+        "webhook": webhook.model_dump() if isinstance(webhook, WebhookSpec) else webhook,
+        "result_ttl": result_ttl or None,  # 0 keeps the result forever
+        "result_ref": None,
+        "result_expires_at": None,
+        "result_expired": False,
+        "limits": spec.limits or None,  # flow control (service/flow.py)
+        "limit_key": spec.limits[0] if spec.limits else None,
+    })  # fmt: skip
 
 
 def insert_jobs(session: Session, rows: list[JobValues]) -> None:
