@@ -13,6 +13,8 @@ In this process, without a network or a database (``inprocess-submit``,
 ``inprocess-health``, ``inprocess-batch``): the app's ASGI callable driven directly on
 SQLite, with the submit's storage replaced by a stub, so what is measured is the HTTP
 layer alone (routing, gate, validation, rendering), in CPU microseconds per request.
+``inprocess-routing``: every route's handler replaced by one that answers nothing, so
+what is left of the four requests of a round trip is the middleware and the routing.
 
     .venv/bin/python bench/per_request.py seq --base http://127.0.0.1:8000 --pid PID
     .venv/bin/python bench/per_request.py inprocess-submit --n 4000
@@ -135,14 +137,18 @@ CASES = {
 }
 
 
-async def _asgi(app: Any, method: str, path: str, body: bytes, headers: list[Any]) -> int:
-    scope = {
+def _scope(method: str, path: str, body: bytes, headers: list[Any]) -> dict[str, Any]:
+    return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
         "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
         "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()), *headers],
     }  # fmt: skip
+
+
+async def _asgi(app: Any, method: str, path: str, body: bytes, headers: list[Any]) -> int:
+    scope = _scope(method, path, body, headers)
     sent = False
     status: list[int] = []
 
@@ -194,29 +200,97 @@ async def _inprocess(case: str, n: int) -> Result:
         return n, time.perf_counter() - wall, time.process_time() - cpu
 
 
+# The four requests of a round trip over HTTP, as routing sees them.
+ROUND_TRIP = [
+    ("POST", "/jobs"),
+    ("GET", "/jobs/x"),
+    ("POST", "/leases"),
+    ("POST", "/leases/report"),
+]
+
+
+def _silence_routes(app: Any) -> None:
+    from fastapi.routing import APIRoute
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    routes = list(app.router.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # behind include_router
+        if included is not None:
+            routes.extend(included.routes)
+        elif isinstance(route, APIRoute):
+            route.handle = nothing  # type: ignore[method-assign,assignment]
+
+
+async def _routing(n: int) -> dict[str, float]:
+    from service.app import create_app
+
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        _silence_routes(app)
+        spent = {}
+        for method, path in ROUND_TRIP:
+            for _ in range(200):
+                await app(_scope(method, path, b"", []), _no_body, _ignore)
+            cpu = time.process_time()
+            for _ in range(n):
+                await app(_scope(method, path, b"", []), _no_body, _ignore)
+            spent[f"{method} {path}"] = (time.process_time() - cpu) / n * 1e6
+        return spent
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _ignore(_message: Any) -> None:
+    return None
+
+
 def inprocess(case: str, n: int) -> Result:
+    _migrated_database()
+    return _in_a_loop(_inprocess(case, n))  # type: ignore[no-any-return]
+
+
+def routing(n: int) -> dict[str, float]:
+    _migrated_database()
+    return _in_a_loop(_routing(n))  # type: ignore[no-any-return]
+
+
+def _migrated_database() -> None:
     from service.migrate import upgrade
 
     url = os.environ.setdefault(
         "CELERIAC_DATABASE_URL", f"sqlite:///{tempfile.mkdtemp()}/per_request.db"
     )
     upgrade(url)
+
+
+def _in_a_loop(work: Any) -> Any:
+    """On uvloop, as ``celeriac serve`` runs, where it is installed."""
     try:
         import uvloop
-
-        return uvloop.run(_inprocess(case, n))
     except ImportError:
-        return asyncio.run(_inprocess(case, n))
+        return asyncio.run(work)
+    return uvloop.run(work)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["seq", "conc", "raw", "health", "batch", *CASES])
+    modes = ["seq", "conc", "raw", "health", "batch", *CASES, "inprocess-routing"]
+    parser.add_argument("mode", choices=modes)
     parser.add_argument("--base", default="http://127.0.0.1:8000")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--pid", type=int, help="the service's process, for its CPU")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
+    if args.mode == "inprocess-routing":
+        for request, micros in routing(args.n).items():
+            print(f"{args.label:8} {request:22} {micros:7.1f} us CPU of routing and middleware")
+        return
     if args.mode in CASES:
         calls, wall, cpu = inprocess(args.mode, args.n)
         print(f"{args.label:8} {args.mode:17} {cpu / calls * 1e6:9.1f} us CPU per request")

@@ -22,10 +22,11 @@ MAX_HEAD_BYTES = 64 * 1024
 
 
 class OneSendPerTurn(asyncio.Transport):
-    """A transport whose writes made in one turn of the event loop leave together, in one
-    send, at the end of that turn. Ordering is kept (every write goes through the same
-    buffer); ``close`` sends what is pending first, ``abort`` drops it. The rest is the
-    wrapped transport's own."""
+    """A transport that holds a write until the next one or the end of the event loop's
+    turn: a response's head waits for its body and the two go in one send, and a lone
+    write (a streamed chunk) goes when the turn ends. Ordering is kept (every write goes
+    through the same buffer); ``close`` sends what is held first, ``abort`` drops it. The
+    rest is the wrapped transport's own."""
 
     __slots__ = ("_inner", "_loop", "_pending")
 
