@@ -228,3 +228,56 @@ def test_stream_entries_read_the_same_through_the_link_and_redis_py() -> None:
             await client.aclose()
 
     uvloop.run(main())
+
+
+async def _subscribers(client: aioredis.Redis, channel: str, count: int) -> None:
+    """Until ``channel`` has ``count`` subscribers (bounded by the caller's timeout)."""
+    while (await client.pubsub_numsub(channel))[0][1] != count:  # noqa: ASYNC110 - Redis's view
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("through", ["link", "redis-py"])
+def test_listen_delivers_each_message_until_its_connection_is_lost(through: str) -> None:
+    """The replicas' announcements arrive through ``listen``: every message, in order, to
+    the listener alone (a command on the shared connection still answers); a killed
+    connection ends it with a connection error (the broker then subscribes again); a
+    cancelled listener leaves no subscriber behind."""
+    require_available("redis")
+
+    async def main() -> None:
+        channel = f"{{linktest-{uuid.uuid4().hex[:8]}}}:announce"
+        client = aioredis.from_url(URL, decode_responses=True)
+        link = redis_link.for_url(URL, client, client)
+        calls = link if through == "link" else RedisPyCalls(client, client)
+        heard: list[str] = []
+        everything = asyncio.Event()
+
+        def deliver(payload: str) -> None:
+            heard.append(payload)
+            if payload == "f:last":
+                everything.set()
+            if payload == "f:bad":
+                raise ValueError("a handler's own failure")
+
+        try:
+            listening = asyncio.ensure_future(calls.listen(channel, deliver))
+            await asyncio.wait_for(_subscribers(client, channel, 1), 5)
+            sent = ["r:q1", "f:bad", "f:a,b", "d:", "f:ünï", "f:last"]
+            for payload in sent:
+                await client.publish(channel, payload)
+            assert await calls.call("ECHO", "still") == "still"
+            await asyncio.wait_for(everything.wait(), 5)
+            assert heard == sent  # a handler that raised did not end the subscription
+            await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(listening, 5)
+
+            again = asyncio.ensure_future(calls.listen(channel, deliver))
+            await asyncio.wait_for(_subscribers(client, channel, 1), 5)
+            again.cancel()
+            await asyncio.wait_for(_subscribers(client, channel, 0), 5)
+        finally:
+            await link.close()
+            await client.aclose()
+
+    uvloop.run(main())

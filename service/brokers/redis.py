@@ -387,13 +387,12 @@ class RedisBroker(Broker):
         await self.redis.ping()
 
     async def _listen(self) -> None:
+        def heard(payload: str) -> None:
+            Announcements.apply(self.signals, payload)
+
         while not self.closing:
             try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.layout.pubsub)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            Announcements.apply(self.signals, message["data"])
+                await self.calls.listen(self.layout.pubsub, heard)
             except RedisError as exc:
                 log.warning("Redis subscription lost (%s); retrying", exc)
                 await asyncio.sleep(1.0)
