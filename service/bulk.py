@@ -121,6 +121,8 @@ class Recordset:
             self.plan.append((name, None))
             declared.append(f"{name} text")
         self.source = f"json_to_recordset(CAST(:rows AS json)) AS v({', '.join(declared)})"
+        # A plain JSON column stores JSON null for None, not NULL: that text goes for it.
+        self.json_nulls = {name: "null" for name, convert in self.plan if convert is _json_dumps}
 
     def rows_json(self, rows: Sequence[Mapping[str, Any]]) -> str:
         # A batch's rows share their timestamps (one ``now``): each converted once.
@@ -129,11 +131,9 @@ class Recordset:
             for name, convert in self.plan
         ]
         # A key left out reads as NULL, as a JSON null does: a new job's twenty-odd empty
-        # columns are neither converted nor written, nor parsed again by PostgreSQL. A
-        # plain JSON column stores JSON null for None, not NULL: that text goes as it is.
-        nulls = {name: "null" for name, convert in self.plan if convert is _json_dumps}
+        # columns are neither converted nor written, nor parsed again by PostgreSQL.
         shaped = [
-            nulls
+            self.json_nulls
             | {
                 name: value if convert is None else convert(value)
                 for name, convert in plan

@@ -387,9 +387,7 @@ class RedisBroker(Broker):
         await self.redis.ping()
 
     async def _listen(self) -> None:
-        def heard(payload: str) -> None:
-            Announcements.apply(self.signals, payload)
-
+        heard = partial(Announcements.apply, self.signals)
         while not self.closing:
             try:
                 await self.calls.listen(self.layout.pubsub, heard)
