@@ -7,11 +7,18 @@ on the request head, whose writes leave one send per turn of the event loop.
 - One send per turn: uvicorn writes a response's head and its body with two
   ``transport.write`` calls, and the event loop sends each at once: two ``send`` system
   calls per response, and on loopback two wake-ups of the client, which finds half a
-  response the first time (docs/benchmarks.md, issue 14, eleventh pass)."""
+  response the first time (docs/benchmarks.md, issue 14, eleventh pass).
+- A peer's half-close: a client that closes its half of the connection (a worker ending
+  its long-polls sends FIN with ``shutdown(SHUT_WR)``) while a request of its is being
+  answered still gets the answer, and the connection closes after it. Uvicorn closes at
+  once, so an answer under way was lost: a lease granted in that moment went to nobody
+  until its deadline, and the job ran again. The handler learns of the departure through
+  ``peer_has_closed`` (a long-poll ends at once), and whatever it still sends arrives."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -98,6 +105,26 @@ class OneSendPerTurn(asyncio.Transport):
         self._inner.write_eof()
 
 
+# The scope key under which each request of a connection finds its ``PeerHalf``.
+PEER_SCOPE_KEY = "celeriac.peer"
+
+
+class PeerHalf:
+    """The client's half of one connection: ``closed`` once it has sent FIN."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+def peer_has_closed(scope: Mapping[str, Any]) -> bool:
+    """Whether the request's client has closed its half of the connection. Always False
+    under another server (or in process), where a departure is ``http.disconnect``."""
+    peer = scope.get(PEER_SCOPE_KEY)
+    return peer is not None and bool(peer.closed)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Counts the bytes of each request's head as they arrive; one that passes
     ``MAX_HEAD_BYTES`` before its headers are complete gets 431 and the connection ends.
@@ -108,7 +135,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head_done = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._peer = PeerHalf()
         super().connection_made(OneSendPerTurn(transport, self.loop))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[PEER_SCOPE_KEY] = self._peer  # type: ignore[literal-required]
+
+    def eof_received(self) -> bool:  # type: ignore[override]
+        """The client closed its half. With a whole request still being answered, our
+        half stays open for the answer and closes after it; otherwise (idle, or a request
+        cut short) the connection closes now, as uvicorn's does."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or cycle.more_body:
+            return False
+        self._peer.closed = True
+        cycle.keep_alive = False  # the connection closes once the answer is sent
+        cycle.message_event.set()  # wakes a handler waiting in receive() for a departure
+        return True
 
     def data_received(self, data: bytes) -> None:
         if not self._head_done:

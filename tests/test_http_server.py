@@ -1,15 +1,19 @@
 """The service's HTTP protocol (service/http_server.py): a response's head and body leave
-in one send. Through a real ``celeriac serve`` on a raw socket, and the transport wrapper
-on its own against a transport that records what it was asked to send."""
+in one send, and a client that closes its half of the connection still gets its answer.
+Through a real ``celeriac serve`` on a raw socket, and the transport wrapper on its own
+against a transport that records what it was asked to send."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import time
+import uuid
 from typing import Any
 
 import pytest
-from conftest import Service, Spawner
+from conftest import Api, Service, Spawner, expect
 
 from service.http_server import OneSendPerTurn
 
@@ -66,6 +70,71 @@ def test_pipelined_requests_are_answered_in_order(served: Service) -> None:
                 statuses.append(head.split(b" ", 2)[1])
                 received = rest[length:]
         assert statuses == [b"200", b"404"]
+
+
+def _post(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+def _answer_then_close(sock: socket.socket) -> tuple[bytes, Any]:
+    """Read one whole response, then the end of the connection: (head, JSON body)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head, "the connection closed without an answer"
+    assert len(body) == _content_length(head), received
+    return head, json.loads(body)
+
+
+def test_a_client_that_closes_its_half_still_gets_its_answer(served: Service) -> None:
+    """``shutdown(SHUT_WR)`` right after a request: the answer still arrives whole, then
+    the connection closes (it used to close at once, the answer lost)."""
+    queue = f"q_{uuid.uuid4().hex[:8]}"
+    with socket.create_connection(_split(served.url), timeout=10) as sock:
+        sock.sendall(_post("/jobs", {"task": "half.closed", "queue": queue}))
+        sock.shutdown(socket.SHUT_WR)
+        head, job = _answer_then_close(sock)
+    assert head.startswith(b"HTTP/1.1 202"), job
+    assert b"\r\nconnection: close" in head.lower(), head  # the service's half follows
+    with Api(served.url) as api:
+        assert expect(api.http.get(f"/jobs/{job['id']}"), 200)["queue"] == queue
+
+
+def test_a_grant_at_the_moment_its_long_poll_is_left_is_never_lost(served: Service) -> None:
+    """A worker ending its long-poll (SHUT_WR) just as a job arrives for it: either the
+    service sees it gone and hands the job back, or the answer carries the grant and
+    the worker hands it back. Never a lease that nobody holds, which used to keep the
+    job until its deadline and then run it again (a restart under load lost none, but
+    ran some twice)."""
+    queue = f"q_{uuid.uuid4().hex[:8]}"
+    poll_body = {"worker": "leaving", "queues": [queue], "max_jobs": 1, "wait": 20}
+    granted = 0
+    with Api(served.url) as api:
+        for attempt in range(40):
+            with (
+                socket.create_connection(_split(served.url), timeout=10) as poll,
+                socket.create_connection(_split(served.url), timeout=10) as submit,
+            ):
+                poll.sendall(_post("/leases", poll_body))
+                submit.sendall(_post("/jobs", {"task": "t.x", "queue": queue}))
+                submit.shutdown(socket.SHUT_WR)
+                time.sleep(attempt * 0.0001)  # the leaving swept across the grant's moment
+                poll.shutdown(socket.SHUT_WR)
+                head, answer = _answer_then_close(poll)
+                _, job = _answer_then_close(submit)
+            assert head.startswith(b"HTTP/1.1 200"), answer
+            for leased in answer["jobs"]:  # the worker's part: hand back what it got
+                granted += 1
+                token = leased["lease"]["token"]
+                expect(api.http.post(f"/jobs/{leased['id']}/release", json={"token": token}), 200)
+            assert expect(api.http.get(f"/jobs/{job['id']}"), 200)["status"] == "queued"
+            expect(api.http.post(f"/jobs/{job['id']}/cancel"), 200)
+    print(f"{granted} of 40 answers carried the grant")
 
 
 class RecordingTransport(asyncio.Transport):

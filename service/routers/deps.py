@@ -8,6 +8,7 @@ from fastapi import Request
 
 from service.auth import Principal
 from service.gate import BodyKind, GuardedRoute, require
+from service.http_server import peer_has_closed
 from service.runtime import Runtime
 from service.startup import starting
 from service.submit import check_payload
@@ -39,3 +40,17 @@ def check_payload_size(request: Request, what: str, *values: Any) -> None:
     """Enforce the per-job JSON size limit (``service.submit.check_payload``)."""
     limit = request.app.state.runtime.settings.max_payload_bytes
     check_payload(limit, content_length(request), what, *values)
+
+
+async def until_client_leaves(request: Request) -> None:
+    """Return when the client has gone: disconnected, or closed its half of the
+    connection (whose answer, if any, still reaches it: service/http_server.py). For a
+    handler that has read its body: nothing else is read."""
+    while not peer_has_closed(request.scope):
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+
+
+async def client_has_left(request: Request) -> bool:
+    """``until_client_leaves`` without waiting."""
+    return peer_has_closed(request.scope) or await request.is_disconnected()

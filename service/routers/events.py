@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -11,7 +12,13 @@ from fastapi.responses import StreamingResponse
 from service.auth import Principal
 from service.events import KINDS, EventHub, Subscription, TooManyStreams, stream
 from service.longpoll import RETRY_AFTER
-from service.routers.deps import GuardedRoute, get_principal, get_runtime, require
+from service.routers.deps import (
+    GuardedRoute,
+    get_principal,
+    get_runtime,
+    require,
+    until_client_leaves,
+)
 from service.routers.problems import GATE
 from service.runtime import Runtime
 
@@ -96,14 +103,12 @@ async def events(
         )
     subscription = Subscription(None if not queue else frozenset(queue), principal.allows_queue)
 
-    async def gone() -> None:
-        """Returns when the client has closed the connection (nothing else is read)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+    seconds = runtime.settings.events_max_seconds
+    gone = partial(until_client_leaves, request)  # nothing else is read
 
     async def frames() -> AsyncIterator[str]:
         try:
-            async for frame in stream(hub, subscription, runtime.settings.events_max_seconds, gone):
+            async for frame in stream(hub, subscription, seconds, gone):
                 yield frame
         finally:
             runtime.long_polls.leave(key_id)

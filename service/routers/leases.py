@@ -15,10 +15,12 @@ from service.longpoll import RETRY_AFTER
 from service.routers.deps import (
     BodyKind,
     GuardedRoute,
+    client_has_left,
     content_length,
     get_principal,
     get_runtime,
     require,
+    until_client_leaves,
 )
 from service.routers.problems import PROBLEMS
 from service.runtime import Runtime
@@ -55,12 +57,10 @@ class _Connection:
     request: Request
 
     async def gone(self) -> None:
-        # The body has been read, so the only message left to receive is the disconnect.
-        while (await self.request.receive())["type"] != "http.disconnect":
-            pass
+        await until_client_leaves(self.request)
 
     async def is_gone(self) -> bool:
-        return await self.request.is_disconnected()
+        return await client_has_left(self.request)
 
 
 @router.post(

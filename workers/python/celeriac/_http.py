@@ -105,10 +105,10 @@ class HttpSession:
 
     def end_waits(self) -> None:
         """End the long-polls in flight, and refuse new ones. Only our half of each
-        connection is closed (SHUT_WR): the service drops the connection at once, an
-        answer it had already sent (jobs it granted) still arrives whole for the worker
-        to hand back, and a claim in progress at that moment the service releases itself,
-        seeing the request gone (service/routers/leases.py). No grant goes unseen."""
+        connection is closed (SHUT_WR): the service ends the wait at once and answers
+        before closing its half. Jobs granted in that instant arrive in the answer for the
+        worker to hand back; a claim the service was making when it saw the request gone
+        it releases itself (service/routers/leases.py). No grant goes unseen."""
         with self._lock:
             self._waits_ended = True
             for conn in self._waiting:
