@@ -14,15 +14,11 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from ._execution import Report, dumps
+from ._resp import RedisFailure, RedisUnavailable, ReplyError, connect
 from ._transport import BeatAnswer, BeatItem, Grant, Settled, release_all
 from .errors import CeleriacError, ServerUnreachable
 
@@ -47,12 +43,9 @@ class RedisTransport:
         lease_seconds: float | None,
         poll_wait: float,
     ) -> None:
-        options: dict[str, Any] = {"socket_connect_timeout": 10, "health_check_interval": 0}
-        # Typed Any: redis-py leaves execute_command (all we use) unannotated.
-        self._redis: Any = redis.Redis.from_url(url, socket_timeout=30, **options)
-        # BLPOP holds its connection for the whole wait: a client (and socket timeout) of
-        # its own, so heartbeats and reports never queue behind it.
-        self._blocking: Any = redis.Redis.from_url(url, socket_timeout=poll_wait + 30, **options)
+        # BLPOP holds its connection for the whole wait: a connection (and socket timeout)
+        # of its own, so heartbeats and reports never queue behind it.
+        self._redis = connect(url, socket_timeout=30, blocking_timeout=poll_wait + 30)
         self.url = url
         tag = "{" + prefix + "}"
         self._events = f"{tag}:events"
@@ -74,8 +67,8 @@ class RedisTransport:
         if grants or self._poll_wait <= 0 or self._waits_ended.is_set():
             return grants
         try:
-            woken = self._blocking.blpop(self._wake, timeout=self._poll_wait)
-        except RedisError as exc:
+            woken = self._redis.blocking("BLPOP", *self._wake, self._poll_wait)
+        except RedisFailure as exc:
             raise _translate(exc) from exc
         if not woken or self._waits_ended.is_set():
             return []
@@ -87,7 +80,7 @@ class RedisTransport:
         self._waits_ended.set()
         try:  # the key outlives us only briefly if nobody was waiting on it
             self._pipeline([("RPUSH", self._own_wake, "stop"), ("EXPIRE", self._own_wake, 60)])
-        except RedisError as exc:
+        except (ServerUnreachable, CeleriacError) as exc:  # Redis is down, or refused
             logger.debug("could not wake the lease wait: %r", exc)
 
     def _lease_now(self, max_jobs: int) -> list[Grant]:
@@ -115,7 +108,7 @@ class RedisTransport:
             ))  # fmt: skip
         answers = []
         for item, answer in zip(items, self._pipeline(calls), strict=True):
-            if isinstance(answer, ResponseError):
+            if isinstance(answer, ReplyError):
                 answers.append(BeatAnswer(item.job_id, False))
             else:
                 length = item.lease_seconds or self._lease_seconds
@@ -126,7 +119,7 @@ class RedisTransport:
         answers = self._pipeline([self._settle_call(report) for report in reports])
         return [
             Settled(report.job_id, False, "stale-lease")
-            if isinstance(answer, ResponseError)
+            if isinstance(answer, ReplyError)
             else Settled(report.job_id, True)
             for report, answer in zip(reports, answers, strict=True)
         ]
@@ -153,28 +146,13 @@ class RedisTransport:
     def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """Send every call in one write and read the answers in order; per-call ``STALE``
         errors come back in place, any other error (a wrong protocol version, functions
-        not loaded) raises. On a pooled connection, without redis-py's pipeline object:
-        at thousands of jobs a second its per-command bookkeeping was most of the cost."""
-        pool = self._redis.connection_pool
-        conn = pool.get_connection()
+        not loaded) raises."""
         try:
-            conn.send_packed_command(_pack(conn, calls))
-            answers: list[Any] = []
-            for _ in calls:
-                try:
-                    answers.append(conn.read_response())
-                except ResponseError as exc:
-                    answers.append(exc)
-        except RedisError as exc:
-            conn.disconnect()
+            answers = self._redis.pipeline(calls)
+        except RedisFailure as exc:
             raise _translate(exc) from exc
-        except BaseException:
-            conn.disconnect()  # answers may be left unread: the connection is unusable
-            raise
-        finally:
-            pool.release(conn)
         for answer in answers:
-            if isinstance(answer, ResponseError) and not str(answer).startswith("STALE"):
+            if isinstance(answer, ReplyError) and not str(answer).startswith("STALE"):
                 raise _translate(answer)
         return answers
 
@@ -183,31 +161,12 @@ class RedisTransport:
 
     def close(self) -> None:
         self._redis.close()
-        self._blocking.close()
 
 
-def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
-    try:
-        from hiredis import pack_command
-    except ImportError:  # redis-py then packs commands itself
-        return None
-    return pack_command
-
-
-_pack_command = _hiredis_packer()
-
-
-def _pack(conn: Any, calls: list[tuple[Any, ...]]) -> list[bytes]:
-    if _pack_command is None:
-        packed: list[bytes] = conn.pack_commands(calls)
-        return packed
-    return [b"".join([_pack_command(call) for call in calls])]
-
-
-def _translate(exc: RedisError) -> CeleriacError | ServerUnreachable:
+def _translate(exc: RedisFailure) -> CeleriacError | ServerUnreachable:
     """Redis failures in the worker's terms: what to retry, and what means stop."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        return ServerUnreachable(f"Redis: {type(exc).__name__}: {exc}")
+    if isinstance(exc, RedisUnavailable):
+        return ServerUnreachable(f"Redis: {exc}")
     text = str(exc)
     if text.startswith("VERSION"):
         # 426 Upgrade Required: not transient, the worker stops and says why.

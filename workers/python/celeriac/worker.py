@@ -240,20 +240,21 @@ class Worker:
         if broker:
             if not broker.startswith(REDIS_SCHEMES):
                 raise ValueError(f"--broker must be a redis:// URL, not {broker!r}")
+            from ._transport_redis import RedisTransport
+
             try:
-                from ._transport_redis import RedisTransport
+                return RedisTransport(
+                    broker, prefix=prefix, worker=self.hostname, queues=self.queues,
+                    lease_seconds=lease_seconds, poll_wait=poll_wait,
+                )  # fmt: skip
             except ModuleNotFoundError as exc:  # an extra: worker machines on HTTP skip it
                 if exc.name != "redis":
                     raise
                 raise ValueError(
-                    "--broker needs redis-py, which the SDK installs only when asked: "
+                    "--broker needs the redis extra (hiredis, and redis-py for TLS or "
+                    "connection options), which the SDK installs only when asked: "
                     "pip install 'celeriac[redis]'"
                 ) from None
-
-            return RedisTransport(
-                broker, prefix=prefix, worker=self.hostname, queues=self.queues,
-                lease_seconds=lease_seconds, poll_wait=poll_wait,
-            )  # fmt: skip
         return HttpTransport(
             self._http, worker=self.hostname, queues=self.queues,
             lease_seconds=lease_seconds, poll_wait=poll_wait,
