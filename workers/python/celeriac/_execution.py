@@ -4,22 +4,25 @@ form every transport can send (HTTP ``POST /leases/report`` items, Redis ``compl
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import json
 import logging
+import sys
 import threading
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _joblog
 from ._tracing import task_span
 from .context import JobContext, set_current_job
 from .errors import Cancelled, Retry, WorkerShutdown
 from .task import BaseTask
+
+if TYPE_CHECKING:  # imported where used: a worker running plain functions never needs it
+    import asyncio
 
 logger = logging.getLogger("celeriac.worker")
 
@@ -116,6 +119,8 @@ def call_task(task: AnyTask, job: LeasedJob, context: JobContext) -> Any:
     """The plain way: call the function here (an async one on a loop of its own)."""
     result = task.func(*job["args"], **job["kwargs"])
     if task.is_async:
+        import asyncio
+
         return asyncio.run(result)
     return result
 
@@ -162,12 +167,20 @@ def with_logs(report: Report, log: _joblog.AttemptLog) -> Report:
     return report if text is None else dataclasses.replace(report, logs=text)
 
 
+def _cancellation(exc: BaseException) -> bool:
+    """A future's or an asyncio task's cancellation (asyncio is loaded if one was raised)."""
+    aio = sys.modules.get("asyncio")
+    if aio is not None and isinstance(exc, aio.CancelledError):
+        return True
+    return isinstance(exc, concurrent.futures.CancelledError)
+
+
 def failed_report(task: AnyTask, job: LeasedJob, context: JobContext, exc: BaseException) -> Report:
     if isinstance(exc, Retry):
         _log_failure(job, exc.exc or exc, "retry requested")
         info = exception_info(exc.exc) if exc.exc else error_info("Retry", str(exc))
         return job_failure(job, info, retry=True, retry_in=exc.delay)
-    if isinstance(exc, asyncio.CancelledError | concurrent.futures.CancelledError):
+    if _cancellation(exc):
         exc = _why_cancelled(context)
     if isinstance(exc, Cancelled):
         _log_failure(job, exc, "cancelled")
@@ -211,6 +224,8 @@ class AsyncLoop:
         self._thread: threading.Thread | None = None
 
     def run(self, task: AnyTask, job: LeasedJob, context: JobContext) -> Any:
+        import asyncio
+
         future = asyncio.run_coroutine_threadsafe(
             _with_context(context, task.func, job), self._running_loop()
         )
@@ -224,6 +239,8 @@ class AsyncLoop:
             context.set_interrupter(None)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
+        import asyncio
+
         with self._lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()

@@ -13,7 +13,6 @@ reports it failed and frees its slot while the task is still running (docs/pytho
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import threading
@@ -22,7 +21,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from functools import partial
 from queue import SimpleQueue
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._execution import (
     AnyTask,
@@ -40,6 +39,9 @@ from ._limits import AlarmLimits, Deadline, Deadlines, TimeLimits, interruptible
 from ._pool import ThreadPool
 from .context import JobContext
 from .errors import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerShutdown
+
+if TYPE_CHECKING:  # imported where used: the threads pool (the default) never needs it
+    import asyncio
 
 logger = logging.getLogger("celeriac.worker")
 
@@ -217,6 +219,8 @@ class AsyncPool(Pool):
     kind = "async"
 
     def __init__(self, size: int, host: PoolHost) -> None:
+        import asyncio
+
         super().__init__(size, host)
         self._loop = asyncio.new_event_loop()
         # ``def`` tasks run here; as many threads as slots, so none waits for a thread.
@@ -265,6 +269,8 @@ class AsyncPool(Pool):
                 contextvars.copy_context().run, interruptible_call, context, task.func, job
             )
             return await self._loop.run_in_executor(self._executor, call)
+        import asyncio
+
         current = asyncio.current_task()
         assert current is not None
         cancel = partial(self._loop.call_soon_threadsafe, current.cancel)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 import weakref
@@ -20,6 +19,8 @@ from .handle import JobHandle
 from .task import AsyncTask, BaseTask, Task, TaskOptions, check_name, unique_option
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._async_client import AsyncClient
 
 P = ParamSpec("P")
@@ -119,6 +120,8 @@ class Celeriac:
 
     def async_client(self) -> AsyncClient:
         """The app's asyncio client for the running event loop."""
+        import asyncio  # here: a worker running plain functions never needs it
+
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
@@ -136,6 +139,8 @@ class Celeriac:
                 self._client = None
 
     async def aclose(self) -> None:
+        import asyncio
+
         client = self._async_clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()

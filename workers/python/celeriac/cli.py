@@ -10,8 +10,8 @@ Commands import what they need inside themselves, so every command starts fast.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import logging
+import sys
 from typing import Annotated
 
 import typer
@@ -295,6 +295,8 @@ def load_plugins() -> None:
     """Add the commands of every installed ``celeriac.commands`` plugin (the server's
     serve/migrate/demo), then stand-ins for server commands nobody provided. A plugin
     that fails to load costs only its own commands: the worker still runs."""
+    import importlib.metadata
+
     reason = ""
     for entry_point in importlib.metadata.entry_points(group=COMMANDS_GROUP):
         try:
@@ -308,5 +310,13 @@ def load_plugins() -> None:
 
 
 def main() -> None:
-    load_plugins()
+    # A command of this SDK's own (`celeriac worker`, every node's start) needs no plugin:
+    # finding them reads every installed distribution's metadata.
+    if not _own_command(sys.argv[1:2]):
+        load_plugins()
     cli()
+
+
+def _own_command(first: list[str]) -> bool:
+    own = _command_names() | {info.name for info in cli.registered_groups}
+    return bool(first) and first[0] in own - set(SERVER_COMMANDS)

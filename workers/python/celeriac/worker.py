@@ -14,7 +14,6 @@ here depends on which.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import signal
@@ -539,7 +538,6 @@ def _start(target: Callable[[], None], name: str) -> threading.Thread:
 
 
 def _version() -> str:
-    try:
-        return importlib.metadata.version("celeriac")[:64]
-    except importlib.metadata.PackageNotFoundError:
-        return ""
+    from . import __version__
+
+    return __version__[:64]
