@@ -127,7 +127,10 @@ def test_the_loops_connections_leave_checkpoints_to_a_thread_which_bounds_the_lo
     try:
         assert asyncio.run(main()) == 0  # SQLite's own checkpoint is off on the loop
         db.checkpoints.close()  # waits for a checkpoint under way
-        assert db.checkpoints.checkpoints >= 5
+        # 6 at most; fewer when a checkpoint (two fsyncs) lasts longer than the next 200
+        # commits, on a loaded machine: the next one starts at the first commit after it
+        # (a CI run saw 4). The log's bound below is what matters.
+        assert db.checkpoints.checkpoints >= 3
         assert len(_marks(db)) == commits
         # Each commit appends a frame or two of 4 KiB: never checkpointed, the log would
         # hold them all (about 10 MB); reset after each checkpoint, it stays far smaller.
