@@ -276,7 +276,7 @@ def test_what_the_plain_client_does_not_speak_is_left_to_redis_py(url: str) -> N
 PROBE = """
 import json, sys
 from celeriac._transport_redis import RedisTransport
-transport = RedisTransport(sys.argv[1], prefix="{resptest-probe}", worker="probe",
+transport = RedisTransport(sys.argv[1], prefix=sys.argv[2], worker="probe",
                            queues=["q"], lease_seconds=5, poll_wait=0)
 try:
     transport.lease(1)  # no functions loaded here: an error, but one from Redis
@@ -292,14 +292,21 @@ print(json.dumps({"redis_py": "redis" in sys.modules, "error": error}))
 def test_a_worker_on_a_plain_url_never_imports_redis_py() -> None:
     """redis-py's import is about 100 ms of a Redis worker's start (issue 14)."""
     require_available("redis")
+    url, prefix = f"redis://{REDIS_HOST}:{REDIS_PORT}/15", f"resptest-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
-    probe = subprocess.run(
-        [sys.executable, "-c", PROBE, f"redis://{REDIS_HOST}:{REDIS_PORT}/15"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE, url, prefix],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        direct = redis.Redis.from_url(url)
+        for name in direct.scan_iter(match=f"{{{prefix}}}*"):  # the lease's counter
+            direct.delete(name)
+        direct.close()
     found = json.loads(probe.stdout)
     assert found["redis_py"] is False, found
     # Database 15 holds no celeriac functions (or does: either way Redis answered).
