@@ -40,12 +40,12 @@ HEARTBEAT = 0.5  # a registration silent for 1 s is lost
 
 
 @pytest.fixture(scope="module")
-def keyed(module_spawner: Spawner, backend: Backend) -> Service:
+def keyed(module_spawner: Spawner, backend: Backend) -> Iterator[Service]:
     keys = (
         f"{KEY_A}:submit+read+work,{KEY_B}:submit+read+work,{KEY_ADMIN}:admin,"
         f"{KEY_T}:admin@kt_*|kt-shared"
     )
-    return module_spawner.service(
+    service = module_spawner.service(
         backend,
         extra={
             "CELERIAC_API_KEYS": keys,
@@ -53,6 +53,11 @@ def keyed(module_spawner: Spawner, backend: Backend) -> Service:
             "CELERIAC_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT),
         },
     )
+    yield service
+    # Stopped with this backend, not at the module's end: pytest ends the session-wide
+    # backend when the suite moves on to the next combination, possibly mid-module, and a
+    # service still running then re-indexes its jobs under a prefix already deleted.
+    service.stop()
 
 
 def _client(service: Service, key: str) -> Iterator[Api]:
