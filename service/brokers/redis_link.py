@@ -46,7 +46,7 @@ from typing import Any, Protocol, cast
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.connection import UnixDomainSocketConnection, parse_url
+from celeriac._resp import Endpoint, plain_endpoint
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 
@@ -56,7 +56,6 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 IDLE_BLOCKING_LINKS = 64  # kept open for the next long-poll; more are closed when done
 # hiredis's stub types its argument as a one-element tuple: any command is a tuple of values.
 _pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
-_SPOKEN = {"host", "port", "db", "username", "password", "path", "connection_class"}
 
 
 class RedisCalls(Protocol):
@@ -87,11 +86,10 @@ class RedisCalls(Protocol):
 def for_url(url: str, fallback: aioredis.Redis, blocking: aioredis.Redis) -> RedisCalls:
     """A ``RedisLink`` where the URL allows one, else the commands of redis-py's
     ``fallback`` (and ``blocking``, its client for blocking commands)."""
-    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-    unix = options.get("connection_class") is UnixDomainSocketConnection
-    if set(options) - _SPOKEN or ("connection_class" in options and not unix):
+    endpoint = plain_endpoint(url)  # the URLs the worker's own connections speak too
+    if endpoint is None:
         return RedisPyCalls(fallback, blocking)
-    return RedisLink(options)
+    return RedisLink(endpoint)
 
 
 class RedisPyCalls:
@@ -235,8 +233,8 @@ class _Replies(asyncio.Protocol):
 class RedisLink:
     """One pipelined connection (see the module's docstring for its contract)."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
         self._replies: _Replies | None = None
         self._connecting: asyncio.Lock | None = None
         self._idle: list[RedisLink] = []  # for blocking commands, each alone on its own
@@ -260,7 +258,7 @@ class RedisLink:
         return await _script(self, sha, source, keys, args)
 
     async def blocking(self, *args: Any) -> Any:
-        link = self._idle.pop() if self._idle else RedisLink(self.options)
+        link = self._idle.pop() if self._idle else RedisLink(self.endpoint)
         try:
             reply = await link.call(*args)
         except BaseException:  # cancelled mid-wait, or an error: not worth sorting out
@@ -273,7 +271,7 @@ class RedisLink:
         return reply
 
     async def listen(self, channel: str, deliver: Callable[[str], None]) -> None:
-        link = RedisLink(self.options)  # a subscribed connection serves nothing else
+        link = RedisLink(self.endpoint)  # a subscribed connection serves nothing else
         handle = _guarded(deliver, channel)
 
         def message(reply: Any) -> None:
@@ -320,21 +318,18 @@ class RedisLink:
 
     async def _open(self) -> _Replies:
         loop = asyncio.get_running_loop()
-        if "path" in self.options:
-            _, replies = await loop.create_unix_connection(_Replies, self.options["path"])
+        endpoint = self.endpoint
+        if endpoint.path is not None:
+            _, replies = await loop.create_unix_connection(_Replies, endpoint.path)
         else:
-            host, port = self.options.get("host", "localhost"), self.options.get("port", 6379)
-            _, replies = await loop.create_connection(_Replies, host, port)
+            _, replies = await loop.create_connection(_Replies, endpoint.host, endpoint.port)
         return replies
 
     async def _hello(self, replies: _Replies) -> None:
         """AUTH and SELECT, as redis-py would (a failure closes the connection)."""
         try:
-            if (password := self.options.get("password")) is not None:
-                user = self.options.get("username")
-                await replies.send(_pack(("AUTH", *([user] if user else []), password)))
-            if int(self.options.get("db") or 0):
-                await replies.send(_pack(("SELECT", int(self.options["db"]))))
+            for command in self.endpoint.hello():
+                await replies.send(_pack(command))
         except BaseException:
             if replies.transport is not None:
                 replies.transport.close()

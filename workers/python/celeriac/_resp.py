@@ -69,10 +69,21 @@ class Endpoint:
     username: str | None = None
     password: str | None = None
 
+    def hello(self) -> list[tuple[Any, ...]]:
+        """What a connection says first, as redis-py would: AUTH, then SELECT."""
+        hello: list[tuple[Any, ...]] = []
+        if self.password is not None:
+            user = [self.username] if self.username else []
+            hello.append(("AUTH", *user, self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        return hello
+
 
 def plain_endpoint(url: str) -> Endpoint | None:
     """The endpoint of a URL ``PlainRedis`` speaks, read as redis-py reads it (a ``db``
-    query option before the path's); None for any other URL."""
+    query option before the path's); None for any other URL. The service's ``RedisLink``
+    (service/brokers/redis_link.py) speaks the same URLs."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "unix") or parts.fragment:
         return None
@@ -134,7 +145,7 @@ class _Connection:
         self._sock = _open(endpoint)
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._sock.settimeout(timeout)
-        hello = _hello(endpoint)
+        hello = endpoint.hello()
         if not hello:
             return
         try:  # AUTH and SELECT, as redis-py would; a refusal closes the connection
@@ -191,16 +202,6 @@ def _open(endpoint: Endpoint) -> socket.socket:
         raise RedisUnavailable(f"cannot connect to Redis: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def _hello(endpoint: Endpoint) -> list[tuple[Any, ...]]:
-    hello: list[tuple[Any, ...]] = []
-    if endpoint.password is not None:
-        user = [endpoint.username] if endpoint.username else []
-        hello.append(("AUTH", *user, endpoint.password))
-    if endpoint.db:
-        hello.append(("SELECT", endpoint.db))
-    return hello
 
 
 class _Pool:
