@@ -6,6 +6,7 @@ CPU from /proc):
     seq      one thread calling Client.submit in a loop (an Idempotency-Key on each)
     conc     16 threads sharing one Client (a connection each), as a web app's threads
     raw      POST /jobs on one kept-alive socket, the request prebuilt: the service alone
+             (``--queue idle``: to a queue no worker reads, with workers attached)
     health   GET /healthz the same way: the floor of uvicorn, FastAPI and the gate
     batch    POST /jobs/batch of 1000 jobs
 
@@ -111,8 +112,10 @@ def _raw(base: str, n: int, request: bytes, expect: bytes) -> Result:
         return timed(n, lambda: loop(n))
 
 
-def raw(base: str, n: int) -> Result:
+def raw(base: str, n: int, queue: str | None = None) -> Result:
     body = b'{"task":"bench.noop","args":[1],"kwargs":{}}'
+    if queue:  # a queue no worker reads: the submit's cost alone, with workers attached
+        body = body[:-1] + b',"queue":"%s"}' % queue.encode()
     head = b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     request = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
     return _raw(base, n, request, b" 202 ")
@@ -286,6 +289,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--pid", type=int, help="the service's process, for its CPU")
     parser.add_argument("--label", default="")
+    parser.add_argument("--queue", help="raw: submit to this queue (one no worker reads)")
     args = parser.parse_args()
     if args.mode == "inprocess-routing":
         for request, micros in routing(args.n).items():
@@ -297,7 +301,7 @@ def main() -> None:
         return
     before = service_cpu(args.pid) if args.pid else 0.0
     run = {"seq": seq, "conc": conc, "raw": raw, "health": health, "batch": batch}[args.mode]
-    calls, wall, cpu = run(args.base, args.n)
+    calls, wall, cpu = raw(args.base, args.n, args.queue) if run is raw else run(args.base, args.n)
     spent = (service_cpu(args.pid) - before) / calls * 1e6 if args.pid else float("nan")
     print(
         f"{args.label:8} {args.mode:6} n={calls} {calls / wall:8.0f}/s {wall / calls * 1e3:7.3f} "

@@ -1094,7 +1094,7 @@ def claim_by_ids(
         return []
     query = (
         leases._select((*leases.CLAIM_COLUMNS, "limits", "limit_key"))
-        .where(JOBS_TABLE.c.id.in_(ids), leases.grantable())
+        .where(JOBS_TABLE.c.id.in_(ids), leases.grantable_by_id())
         .order_by(JOBS_TABLE.c.id)
         .with_for_update()
     )

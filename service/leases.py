@@ -123,6 +123,20 @@ def grantable() -> sa.ColumnElement[bool]:
     )
 
 
+def grantable_by_id() -> sa.ColumnElement[bool]:
+    """``grantable()`` for jobs found by their ids: the same rows, but as a filter only,
+    never an index path. ``(condition) IS TRUE`` keeps exactly the rows ``condition``
+    keeps, and no index serves it, so the ids (the primary key) are the only way in.
+
+    Why: PostgreSQL runs a statement it has prepared (the direct path's, psycopg's after
+    five uses) with a generic plan, made without the values, where ``status = $9`` could
+    be any status. Without statistics (a table not yet analyzed; autovacuum off) it
+    judged that rare, took the status index for a claim of one id, and read every queued
+    job: 21,350 rows and 5.9 ms a claim against 0.04 ms (docs/benchmarks.md, issue 14,
+    thirteenth pass). A backlog in one queue slowed every grant in all of them."""
+    return grantable().is_(sa.true())
+
+
 _NOW = sa.bindparam("now", type_=UTCDateTime())
 
 
@@ -292,7 +306,7 @@ def _grant_ids_statement(own_deadlines: bool, plain: bool) -> sa.Update:
     jobs naming no limits, outside ``:limited_queues``. PostgreSQL only."""
     deadline = _own_deadline("postgresql") if own_deadlines else sa.bindparam("deadline")
     ids = sa.bindparam("ids", type_=postgresql.ARRAY(sa.String()))
-    condition = grantable()
+    condition = grantable_by_id()
     if plain:
         limited = sa.bindparam("limited_queues", type_=postgresql.ARRAY(sa.String()))
         condition = sa.and_(condition, jobs_c.limit_key.is_(None), jobs_c.queue != sa.all_(limited))
@@ -348,7 +362,7 @@ def _pick_by_ids() -> sa.Select[Any]:
     """``claim_by_ids``'s lock of the proposed jobs still grantable, built once."""
     return (
         _select(CLAIM_COLUMNS)
-        .where(jobs_c.id.in_(sa.bindparam("ids", expanding=True)), grantable())
+        .where(jobs_c.id.in_(sa.bindparam("ids", expanding=True)), grantable_by_id())
         .order_by(jobs_c.id)  # as in _grant_statement
         .with_for_update()
     )
@@ -1084,28 +1098,29 @@ def next_deadline(session: Session, skip: frozenset[str] = frozenset()) -> datet
     (``skip``: jobs set aside, which would otherwise always be due)."""
     scope = Scope(skip=skip)
     candidates = [
-        session.scalar(
-            scope.narrow(
-                sa.select(sa.func.min(jobs_c.run_at)).where(
-                    jobs_c.status.in_((JobStatus.scheduled, JobStatus.retrying))
-                )
-            )
-        ),
-        session.scalar(
-            scope.narrow(
-                sa.select(sa.func.min(jobs_c.lease_expires_at)).where(
-                    jobs_c.status == JobStatus.running
-                )
-            )
-        ),
-        session.scalar(
-            scope.narrow(
-                sa.select(sa.func.min(jobs_c.expires_at)).where(jobs_c.status.in_(PENDING))
-            )
-        ),
+        session.scalar(_earliest(jobs_c.run_at, (JobStatus.scheduled, JobStatus.retrying), scope)),
+        session.scalar(_earliest(jobs_c.lease_expires_at, (JobStatus.running,), scope)),
+        session.scalar(_earliest(jobs_c.expires_at, PENDING, scope)),
     ]
     present = [c for c in candidates if c is not None]
     return min(present) if present else None
+
+
+def _earliest(
+    column: sa.Column[Any], statuses: Sequence[JobStatus], scope: Scope
+) -> sa.Select[Any]:
+    """The least ``column`` of the jobs in ``statuses``: a minimum per status, each the
+    first entry of the index on ``(status, column)``. One ``status IN (…)`` read every
+    job in those statuses instead, at each maintenance pass: 8 ms every 5 s behind a
+    backlog of 30,000 queued jobs, growing with it (docs/benchmarks.md, issue 14)."""
+    each = [
+        scope.narrow(sa.select(sa.func.min(column).label("at")).where(jobs_c.status == status))
+        for status in statuses
+    ]
+    if len(each) == 1:
+        return each[0]
+    every = sa.union_all(*each).subquery()
+    return sa.select(sa.func.min(every.c.at))
 
 
 def queued_since(

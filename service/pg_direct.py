@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import select
 import time
 from abc import ABC, abstractmethod
@@ -35,12 +36,13 @@ import sqlalchemy as sa
 
 from service.db import CONNECT_TIMEOUT_SECONDS
 from service.outage import OutageTracker, is_unreachable
+from service.pg_wire import Statement, WireConnection
 
 # Connections the event loop's statements may hold at once, per process. Each statement
 # takes a fraction of a millisecond, so a few serve hundreds of requests at a time; a
 # statement waiting on a row lock (a claim behind a settle) holds one meanwhile.
 CONNECTIONS = 8
-NOTIFY = "SELECT pg_notify(%s, %s)"
+NOTIFY = b"SELECT pg_notify($1, $2)"
 APPLICATION_NAME = "celeriac-direct"
 
 Row = dict[str, Any]
@@ -61,6 +63,29 @@ def connect_args(engine: sa.Engine, application_name: str) -> tuple[list[Any], d
     options.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     options.setdefault("application_name", application_name)
     return list(args), dict(options)
+
+
+# The hot statements reach ``jobs`` through its indexes, by design (a primary key, a
+# queue's ready jobs, a status). PostgreSQL runs a prepared statement with a generic
+# plan, made once for any values and kept until the table's statistics change; one made
+# while the table was nearly empty chose a sequential scan, and kept reading the whole
+# table once it held a backlog: 30,000 jobs queued in another queue took a round trip
+# from 4.7 to 18 ms (docs/benchmarks.md, issue 14, thirteenth pass). Nothing changes the
+# statistics without autovacuum, and with it only a minute or more later. Only on these
+# connections: none of their statements is meant to scan the table.
+HOT_SESSION = "SET enable_seqscan = off"
+
+
+async def connect_wire(connect: tuple[list[Any], dict[str, Any]]) -> WireConnection:
+    """A connection for the hot statements (``connect_args``), in autocommit."""
+    args, options = connect
+    conn = await psycopg.AsyncConnection.connect(*args, **options, autocommit=True)
+    try:
+        await conn.execute(HOT_SESSION)
+    except BaseException:
+        await conn.close()
+        raise
+    return WireConnection(conn)
 
 
 def still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -157,6 +182,7 @@ class Compiled:
             ),
         )
         self.sql = compiled.string
+        self.sql_bytes = self.sql.encode()  # as libpq takes it (service/pg_wire.py)
         # One processor per parameter here (a tuple only for expanding IN lists, which
         # these statements do not use: ``= ANY(array)`` instead). SQLite's parameters
         # are positional (``?``), in the statement's order, a name once per use.
@@ -197,10 +223,10 @@ class Compiled:
             for value in (values[name] if name in values else fixed[name],)
         )
 
-    def rows(self, fetched: Sequence[Sequence[Any]], description: Sequence[Any]) -> list[Row]:
+    def rows(self, fetched: Sequence[Sequence[Any]], types: Sequence[Any]) -> list[Row]:
+        """``fetched`` as dicts of converted values; ``types``: each column's type as the
+        driver tells it (PostgreSQL's OIDs; None on SQLite)."""
         if self.columns is None:
-            # (psycopg's columns tell their type; sqlite3's are plain tuples)
-            types = [getattr(column, "type_code", None) for column in description]
             self.columns = tuple(
                 (key, kind._cached_result_processor(self._dialect, type_code))
                 for (key, kind), type_code in zip(self._returned, types, strict=True)
@@ -220,10 +246,10 @@ class DirectPg(Direct):
     transaction); the rows it returned. See the module's docstring."""
 
     def __init__(self, engine: sa.Engine, outage: OutageTracker) -> None:
-        super().__init__(engine.dialect)
+        super().__init__(wire_dialect(engine.dialect))
         self.outage = outage
         self._connect_args = connect_args(engine, APPLICATION_NAME)
-        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._idle: list[WireConnection] = []
         self._slots = asyncio.Semaphore(CONNECTIONS)
 
     @classmethod
@@ -240,63 +266,52 @@ class DirectPg(Direct):
         notices: Sequence[tuple[str, str]] = (),
         first: Sequence[Step] = (),
     ) -> list[Row]:
-        params = bound(compiled.params, values)
-        before = [(step.sql, bound(step.params, step_values)) for step, step_values in first]
+        statements: list[Statement] = [
+            (step.sql_bytes, bound(step.positional_params, step_values))
+            for step, step_values in first
+        ]
+        statements.append((compiled.sql_bytes, bound(compiled.positional_params, values)))
+        statements += [(NOTIFY, notice) for notice in notices]
         started = time.monotonic()
         try:
-            async with self._connection() as conn:
-                fetched, description = await _run(conn, compiled, params, notices, before)
+            async with self._connection() as wire:
+                answer = (await wire.run(statements))[len(first)]
         except psycopg.Error as exc:
             raise refusal(exc, self.outage) from exc
         self.outage.succeeded(started)
-        return compiled.rows(fetched, description)
+        if not compiled.returns_rows:
+            return []
+        return compiled.rows(answer.rows, answer.types)
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _connection(self) -> AsyncIterator[WireConnection]:
         async with self._slots:
-            conn = await self._take()
+            wire = await self._take()
             try:
-                yield conn
+                yield wire
             except BaseException:  # failed or cancelled mid-statement: its state is unknown
-                await asyncio.shield(conn.close())
+                await asyncio.shield(wire.conn.close())
                 raise
-            self._idle.append(conn)
+            self._idle.append(wire)
 
-    async def _take(self) -> psycopg.AsyncConnection[Any]:
+    async def _take(self) -> WireConnection:
         while self._idle:
-            conn = self._idle.pop()
-            if still_open(conn):
-                return conn
-            await conn.close()
-        args, options = self._connect_args
-        return await psycopg.AsyncConnection.connect(*args, **options, autocommit=True)
+            wire = self._idle.pop()
+            if still_open(wire.conn):
+                return wire
+            await wire.conn.close()
+        return await connect_wire(self._connect_args)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.close()
+        for wire in idle:
+            await wire.conn.close()
 
 
-async def _run(
-    conn: psycopg.AsyncConnection[Any],
-    compiled: Compiled,
-    params: dict[str, Any],
-    notices: Sequence[tuple[str, str]],
-    before: Sequence[tuple[str, dict[str, Any]]] = (),
-) -> tuple[list[tuple[Any, ...]], list[Any]]:
-    """The rows the statement returned, and their columns the first time only (psycopg
-    builds ``description`` anew at each access: a tenth of a round trip's CPU)."""
-    cursor = conn.cursor()
-    if not notices and not before:
-        await cursor.execute(compiled.sql, params)
-    else:  # one implicit transaction: the pipeline's one Sync commits every statement
-        async with conn.pipeline():
-            for sql, step_params in before:
-                await conn.execute(sql, step_params)
-            await cursor.execute(compiled.sql, params)
-            for channel, payload in notices:
-                await conn.execute(NOTIFY, (channel, payload))
-    if not compiled.returns_rows:
-        return [], []
-    fetched = await cursor.fetchall()
-    return fetched, (cursor.description or []) if compiled.columns is None else []
+def wire_dialect(dialect: sa.Dialect) -> sa.Dialect:
+    """``dialect`` with numbered placeholders (``$1``), as libpq takes them; otherwise the
+    same dialect (its server's version, its types' binding and conversion of values)."""
+    numbered = copy.copy(dialect)
+    numbered.paramstyle = "numeric_dollar"
+    numbered.positional = True
+    return numbered

@@ -32,10 +32,22 @@ import sqlalchemy as sa
 from service.bulk import recordset_insert
 from service.models import JobValues
 from service.outage import OutageTracker
-from service.pg_direct import NOTIFY, Compiled, bound, connect_args, refusal, still_open
+from service.pg_direct import (
+    NOTIFY,
+    Compiled,
+    bound,
+    connect_args,
+    connect_wire,
+    refusal,
+    still_open,
+    wire_dialect,
+)
+from service.pg_wire import Statement, WireConnection
 
 # How the batcher's connection shows in pg_stat_activity.
 APPLICATION_NAME = "celeriac-submit"
+# Which of a group's rows were stored, when some were skipped.
+FOUND = b"SELECT id FROM jobs WHERE id = ANY($1)"
 
 
 class _Insert:
@@ -49,8 +61,8 @@ class _Insert:
         conflict = sa.text(f"{statement.text} ON CONFLICT (idempotency_key) DO NOTHING")
         self.compiled = Compiled(conflict, dialect)
 
-    def params(self, rows: Sequence[JobValues]) -> dict[str, Any]:
-        return self.compiled.params({"rows": self.recordset.rows_json(rows)})
+    def params(self, rows: Sequence[JobValues]) -> tuple[Any, ...]:
+        return self.compiled.positional_params({"rows": self.recordset.rows_json(rows)})
 
 
 class SubmitPipeline:
@@ -58,10 +70,10 @@ class SubmitPipeline:
     returns the ids of the rows skipped because their idempotency key was taken."""
 
     def __init__(self, engine: sa.Engine, outage: OutageTracker) -> None:
-        self.dialect = engine.dialect
+        self.dialect = wire_dialect(engine.dialect)
         self._connect_args = connect_args(engine, APPLICATION_NAME)
         self.outage = outage
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._wire: WireConnection | None = None
         self._inserts: dict[tuple[str, ...], _Insert] = {}
 
     @classmethod
@@ -79,7 +91,7 @@ class SubmitPipeline:
         started = time.monotonic()
         try:
             skipped = await self._send(
-                insert.compiled.sql, params, [r["id"] for r in rows], notices
+                (insert.compiled.sql_bytes, params), [r["id"] for r in rows], notices
             )
         except psycopg.Error as exc:
             await self._drop()  # a fresh connection for the next group, whatever broke
@@ -91,24 +103,18 @@ class SubmitPipeline:
         return skipped
 
     async def _send(
-        self, sql: str, params: dict[str, Any], ids: list[str], notices: Sequence[tuple[str, str]]
+        self, insert: Statement, ids: list[str], notices: Sequence[tuple[str, str]]
     ) -> set[str]:
-        conn = await self._connection()
-        cursor = conn.cursor()
-        if not notices:  # one statement: no pipeline's cost (0.1 ms)
-            await cursor.execute(sql, params)
-        else:
-            async with conn.pipeline():
-                await cursor.execute(sql, params)
-                for channel, payload in notices:
-                    await conn.execute(NOTIFY, (channel, payload))
+        wire = await self._connection()
+        statements = [insert, *((NOTIFY, notice) for notice in notices)]
+        inserted = (await wire.run(statements))[0]
         # Committed (autocommit, or the pipeline's Sync): the rowcount is the rows inserted.
-        if cursor.rowcount == len(ids):
+        if inserted.rowcount == len(ids):
             return set()
         # ``ids`` are ours alone (a fresh UUIDv7 each): those missing had their key taken.
-        found = await conn.execute("SELECT id FROM jobs WHERE id = ANY(%s)", (ids,))
-        inserted = {job_id for (job_id,) in await found.fetchall()}
-        return {job_id for job_id in ids if job_id not in inserted}
+        (found,) = await wire.run([(FOUND, (ids,))])
+        stored = {job_id for (job_id,) in found.rows}
+        return {job_id for job_id in ids if job_id not in stored}
 
     def _insert_for(self, row: JobValues) -> _Insert:
         keys = tuple(row)
@@ -117,18 +123,17 @@ class SubmitPipeline:
             insert = self._inserts[keys] = _Insert(self.dialect, keys)
         return insert
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is not None and not still_open(self._conn):
+    async def _connection(self) -> WireConnection:
+        if self._wire is not None and not still_open(self._wire.conn):
             await self._drop()
-        if self._conn is None:
-            args, options = self._connect_args
-            self._conn = await psycopg.AsyncConnection.connect(*args, **options, autocommit=True)
-        return self._conn
+        if self._wire is None:
+            self._wire = await connect_wire(self._connect_args)
+        return self._wire
 
     async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.shield(conn.close())
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await asyncio.shield(wire.conn.close())
 
     async def close(self) -> None:
         await self._drop()

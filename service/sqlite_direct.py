@@ -109,4 +109,4 @@ Run = Callable[[Compiled, Mapping[str, Any]], list[Row]]
 def _run(driver: sqlite3.Connection, compiled: Compiled, values: Mapping[str, Any]) -> list[Row]:
     cursor = driver.execute(compiled.sql, bound(compiled.positional_params, values))
     fetched = cursor.fetchall()
-    return compiled.rows(fetched, cursor.description or ())
+    return compiled.rows(fetched, [None] * len(cursor.description or ()))

@@ -8,7 +8,7 @@ stale token, a job with a webhook) still answered by the pool's path as before."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -29,8 +29,11 @@ from service.leases import (
     Lease,
     LeaseTerms,
     Settle,
+    _grant_ids_statement,
+    _pick_by_ids,
     claim_by_ids,
     claim_ids_direct,
+    claim_params,
     grant,
     grant_mirrored_direct,
     grant_mirrored_step,
@@ -39,7 +42,14 @@ from service.leases import (
     settle_succeeded_direct,
 )
 from service.models import JOBS_TABLE, JobValues, LimitRow
-from service.pg_direct import APPLICATION_NAME, Refused
+from service.pg_direct import (
+    APPLICATION_NAME,
+    Compiled,
+    Refused,
+    connect_args,
+    connect_wire,
+    wire_dialect,
+)
 from service.runtime import Clock, Runtime
 from service.schemas import JobSubmit
 from service.settings import Settings
@@ -407,3 +417,86 @@ def test_under_flow_control_only_plain_jobs_take_the_direct_path(db: Database) -
     assert [(o.problem, o.status) for o in outcomes] == [(None, JobStatus.succeeded)] * 2
     # Its slot was held from the grant through the pool's path until its settle.
     assert db.run_sync(lambda session: flow.running_counts(session, ["fl-1"])) == {}
+
+
+def _generic_plan_indexes(db: Database, sql: str, params: Sequence[Any]) -> set[str]:
+    """The indexes PostgreSQL's generic plan of ``sql`` reads: the plan it runs a prepared
+    statement with, made without the parameters' values."""
+    url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute(f"PREPARE probe AS {sql}")
+        cursor = psycopg.ClientCursor(conn)  # the values as literals in EXECUTE's list
+        marks = ", ".join(["%s"] * len(params))
+        cursor.execute(f"EXPLAIN (FORMAT JSON) EXECUTE probe({marks})", params)
+        (plan,) = cast(tuple[Any], cursor.fetchone())
+    found: set[str] = set()
+
+    def walk(node: dict[str, Any]) -> None:
+        if "Index Name" in node:
+            found.add(node["Index Name"])
+        for child in node.get("Plans", ()):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    return found
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_claim_of_ids_reads_only_those_ids_with_a_generic_plan(db: Database, plain: bool) -> None:
+    """A backlog in one queue, a table never analyzed (autovacuum off): PostgreSQL's
+    generic plan of a claim by ids, which the direct path and psycopg's prepared
+    statements run, finds the jobs by their primary key. With ``status = $9`` as an index
+    condition it took the status index and read every queued job, per claim."""
+    jobs_in(db, 3000, queue="backlog")
+    [job] = jobs_in(db, 1)
+    values = claim_params(terms()) | {"ids": [job["id"]]}
+    if plain:
+        values["limited_queues"] = ["elsewhere"]
+    dialect = wire_dialect(db.engine.dialect)
+    direct = Compiled(_grant_ids_statement(own_deadlines=False, plain=plain), dialect)
+    assert _generic_plan_indexes(db, direct.sql, direct.positional_params(values)) == {"pk_jobs"}
+    # The pool's path (and flow control's) locks them first, by the same condition.
+    pooled = cast(sa.sql.compiler.SQLCompiler, _pick_by_ids().compile(dialect=dialect))
+    state = pooled.construct_expanded_state(pooled.construct_params(values))
+    binds = state.processors
+    params = [
+        binds[n](state.parameters[n]) if n in binds else state.parameters[n]
+        for n in state.positiontup or ()
+    ]
+    assert _generic_plan_indexes(db, state.statement, params) == {"pk_jobs"}
+
+
+def _node_types(plan: dict[str, Any]) -> set[str]:
+    return {plan["Node Type"]}.union(*(_node_types(child) for child in plan.get("Plans", ())))
+
+
+def test_a_plan_made_on_a_small_table_still_uses_an_index_after_a_backlog(db: Database) -> None:
+    """PostgreSQL keeps a prepared statement's generic plan until the table's statistics
+    change. Made while ``jobs`` was nearly empty it was a sequential scan, which read a
+    whole backlog per claim once there was one (never analyzed: autovacuum off). The hot
+    statements' connections (``connect_wire``) do not scan the table."""
+    dialect = wire_dialect(db.engine.dialect)
+    claim = Compiled(_grant_ids_statement(own_deadlines=False, plain=False), dialect)
+
+    def values() -> tuple[Any, ...]:
+        [job] = jobs_in(db, 1)
+        return claim.positional_params(claim_params(terms()) | {"ids": [job["id"]]})
+
+    async def generic_plan() -> dict[str, Any]:
+        wire = await connect_wire(connect_args(db.engine, "celeriac-test"))
+        try:
+            for _ in range(8):  # past the five runs after which PostgreSQL settles on a plan
+                [answer] = await wire.run([(claim.sql_bytes, values())])
+                assert answer.rowcount == 1
+            jobs_in(db, 3000, queue="backlog")
+            params = values()
+            cursor = psycopg.AsyncClientCursor(wire.conn)
+            marks = ", ".join(["%s"] * len(params))
+            await cursor.execute(f"EXPLAIN (FORMAT JSON) EXECUTE _celeriac_0({marks})", params)
+            (plan,) = cast(tuple[Any], await cursor.fetchone())
+            return cast(dict[str, Any], plan[0]["Plan"])
+        finally:
+            await wire.conn.close()
+
+    assert "Seq Scan" not in _node_types(asyncio.run(generic_plan()))

@@ -130,8 +130,8 @@ def test_a_connection_past_descriptor_1024_is_still_checked(db: Database) -> Non
             try:
                 first = await runtime.submits.submit(keyed(None))
                 assert runtime.submits.pipeline is not None
-                assert runtime.submits.pipeline._conn is not None
-                assert runtime.submits.pipeline._conn.fileno() > 1024
+                assert runtime.submits.pipeline._wire is not None
+                assert runtime.submits.pipeline._wire.conn.fileno() > 1024
                 return [first, await runtime.submits.submit(keyed(None))]
             finally:
                 await runtime.submits.close()

@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Service, Spawner, expect, make_backend
+from conftest import Service, Spawner, expect, make_backend, migrated_database, selected_databases
 
 from service.db import Database, create_engine
 from service.jobs import Defaults, new_job
+from service.leases import Scope, _earliest, next_deadline
 from service.models import JOBS_TABLE, JobValues
 from service.schemas import JobSubmit
+from service.states import PENDING
 
 NUL_URL = "http://receiver.invalid/\u0000hook"
 ALL_EVENTS = ["succeeded", "failed", "cancelled", "expired"]
@@ -178,3 +180,59 @@ def test_group_commit_bisects_to_the_bad_row(database: Database) -> None:
     with database.sessions() as session:
         count = session.scalar(sa.select(sa.func.count()).select_from(JOBS_TABLE))
     assert count == 100
+
+
+# --- the maintenance's next deadline --------------------------------------------------------
+
+
+@pytest.fixture(params=selected_databases())
+def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    with migrated_database(str(request.param), tmp_path) as db:
+        yield db
+
+
+def test_the_next_deadline_is_the_earliest_of_each_kind(migrated: Database) -> None:
+    """A due job (scheduled or retrying), an expiring lease, an expiring pending job: the
+    earliest of them, over every status that counts, skipping jobs set aside."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    at = [now + timedelta(minutes=m) for m in range(10)]
+    rows = [
+        stored_job(status="scheduled", run_at=at[6]),
+        stored_job(status="retrying", run_at=at[5]),
+        stored_job(status="running", lease_token="t", lease_expires_at=at[4]),
+        stored_job(status="queued", expires_at=at[3]),
+        stored_job(status="succeeded", run_at=at[0], expires_at=at[0]),  # ended: not due
+        stored_job(status="cancelled", lease_expires_at=at[0]),
+    ]
+    migrated.run_sync(lambda session: session.execute(sa.insert(JOBS_TABLE), rows))
+
+    def deadline(skip: frozenset[str] = frozenset()) -> datetime | None:
+        found = migrated.run_sync(lambda session: next_deadline(session, skip))
+        return None if found is None else found.replace(tzinfo=UTC)
+
+    assert deadline() == at[3]
+    assert deadline(frozenset({rows[3]["id"]})) == at[4]
+    assert deadline(frozenset(r["id"] for r in rows[2:4])) == at[5]
+    assert deadline(frozenset(r["id"] for r in rows[1:4])) == at[6]
+    assert deadline(frozenset(r["id"] for r in rows[:4])) is None
+
+
+def test_the_next_deadline_does_not_read_the_backlog(migrated: Database) -> None:
+    """Each maintenance pass asks for it: on PostgreSQL it reads an index entry or two per
+    status, not every pending job (a backlog of 30,000 took 8 ms a pass). With the
+    table's statistics, as autovacuum leaves them (without any, every plan is a guess)."""
+    if migrated.engine.dialect.name != "postgresql":
+        pytest.skip("the plan is PostgreSQL's")
+    backlog = [stored_job(status="queued", expires_at=datetime.now(UTC)) for _ in range(3000)]
+    migrated.run_sync(lambda session: session.execute(sa.insert(JOBS_TABLE), backlog))
+    migrated.run_sync(lambda session: session.execute(sa.text("ANALYZE jobs")))
+    statement = _earliest(JOBS_TABLE.c.expires_at, PENDING, Scope())
+    sql = str(statement.compile(migrated.engine, compile_kwargs={"literal_binds": True}))
+    explain = sa.text(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+    plan = migrated.run_sync(lambda session: session.execute(explain).scalar_one())
+
+    def rows_read(node: dict[str, Any]) -> int:
+        read = node["Actual Rows"] * node["Actual Loops"] if "Scan" in node["Node Type"] else 0
+        return read + sum(rows_read(child) for child in node.get("Plans", ()))
+
+    assert rows_read(plan[0]["Plan"]) <= 3
