@@ -19,7 +19,8 @@ Contract:
   parameters as Python values (dumped as psycopg dumps them). They go out in one
   pipeline whose one ``Sync`` ends one implicit transaction: all of them commit, or none.
   Each distinct statement is prepared on the connection the first time it is sent (the
-  ``Parse`` rides the same pipeline) and executed by name after. Returns one ``Answer``
+  ``Parse`` rides the same pipeline) and executed by name after (past ``MAX_PREPARED``
+  statements, as the unnamed statement, parsed each time). Returns one ``Answer``
   per statement: its rows as tuples, loaded by psycopg's loaders, and its row count.
 - Failures are psycopg's own exceptions: a statement the server refused raises the
   ``psycopg.errors`` class of its SQLSTATE, a lost connection ``OperationalError``. A
@@ -43,6 +44,9 @@ from psycopg.errors import error_from_result
 log = logging.getLogger("celeriac.db")
 
 CANCEL_TIMEOUT_SECONDS = 5.0
+# Statements kept prepared per connection. The hot statements are a few dozen shapes
+# (and a shape per pattern of NULL parameters); past this, the unnamed statement.
+MAX_PREPARED = 256
 _OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 
@@ -61,7 +65,7 @@ class WireConnection:
     """One connection's statements through libpq; see the module's docstring."""
 
     __slots__ = (
-        "_encoding", "_fd", "_formats", "_named", "_pg", "_prepared", "_tx", "conn"
+        "_encoding", "_fd", "_formats", "_pg", "_prepared", "_tx", "conn"
     )  # fmt: skip
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -75,7 +79,6 @@ class WireConnection:
         # value's, and a prepared statement keeps the types it was prepared with.
         self._prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self._formats: dict[int, list[PyFormat]] = {}
-        self._named = 0
 
     async def run(self, statements: Sequence[Statement]) -> list[Answer]:
         pg = self._pg
@@ -111,9 +114,12 @@ class WireConnection:
         name = self._prepared.get(key)
         parsed = None
         if name is None:
-            name = parsed = self._prepared[key] = b"_celeriac_%d" % self._named
-            self._named += 1
+            if len(self._prepared) < MAX_PREPARED:
+                name = self._prepared[key] = b"_celeriac_%d" % len(self._prepared)
+            else:  # the unnamed statement, parsed anew each time: the server's memory bounded
+                name = b""
             self._pg.send_prepare(name, sql, param_types=types)
+            parsed = name
         self._pg.send_query_prepared(name, values, param_formats=tx.formats)
         return parsed
 
