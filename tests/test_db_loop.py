@@ -132,9 +132,12 @@ def test_the_loops_connections_leave_checkpoints_to_a_thread_which_bounds_the_lo
         # (a CI run saw 4). The log's bound below is what matters.
         assert db.checkpoints.checkpoints >= 3
         assert len(_marks(db)) == commits
-        # Each commit appends a frame or two of 4 KiB: never checkpointed, the log would
-        # hold them all (about 10 MB); reset after each checkpoint, it stays far smaller.
+        # Each commit appends at least a frame of 4 KiB: never checkpointed, the log would
+        # hold them all (4.9 MB or more); reset after each checkpoint, it stays smaller.
+        # How much smaller depends on when the checkpoints ran: one that lags behind the
+        # next 200 commits lets the log run on (0.94 to 2.03 MB in five runs here, 2.55 MB
+        # in a loaded clean-clone run, where the bound was 1.6 MB).
         wal = Path(f"{path}-wal").stat().st_size
-        assert wal < commits * 4096 / 3, wal
+        assert wal < commits * 4096 * 3 / 4, wal
     finally:
         db.dispose()
