@@ -225,7 +225,7 @@ class Compiled:
 
     def rows(self, fetched: Sequence[Sequence[Any]], types: Sequence[Any]) -> list[Row]:
         """``fetched`` as dicts of converted values; ``types``: each column's type as the
-        driver tells it (PostgreSQL's OIDs; None on SQLite)."""
+        driver tells it (PostgreSQL's OIDs; None on SQLite), read only by the first call."""
         if self.columns is None:
             self.columns = tuple(
                 (key, kind._cached_result_processor(self._dialect, type_code))
@@ -281,7 +281,8 @@ class DirectPg(Direct):
         self.outage.succeeded(started)
         if not compiled.returns_rows:
             return []
-        return compiled.rows(answer.rows, answer.types)
+        # The columns' types only the first time: they settle each column's conversion.
+        return compiled.rows(answer.rows, () if compiled.columns else answer.types())
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[WireConnection]:

@@ -57,8 +57,13 @@ Statement = tuple[bytes, Sequence[Any]]
 @dataclass(frozen=True, slots=True)
 class Answer:
     rows: list[tuple[Any, ...]]
-    types: tuple[int, ...]  # each returned column's type (an OID)
     rowcount: int  # rows inserted, updated, deleted or returned
+    result: pq.abc.PGresult
+
+    def types(self) -> tuple[int, ...]:
+        """Each returned column's type (an OID): read when asked, as a caller needs them
+        once per statement, not once per answer."""
+        return tuple(self.result.ftype(i) for i in range(self.result.nfields))
 
 
 class WireConnection:
@@ -180,12 +185,10 @@ class WireConnection:
     def _answer(self, result: pq.abc.PGresult) -> Answer:
         count = result.ntuples
         if result.nfields == 0:
-            return Answer([], (), result.command_tuples or 0)
+            return Answer([], result.command_tuples or 0, result)
         tx = self._tx
         tx.set_pgresult(result)
-        rows = tx.load_rows(0, count, tuple)
-        types = tuple(result.ftype(i) for i in range(result.nfields))
-        return Answer(rows, types, count)
+        return Answer(tx.load_rows(0, count, tuple), count, result)
 
 
 def _resolve(ready: asyncio.Future[None]) -> None:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from conftest import migrated_database, selected_databases
+from support.plans import plan_nodes
 
 from service import flow, reports, waiting
 from service.brokers.sql import SqlBroker
@@ -430,16 +431,7 @@ def _generic_plan_indexes(db: Database, sql: str, params: Sequence[Any]) -> set[
         marks = ", ".join(["%s"] * len(params))
         cursor.execute(f"EXPLAIN (FORMAT JSON) EXECUTE probe({marks})", params)
         (plan,) = cast(tuple[Any], cursor.fetchone())
-    found: set[str] = set()
-
-    def walk(node: dict[str, Any]) -> None:
-        if "Index Name" in node:
-            found.add(node["Index Name"])
-        for child in node.get("Plans", ()):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return found
+    return {node["Index Name"] for node in plan_nodes(plan[0]["Plan"]) if "Index Name" in node}
 
 
 @pytest.mark.parametrize("plain", [False, True])
@@ -465,10 +457,6 @@ def test_a_claim_of_ids_reads_only_those_ids_with_a_generic_plan(db: Database, p
         for n in state.positiontup or ()
     ]
     assert _generic_plan_indexes(db, state.statement, params) == {"pk_jobs"}
-
-
-def _node_types(plan: dict[str, Any]) -> set[str]:
-    return {plan["Node Type"]}.union(*(_node_types(child) for child in plan.get("Plans", ())))
 
 
 def test_a_plan_made_on_a_small_table_still_uses_an_index_after_a_backlog(db: Database) -> None:
@@ -499,4 +487,4 @@ def test_a_plan_made_on_a_small_table_still_uses_an_index_after_a_backlog(db: Da
         finally:
             await wire.conn.close()
 
-    assert "Seq Scan" not in _node_types(asyncio.run(generic_plan()))
+    assert "Seq Scan" not in {node["Node Type"] for node in plan_nodes(asyncio.run(generic_plan()))}
