@@ -94,6 +94,18 @@ def wait_running(http: Api, job_id: str, timeout: float = 15) -> dict[str, Any]:
     return job
 
 
+def wait_executing(http: Api, job_id: str, timeout: float = 15) -> dict[str, Any]:
+    """Running in the worker's hands, not only granted: ``running`` is the status from the
+    grant's commit on, before the worker has the answer. ``demo.slow`` reports progress as
+    it starts, and the worker's next heartbeat brings it. A signal sent in between finds
+    no job running: the worker hands the grant back and stops at once."""
+    job: dict[str, Any] = http.wait_for(
+        lambda j: j["status"] == "running" and j["progress"] is not None,
+        timeout, job_id=job_id, what=f"{job_id} to be running in the worker",
+    )  # fmt: skip
+    return job
+
+
 def wait_exit(process: Process, timeout: float = 20) -> int:
     try:
         return process.proc.wait(timeout)
@@ -232,8 +244,8 @@ def test_sigterm_is_a_warm_shutdown(
     spawner: Spawner, node_service: Service, http: Api, queue: str
 ) -> None:
     worker = start_node_worker(spawner, node_service.url, queue)
-    job = http.submit(task="demo.sleep", args=[1], queue=queue)
-    wait_running(http, job["id"])
+    job = http.submit(task="demo.slow", args=[3, 6], queue=queue)
+    wait_executing(http, job["id"])
     worker.proc.send_signal(signal.SIGTERM)
     assert wait_exit(worker) == 0, worker.log()
     done = http.get(job["id"])
@@ -246,7 +258,7 @@ def test_a_second_signal_is_a_cold_shutdown_that_releases(
 ) -> None:
     worker = start_node_worker(spawner, node_service.url, queue)
     job = http.submit(task="demo.slow", args=[30, 30], queue=queue)
-    wait_running(http, job["id"])
+    wait_executing(http, job["id"])
     worker.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     worker.proc.send_signal(signal.SIGINT)
