@@ -26,7 +26,7 @@ from service import errors
 from service.effects import Dispatch, Effects
 from service.flow_redis import arbitrate
 from service.idempotency import Submitted
-from service.leases import LeaseTerms
+from service.leases import LeaseTerms, filter_only
 from service.loops import Pass, Plugin
 from service.models import (
     JOBS_TABLE,
@@ -1123,9 +1123,8 @@ def record_mirrored(session: Session, ids: Sequence[str], token: str, now: datet
     if not ids or not active(session.get_bind()):
         return
     jobs = JOBS_TABLE.c
-    query = sa.select(jobs.id, jobs.queue, jobs.limits).where(
-        jobs.id.in_(ids), jobs.lease_token == token, jobs.status == JobStatus.running
-    )
+    held = sa.and_(jobs.lease_token == token, jobs.status == JobStatus.running)
+    query = sa.select(jobs.id, jobs.queue, jobs.limits).where(jobs.id.in_(ids), filter_only(held))
     rows = [cast(JobValues, dict(row)) for row in session.execute(query).mappings()]
     rules = snapshot(session).rules_for({key for row in rows for key in keys_of(row)})
     grants = [

@@ -124,17 +124,24 @@ def grantable() -> sa.ColumnElement[bool]:
 
 
 def grantable_by_id() -> sa.ColumnElement[bool]:
-    """``grantable()`` for jobs found by their ids: the same rows, but as a filter only,
-    never an index path. ``(condition) IS TRUE`` keeps exactly the rows ``condition``
-    keeps, and no index serves it, so the ids (the primary key) are the only way in.
+    """``grantable()`` for jobs found by their ids (``filter_only``)."""
+    return filter_only(grantable())
+
+
+def filter_only(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+    """``condition`` as a filter only, never an index path, for a statement that finds
+    jobs by their ids: ``(condition) IS TRUE`` keeps exactly the rows ``condition`` keeps,
+    and no index serves it, so the ids (the primary key) are the only way in.
 
     Why: PostgreSQL runs a statement it has prepared (the direct path's, psycopg's after
     five uses) with a generic plan, made without the values, where ``status = $9`` could
     be any status. Without statistics (a table not yet analyzed; autovacuum off) it
     judged that rare, took the status index for a claim of one id, and read every queued
     job: 21,350 rows and 5.9 ms a claim against 0.04 ms (docs/benchmarks.md, issue 14,
-    thirteenth pass). A backlog in one queue slowed every grant in all of them."""
-    return grantable().is_(sa.true())
+    thirteenth pass). A backlog in one queue slowed every grant in all of them; the
+    pool's grant of a flow-control claim read all 20,000 jobs of a keyed drain per grant
+    (fourteenth pass)."""
+    return condition.is_(sa.true())
 
 
 _NOW = sa.bindparam("now", type_=UTCDateTime())
@@ -410,7 +417,7 @@ def _grant_by_ids() -> sa.Update:
     ids: sa.BindParameter[list[str]] = sa.bindparam("ids", expanding=True)
     return (
         sa.update(JOBS_TABLE)
-        .where(jobs_c.id.in_(ids), jobs_c.status == JobStatus.queued)
+        .where(jobs_c.id.in_(ids), filter_only(jobs_c.status == JobStatus.queued))
         .values(
             **_lease_values(
                 sa.bindparam("token"), sa.bindparam("worker"), sa.bindparam("key_id"), _NOW

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from service import errors
 from service.ids import is_job_id
-from service.leases import Settle
+from service.leases import Settle, filter_only
 from service.loops import Pass, Plugin
 from service.models import JOBS_TABLE, JobRow, values_of
 from service.serialize import iso, result_fields
@@ -182,7 +182,7 @@ def live_leases(session: Session, pairs: Sequence[tuple[str, str]]) -> set[tuple
         return set()
     rows = session.execute(
         sa.select(jobs_c.id, jobs_c.lease_token).where(
-            jobs_c.id.in_(ids), jobs_c.status == JobStatus.running
+            jobs_c.id.in_(ids), filter_only(jobs_c.status == JobStatus.running)
         )
     )
     held = {(row.id, row.lease_token) for row in rows}

@@ -8,7 +8,8 @@ stale token, a job with a webhook) still answered by the pool's path as before."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from conftest import migrated_database, selected_databases
+from sqlalchemy.orm import Session
 from support.plans import plan_nodes
 
 from service import flow, reports, waiting
@@ -51,6 +53,7 @@ from service.pg_direct import (
     connect_wire,
     wire_dialect,
 )
+from service.results import live_leases
 from service.runtime import Clock, Runtime
 from service.schemas import JobSubmit
 from service.settings import Settings
@@ -457,6 +460,58 @@ def test_a_claim_of_ids_reads_only_those_ids_with_a_generic_plan(db: Database, p
         for n in state.positiontup or ()
     ]
     assert _generic_plan_indexes(db, state.statement, params) == {"pk_jobs"}
+
+
+def _executed(db: Database, work: Callable[[Session], object]) -> list[tuple[str, list[Any]]]:
+    """The statements ``work`` sends through the pool, as PostgreSQL would prepare them:
+    ``$n`` placeholders (a name used twice is one parameter) and their values in order."""
+    sent: list[tuple[str, list[Any]]] = []
+
+    def capture(_conn: Any, _cursor: Any, sql: str, params: Any, *_: Any) -> None:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        text = re.sub(r"%\((\w+)\)s", number, sql).replace("%%", "%")
+        sent.append((text, [params[name] for name in names]))
+
+    sa.event.listen(db.engine, "before_cursor_execute", capture)
+    try:
+        db.run_sync(work)
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", capture)
+    return sent
+
+
+def test_the_pools_lookups_by_id_read_only_those_ids_with_a_generic_plan(db: Database) -> None:
+    """The pool's statements that find jobs by their ids and check a status (the grant
+    of a flow-control claim and of the Redis workers' mirrored leases, the check of live
+    leases, the mirror of limit slots) are prepared by psycopg after five runs, so they
+    too run a generic plan. With a backlog and no statistics, ``status = $n`` took the
+    status index: the flow claim's grant read all 20,000 queued jobs of a keyed drain per
+    grant (docs/benchmarks.md, issue 14, fourteenth pass)."""
+    jobs_in(db, 3000, queue="backlog")
+    [job] = jobs_in(db, 1)
+    now = Clock().now()
+    db.run_sync(
+        lambda session: session.add(LimitRow(name="fl-*", max_running=1, created_at=now,
+                                             updated_at=now))
+    )  # fmt: skip
+    db.run_sync(flow.snapshot)  # configured: the mirror of limit slots reads the jobs
+    lease = Lease("tok", "w1", "k1", now + timedelta(seconds=30), now)
+    lookups = {
+        "grant": lambda session: grant(session, [job["id"]], lease),
+        "live leases": lambda session: live_leases(session, [(job["id"], "tok")]),
+        "mirrored slots": lambda session: flow.record_mirrored(session, [job["id"]], "tok", now),
+    }
+    for name, work in lookups.items():
+        [(sql, params)] = [
+            s for s in _executed(db, work) if "FROM jobs" in s[0] or "UPDATE jobs" in s[0]
+        ]
+        assert _generic_plan_indexes(db, sql, params) == {"pk_jobs"}, name
 
 
 def test_a_plan_made_on_a_small_table_still_uses_an_index_after_a_backlog(db: Database) -> None:

@@ -339,7 +339,8 @@ def apply_events(
     refused = [outcome.id for outcome in outcomes if outcome.problem is LeaseProblem.stale]
     if not refused:
         return set()
-    queued = sa.select(jobs_c.id).where(jobs_c.id.in_(refused), jobs_c.status == JobStatus.queued)
+    still_queued = leases.filter_only(jobs_c.status == JobStatus.queued)
+    queued = sa.select(jobs_c.id).where(jobs_c.id.in_(refused), still_queued)
     return set(session.scalars(queued))
 
 
