@@ -180,6 +180,7 @@ def latency_table(summary: Summary) -> str:
                 cell(summary.stat(key, "p99_ms"), ms),
                 "—" if mine else ratio_cell(summary, ref, key, "p50_ms"),
                 "—" if mine else ratio_cell(summary, ref, key, "p99_ms"),
+                cell(summary.stat(key, "harness_gc_max_ms"), ms),
             ]
         )
     header = [
@@ -190,6 +191,8 @@ def latency_table(summary: Summary) -> str:
         "p99 ms (min-max)",
         "celeriac ÷ peer p50",
         "celeriac ÷ peer p99",
+        # the client that times the trips: a pause of its own would be in the p99
+        "harness's longest GC pass, ms",
     ]
     return table(header, rows)
 

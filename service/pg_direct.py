@@ -291,7 +291,7 @@ class DirectPg(Direct):
             try:
                 yield wire
             except BaseException:  # failed or cancelled mid-statement: its state is unknown
-                await asyncio.shield(wire.conn.close())
+                await asyncio.shield(wire.close())
                 raise
             self._idle.append(wire)
 
@@ -300,13 +300,13 @@ class DirectPg(Direct):
             wire = self._idle.pop()
             if still_open(wire.conn):
                 return wire
-            await wire.conn.close()
+            await wire.close()
         return await connect_wire(self._connect_args)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for wire in idle:
-            await wire.conn.close()
+            await wire.close()
 
 
 def wire_dialect(dialect: sa.Dialect) -> sa.Dialect:

@@ -133,7 +133,7 @@ class SubmitPipeline:
     async def _drop(self) -> None:
         wire, self._wire = self._wire, None
         if wire is not None:
-            await asyncio.shield(wire.conn.close())
+            await asyncio.shield(wire.close())
 
     async def close(self) -> None:
         await self._drop()

@@ -34,7 +34,31 @@ def db(tmp_path: Path) -> Iterator[Database]:
         yield database
 
 
-def on_wire(db: Database, work: Callable[[WireConnection], Awaitable[T]]) -> T:
+class CountingLoop(asyncio.SelectorEventLoop):
+    """The standard event loop, counting the readers added to it and telling when one is
+    removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers_added = 0
+        self.reader_removed = asyncio.Event()
+
+    def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:
+        self.readers_added += 1
+        super().add_reader(fd, callback, *args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        self.reader_removed.set()
+        return super().remove_reader(fd)
+
+    async def until_a_reader_is_removed(self) -> None:
+        async with asyncio.timeout(5):
+            await self.reader_removed.wait()
+
+
+def on_wire(
+    db: Database, work: Callable[[WireConnection], Awaitable[T]], loop: CountingLoop | None = None
+) -> T:
     async def scenario() -> T:
         wire = await connect_wire(connect_args(db.engine, "celeriac-test"))
         try:
@@ -43,9 +67,20 @@ def on_wire(db: Database, work: Callable[[WireConnection], Awaitable[T]]) -> T:
             )
             return await work(wire)
         finally:
-            await wire.conn.close()
+            await wire.close()
 
-    return asyncio.run(scenario())
+    with asyncio.Runner(loop_factory=lambda: loop or CountingLoop()) as runner:
+        return runner.run(scenario())
+
+
+def backend_pid(wire: WireConnection) -> int:
+    return wire.conn.info.backend_pid
+
+
+def server_side(db: Database, sql: str, *params: Any) -> None:
+    url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql, params)
 
 
 def test_a_units_statements_commit_together_or_not_at_all(db: Database) -> None:
@@ -57,7 +92,7 @@ def test_a_units_statements_commit_together_or_not_at_all(db: Database) -> None:
         try:
             [(count,)] = (await fresh.run([(COUNT, ())]))[0].rows
         finally:
-            await fresh.conn.close()
+            await fresh.close()
         return one.rowcount + two.rowcount, count
 
     assert on_wire(db, work) == (2, 2)
@@ -106,3 +141,61 @@ def test_a_refusal_is_psycopgs_error_of_its_sqlstate(db: Database) -> None:
 
     with pytest.raises(psycopg.errors.DivisionByZero):
         on_wire(db, work)
+
+
+def test_the_socket_is_watched_once_per_connection_not_per_statement(db: Database) -> None:
+    """Adding and removing a reader around each wait cost a dozen system calls on
+    uvloop: the socket stays watched from one statement to the next."""
+    loop = CountingLoop()
+
+    async def work(wire: WireConnection) -> list[int]:
+        added = loop.readers_added
+        for n in range(20):  # each unit takes a while: each waits for its answer
+            await wire.run([(INSERT, (n, None)), (b"SELECT pg_sleep(0.005)", ())])
+        [(count,)] = (await wire.run([(COUNT, ())]))[0].rows
+        return [count, loop.readers_added - added]
+
+    assert on_wire(db, work, loop) == [20, 1]
+
+
+def test_a_connection_readable_while_idle_stops_being_watched_and_works_after(
+    db: Database,
+) -> None:
+    """A notification arrives on the idle connection: nobody waits for it, so the watch
+    ends (an idle socket left readable would otherwise wake the loop on every turn), and
+    the next statement watches the socket again."""
+    loop = CountingLoop()
+
+    async def work(wire: WireConnection) -> tuple[int, bool, int]:
+        added = loop.readers_added  # (psycopg's own, while it connected)
+        await wire.run([(b"LISTEN wire_probe", ())])
+        assert wire._watching is loop
+        loop.reader_removed.clear()  # (psycopg removed its own)
+        await asyncio.to_thread(server_side, db, "SELECT pg_notify('wire_probe', 'x')")
+        await loop.until_a_reader_is_removed()
+        assert wire._watching is None
+        # (a statement that takes a while: its answer cannot be there before it waits)
+        [answer] = await wire.run([(b"SELECT $1::int * 2, pg_sleep(0.05)", (21,))])
+        return answer.rows[0][0], wire._watching is loop, loop.readers_added - added
+
+    assert on_wire(db, work, loop) == (42, True, 2)
+
+
+def test_an_idle_connection_the_server_ended_fails_its_next_statement_without_hanging(
+    db: Database,
+) -> None:
+    loop = CountingLoop()
+
+    async def work(wire: WireConnection) -> None:
+        await wire.run([(COUNT, ())])
+        loop.reader_removed.clear()  # (psycopg removed its own)
+        await asyncio.to_thread(
+            server_side, db, "SELECT pg_terminate_backend(%s)", backend_pid(wire)
+        )
+        await loop.until_a_reader_is_removed()  # its end of file was seen, once
+        assert wire._watching is None
+        async with asyncio.timeout(5):
+            await wire.run([(COUNT, ())])
+
+    with pytest.raises(psycopg.OperationalError):
+        on_wire(db, work, loop)

@@ -20,6 +20,7 @@ configuration is read once from the environment set by its variant.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -51,6 +52,34 @@ MB = 1024 * 1024
 SLOWEST_DRAIN_PER_S = 5.0
 WARMUP_ROUND_TRIPS = 5
 WARMUP_SUBMITS = 20
+
+
+class HarnessGcPauses:
+    """Around a timed loop of round trips: this process's own garbage-collector passes,
+    counted (full ones) and the longest timed, and kept with the sample.
+
+    The harness is the client whose clock times every system's round trips: a pause of
+    its own would land in that system's p99. This shows whether one did (in a run of
+    2026-12-07 none did: no full pass, the longest pass 1.3 ms, docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        self.full_passes = 0
+        self.longest = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> HarnessGcPauses:
+        gc.callbacks.append(self._observe)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.longest = max(self.longest, time.perf_counter() - self._started)
+        self.full_passes += info["generation"] == 2
 
 
 class BenchFailure(RuntimeError):
@@ -179,12 +208,15 @@ class System:
         startup_cpu = sum(cpu_seconds(pid) for p in workers for pid in tree(p.pid))
         service_rss, service_pss = memory_now(self.service_pids())
         samples = []
-        for i in range(n):
-            started = time.perf_counter()
-            self.round_trip(i)
-            samples.append(time.perf_counter() - started)
+        with HarnessGcPauses() as pauses:
+            for i in range(n):
+                started = time.perf_counter()
+                self.round_trip(i)
+                samples.append(time.perf_counter() - started)
         return {
             "round_trips": n,
+            "harness_gc_full_passes": pauses.full_passes,
+            "harness_gc_max_ms": pauses.longest * 1000,
             "p50_ms": pct(samples, 0.5) * 1000,
             "p90_ms": pct(samples, 0.9) * 1000,
             "p99_ms": pct(samples, 0.99) * 1000,
