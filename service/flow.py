@@ -30,6 +30,7 @@ from service.leases import LeaseTerms, filter_only
 from service.loops import Pass, Plugin
 from service.models import (
     JOBS_TABLE,
+    LIMIT_GRANTS_TABLE,
     JobKeyRow,
     JobRow,
     JobValues,
@@ -613,7 +614,7 @@ def record_grants(session: Session, admission: Admission, token: str, now: datet
         if key in admission.rules
     ]
     if grants:
-        session.execute(sa.insert(LimitGrantRow), grants)
+        session.execute(sa.insert(LIMIT_GRANTS_TABLE), grants)
     state = state_of(session.get_bind())
     if time.monotonic() - state.pruned_at >= PRUNE_SECONDS:
         state.pruned_at = time.monotonic()
@@ -1134,4 +1135,4 @@ def record_mirrored(session: Session, ids: Sequence[str], token: str, now: datet
         if key in rules
     ]
     if grants:
-        session.execute(sa.insert(LimitGrantRow), grants)
+        session.execute(sa.insert(LIMIT_GRANTS_TABLE), grants)
