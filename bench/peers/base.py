@@ -59,8 +59,8 @@ class HarnessGcPauses:
     counted (full ones) and the longest timed, and kept with the sample.
 
     The harness is the client whose clock times every system's round trips: a pause of
-    its own would land in that system's p99. This shows whether one did (in a run of
-    2026-12-07 none did: no full pass, the longest pass 1.3 ms, docs/benchmarks.md)."""
+    its own would land in that system's figures. This shows whether one did (the
+    round-trip table's last column; docs/benchmarks.md, issue 14, fifteenth pass)."""
 
     def __init__(self) -> None:
         self.full_passes = 0
