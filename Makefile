@@ -15,13 +15,18 @@ DEV_LOCK := requirements-dev.lock
 
 # Everything from the dev lock, hash-checked; then the two distributions alone (--no-deps):
 # the worker SDK (workers/python) and the service (this directory). The check first says
-# `make lock` when either pyproject.toml asks for something the locks lack.
+# `make lock` when either pyproject.toml asks for something the locks lack. The lock is
+# complete (uv resolved it), so pip installs it as it is (--no-deps) and `pip check`
+# proves nothing is missing: left to resolve, pip 23.2 read a dependency named with an
+# extra (pip-audit's `CacheControl[filecache]>=0.13`) as a requirement of its own, found
+# a newer release on PyPI than the pin, and refused the whole install under hashes.
 SDK := workers/python
 $(STAMP): pyproject.toml $(SDK)/pyproject.toml $(LOCK) $(DEV_LOCK)
 	$(PYTHON) tools/locks.py check $(LOCK) $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(DEV_LOCK)
 	$(BIN)/pip install --quiet --no-deps -e ./$(SDK) -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
