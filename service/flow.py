@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -19,10 +20,11 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service import errors
+from service.db import Database
 from service.effects import Dispatch, Effects
 from service.flow_redis import arbitrate
 from service.idempotency import Submitted
@@ -50,6 +52,8 @@ QUEUE_KEY_PREFIX = "queue/"
 UNIQUE, DEBOUNCE, LIMIT_LOCK = "unique", "debounce", "limit"
 # How often a submit retries after losing a key's insert race to another replica.
 KEY_RACE_RETRIES = 3
+
+log = logging.getLogger("celeriac.flow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,10 +325,36 @@ def freed(session: Session, rows: Iterable[JobValues], effects: Effects) -> None
     announced again after the commit: a broker's index dropped them when they were handed
     back blocked, and SQL waiters wake for them."""
     state = state_of(session.get_bind())
-    if not state.full and not state.held:
+    slots = _slots_freed(state, rows, effects)
+    if slots:
+        effects.dispatch += _held_back(session, state, slots)
+
+
+async def freed_after_commit(db: Database, rows: Iterable[JobValues], effects: Effects) -> None:
+    """``freed`` for jobs a statement of the direct path settled (``with_limits``): the
+    same in memory, and the held-back jobs to announce read after that statement's
+    commit, through the pool (only when a key held jobs back lately). A read that fails
+    is logged: the settle stands, and the reconciler offers what stays queued again."""
+    state = state_of(db.engine)
+    slots = _slots_freed(state, rows, effects)
+    if not slots:
         return
+    try:
+        effects.dispatch += await db.run(lambda session: _held_back(session, state, slots))
+    except SQLAlchemyError as exc:
+        log.warning("announcing the jobs that freed limit slots let through failed: %s", exc)
+
+
+Slots = dict[tuple[str, str | None], int]  # (queue, first key or None: the queue's) -> freed
+
+
+def _slots_freed(state: FlowState, rows: Iterable[JobValues], effects: Effects) -> Slots:
+    """``freed``'s part in memory: the full keys these jobs were in have room again (SQL
+    waiters of their queues wake), and the slots freed per key that held jobs back."""
+    if not state.full and not state.held:
+        return {}
     horizon = time.monotonic() - HELD_SECONDS
-    slots: dict[tuple[str, str | None], int] = {}
+    slots: Slots = {}
     for row in rows:
         key, own = row.get("limit_key"), queue_key(row["queue"])
         was_full = state.full.pop(key or "", None) is not None
@@ -340,13 +370,10 @@ def freed(session: Session, rows: Iterable[JobValues], effects: Effects) -> None
         else:
             continue
         slots[pair] = slots.get(pair, 0) + 1
-    if slots:
-        effects.dispatch += _held_back(session, state, slots)
+    return slots
 
 
-def _held_back(
-    session: Session, state: FlowState, slots: dict[tuple[str, str | None], int]
-) -> list[Dispatch]:
+def _held_back(session: Session, state: FlowState, slots: Slots) -> list[Dispatch]:
     """The next ready jobs of each (queue, first key), as many as slots freed; a key
     with fewer left holds nothing back any more."""
     jobs = JOBS_TABLE.c

@@ -747,7 +747,7 @@ async def settle_succeeded_direct(
     waited: Callable[[str], bool],
     notices: Sequence[tuple[str, str]] = (),
     whole: bool = False,
-    limited_queues: Collection[str] = (),
+    with_limits: bool = False,
     first: Sequence[Step] = (),
 ) -> dict[str, JobValues]:
     """Settle successes (``settles_directly``, distinct ids) in one statement from the
@@ -755,23 +755,21 @@ async def settle_succeeded_direct(
     transaction (a Redis worker's leases and reports read together commit once, and a
     refusal leaves all of it undone): the jobs it settled, as
     they now are (``whole``: every column; else only ``ENDED_COLUMNS``, unless a job is
-    waited on here). What it leaves (a stale or foreign token, a job with a webhook, a
-    workflow or limits, or in one of ``limited_queues``: its settle writes more than its
-    row) is for ``settle``, which answers it as it always has."""
+    waited on here). What it leaves (a stale or foreign token, a job with a webhook or a
+    workflow: its settle writes more than its row) is for ``settle``, which answers it as
+    it always has. A job that holds limit slots (it names limits, or its queue has its
+    own) is left too, unless ``with_limits``: then its caller frees those slots after
+    the commit (``flow.freed_after_commit``), as ``settle`` frees them before."""
     read = _success_recordset()
     whole = whole or any(waited(report.id) for report in reports)
     compiled = direct.compiled(
-        ("settle succeeded", whole), lambda: _settle_succeeded_statement(read, whole)
+        ("settle succeeded", whole, with_limits),
+        lambda: _settle_succeeded_statement(read, whole, with_limits),
     )
     changes = [{"id": r.id, "match_token": r.token, **_success(r, now)} for r in reports]
     rows = await direct.fetch(
         compiled,
-        {
-            "rows": read.rows_json(changes),
-            "key_id": key_id,
-            "running": JobStatus.running,
-            "limited_queues": sorted(limited_queues),
-        },
+        {"rows": read.rows_json(changes), "key_id": key_id, "running": JobStatus.running},
         notices,
         first,
     )
@@ -884,9 +882,12 @@ ENDED_COLUMNS = ("id", "queue", "task", "status", "attempt", "lease_worker", "ru
                  "started_at", "limit_key", "traceparent")  # fmt: skip
 
 
-def _settle_succeeded_statement(read: Recordset, whole: bool) -> sa.TextualSelect:
+def _settle_succeeded_statement(
+    read: Recordset, whole: bool, with_limits: bool
+) -> sa.TextualSelect:
     """``settle``'s fencing (the token, ``running``, the caller's key) and its writes for a
-    success, over a recordset of reports; only jobs whose settle writes no more."""
+    success, over a recordset of reports; only jobs whose settle writes no more (and,
+    without ``with_limits``, that name no limits: flow control is not configured)."""
     sets = [f"{name} = {value}" for name, value in zip(SUCCESS_COLUMNS, read.values, strict=True)]
     # NULL without a TTL; as ``_succeeded``'s ``now + timedelta(seconds=result_ttl)``.
     sets.append("result_expires_at = v.finished_at + jobs.result_ttl * interval '1 second'")
@@ -899,9 +900,9 @@ def _settle_succeeded_statement(read: Recordset, whole: bool) -> sa.TextualSelec
         " AND jobs.status = :running"
         " AND (jobs.lease_key IS NULL OR jobs.lease_key = :key_id)"
         " AND jobs.webhook IS NULL AND jobs.workflow_id IS NULL"
-        " AND jobs.limit_key IS NULL AND jobs.queue <> ALL(:limited_queues)"
+        f"{'' if with_limits else ' AND jobs.limit_key IS NULL'}"
         f" RETURNING {returned}"
-    ).bindparams(sa.bindparam("limited_queues", type_=postgresql.ARRAY(sa.String())))
+    )
     return statement.columns(*columns)
 
 

@@ -94,9 +94,7 @@ async def _settle_direct(
     that names a job twice (the first report settles it, which is ``settle``'s to
     decide), are left to ``settle``."""
     direct = runtime.loop_direct
-    # Under flow control, jobs in queues with limits of their own hold a slot: not here.
-    limited = flow.limited_queues(runtime.db.engine) if flow.active(runtime.db.engine) else ()
-    if direct is None or limited is None:
+    if direct is None:
         return {}
     candidates = [report for report in reports if settles_directly(report)]
     if not candidates or len({report.id for report in reports}) < len(reports):
@@ -104,7 +102,10 @@ async def _settle_direct(
     if not direct.takes(len(candidates)):
         return {}
     if isinstance(direct, DirectSqlite):
-        if limited:
+        # Under flow control, jobs in queues with limits of their own hold a slot: not
+        # here (SQLite's statement leaves the jobs that name limits).
+        engine = runtime.db.engine
+        if flow.active(engine) and flow.limited_queues(engine) != frozenset():
             return {}
         return await _settled_on_sqlite(runtime, direct, candidates, now, key_id, whole)
     assert isinstance(direct, DirectPg)
@@ -116,12 +117,14 @@ async def _settle_direct(
         settled = await settle_succeeded_direct(
             direct, candidates, now, effects, key_id=key_id,
             waited=runtime.signals.is_waited, notices=notices, whole=whole,
-            limited_queues=limited,
+            with_limits=True,
         )  # fmt: skip
     except Refused:  # nothing committed: all of them through the pool
         return {}
     effects.announced = bool(notices)
     if settled:
+        # The slots they held (limits of their own, or their queue's) are free.
+        await flow.freed_after_commit(runtime.db, settled.values(), effects)
         await runtime.apply(effects)
     return settled
 
