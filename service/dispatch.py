@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from service.brokers.base import Broker, BrokerUnavailable, Candidates
 from service.brokers.sql import SqlBroker
@@ -50,6 +50,7 @@ log = logging.getLogger("celeriac.dispatch")
 Terms = Callable[[], LeaseTerms]
 _DRAINED_KEYS = 1024  # distinct queue lists remembered (then forgotten all at once)
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+T = TypeVar("T")
 
 
 class Dispatcher:
@@ -181,11 +182,37 @@ class Dispatcher:
                 granted = await claim_ids_direct(self.direct, ids, terms(), limited)
                 taken = {row["id"] for row in granted}
                 rest = [job_id for job_id in ids if job_id not in taken]
+            if rest:
+                granted += await self._flow_claim_direct(self.direct, rest, terms)
+                rest = []
         if rest:
             granted += await self.db.run(lambda s: claim_by_ids(s, rest, terms()), rows=len(rest))
         # The broker's order; last, what flow control took from SQL for blocked ids.
         order = {job_id: index for index, job_id in enumerate(ids)}
         return sorted(granted, key=lambda row: order.get(row["id"], len(ids)))
+
+    async def _flow_claim_direct(
+        self, direct: DirectPg, ids: Sequence[str], terms: Terms
+    ) -> list[JobValues]:
+        """Flow control's claim of these ids on the direct path (service/flow_direct.py);
+        for as many as it left blocked, the queues' other jobs through the pool, as
+        ``flow.claim_by_ids`` takes them. Run to its end even if the lease is cancelled,
+        as a claim in a database thread is: a grant it committed is reclaimed at its
+        deadline, and Redis's slots are never given back for a grant that committed."""
+        from service import flow, flow_direct, flow_redis
+
+        arbiter = flow_redis.arbiter(self.broker)
+        link = getattr(self.broker, "calls", None)
+        slots = (arbiter, link) if arbiter is not None and link is not None else None
+        claim = flow_direct.claim_by_ids(direct, self.db.engine, ids, terms(), slots)
+        claimed = await _to_the_end(claim)
+        if not claimed.blocked:
+            return claimed.granted
+        queues = list(dict.fromkeys(row["queue"] for row in claimed.blocked))
+        more = len(claimed.blocked)
+        return claimed.granted + await self.db.run(
+            lambda s: flow.claim_from_queues(s, queues, more, terms()), rows=more
+        )
 
     async def _claim_queues(
         self, queues: Sequence[str], max_jobs: int, terms: Terms
@@ -257,3 +284,19 @@ class Dispatcher:
                         await event.wait()
             finally:
                 self.signals.drop_ready_waiter(queues, event)
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result; cancelling the caller does not cancel ``work``, which runs to its
+    end (its failure then logged, never left unretrieved)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_failure)
+        raise
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a claim whose lease was cancelled failed: %s", task.exception())

@@ -39,6 +39,7 @@ from service.models import (
     LimitGrantRow,
     LimitRow,
     QueueSettingsRow,
+    UTCDateTime,
     values_of,
 )
 from service.runtime import Runtime
@@ -505,11 +506,11 @@ def keys_of(row: JobValues) -> list[str]:
 
 
 # The advisory-lock space of limit keys on PostgreSQL (an arbitrary constant: "cel").
-_PG_LOCK_SPACE = 0x63656C
+PG_LOCK_SPACE = 0x63656C
 # One statement: a transaction lock per key, taken in one stable order (of the keys'
 # hashes) so two grants cannot deadlock on each other. Two keys with one hash only
 # serialise more than needed.
-_PG_LOCK_KEYS = sa.text(
+PG_LOCK_KEYS = sa.text(
     "SELECT count(pg_advisory_xact_lock(:space, h)) FROM (SELECT DISTINCT hashtext(k) AS h"
     " FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS held"
 )
@@ -523,7 +524,7 @@ def _lock_keys(session: Session, keys: Sequence[str]) -> None:
     if dialect == "sqlite":
         return
     if dialect == "postgresql":
-        session.execute(_PG_LOCK_KEYS, {"space": _PG_LOCK_SPACE, "keys": list(keys)})
+        session.execute(PG_LOCK_KEYS, {"space": PG_LOCK_SPACE, "keys": list(keys)})
         return
     existing = set(
         session.scalars(
@@ -573,36 +574,53 @@ def admit(
     candidate names a limited key; else the keys are locked, then counted."""
     if not rows:
         return Admission([], [], {})
-    snap = snapshot(session)
-    rows = [row for row in rows if row["queue"] not in snap.paused]
-    keys = sorted({key for row in rows for key in keys_of(row)})
-    rules = snap.rules_for(keys)
+    rows, rules = unpaused_and_rules(snapshot(session), rows)
     if not rules:
         return Admission(list(rows)[:want], [], {})
     _lock_keys(session, sorted(rules))
     running = running_counts(session, list(rules))
     window = _granted_in_window(session, rules, now)
+    return admitted(state_of(session.get_bind()), rows, rules, running, window, want)
+
+
+def unpaused_and_rules(
+    snap: Snapshot, rows: Sequence[JobValues]
+) -> tuple[list[JobValues], dict[str, Rule]]:
+    """The candidates outside paused queues, and the rules of the keys they count against."""
+    rows = [row for row in rows if row["queue"] not in snap.paused]
+    return rows, snap.rules_for(sorted({key for row in rows for key in keys_of(row)}))
+
+
+def admitted(
+    state: FlowState,
+    rows: Sequence[JobValues],
+    rules: dict[str, Rule],
+    running: dict[str, int],
+    window: Window,
+    want: int | None,
+) -> Admission:
+    """``admit``'s decision, once its keys are locked and counted: in order, each
+    candidate that every one of its limited keys has room for."""
     granted = {key: count for key, (count, _) in window.items()}
-    admitted: list[JobValues] = []
+    taken: list[JobValues] = []
     blocked: list[JobValues] = []
     for row in rows:
-        if want is not None and len(admitted) >= want:
+        if want is not None and len(taken) >= want:
             break  # the rest of the window is neither taken nor counted
         limited = [key for key in keys_of(row) if key in rules]
         if all(_has_room(rules[k], running.get(k, 0), granted.get(k, 0)) for k in limited):
-            admitted.append(row)
+            taken.append(row)
             for key in limited:
                 running[key] = running.get(key, 0) + 1
                 granted[key] = granted.get(key, 0) + 1
         else:
             blocked.append(row)
     full = {k for k, r in rules.items() if not _has_room(r, running.get(k, 0), granted.get(k, 0))}
-    state = state_of(session.get_bind())
     state.counted(rules, _until(full, rules, running, window))
     if blocked and state.reoffers:
         at = time.monotonic()
         state.held.update((key, at) for key in full)
-    return Admission(admitted, blocked, rules, full)
+    return Admission(taken, blocked, rules, full)
 
 
 def _until(
@@ -655,21 +673,31 @@ PRUNE_SECONDS = 1.0
 def _prune(session: Session, now: datetime) -> None:
     """Delete the grant rows that hold nothing: out of every rate window (the longest
     period of any rule) and no longer running under their token."""
-    snap = snapshot(session)
+    cutoff = now - timedelta(seconds=longest_period(snapshot(session)))
+    session.execute(prune_statement(), {"cutoff": cutoff})
+
+
+def longest_period(snap: Snapshot) -> float:
+    """The longest rate window of any rule, in seconds (0 without rates)."""
     rules = [*snap.exact.values(), *(r for _, r in snap.patterns), *snap.queues.values()]
-    longest = max((rule.rate_period or 0.0 for rule in rules), default=0.0)
-    grant, job = LimitGrantRow, JOBS_TABLE
+    return max((rule.rate_period or 0.0 for rule in rules), default=0.0)
+
+
+def prune_statement() -> sa.Delete:
+    """``_prune``'s statement: the rows granted at ``:cutoff`` or before whose job no
+    longer runs under their token."""
+    grant, job = LIMIT_GRANTS_TABLE.c, JOBS_TABLE.c
     still_running = (
         sa.select(sa.literal(1))
         .where(
-            job.c.id == grant.job_id,
-            job.c.lease_token == grant.lease_token,
-            job.c.status == JobStatus.running,
+            job.id == grant.job_id,
+            job.lease_token == grant.lease_token,
+            job.status == JobStatus.running,
         )
         .exists()
     )
-    cutoff = now - timedelta(seconds=longest)
-    session.execute(sa.delete(grant).where(grant.granted_at <= cutoff, ~still_running))
+    cutoff = sa.bindparam("cutoff", type_=UTCDateTime())
+    return sa.delete(LIMIT_GRANTS_TABLE).where(grant.granted_at <= cutoff, ~still_running)
 
 
 def blocked_by(

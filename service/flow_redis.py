@@ -33,6 +33,7 @@ from service.models import JobValues
 if TYPE_CHECKING:
     from service.brokers.base import Broker
     from service.brokers.redis import RedisBroker, RedisLayout
+    from service.brokers.redis_link import RedisLink
     from service.db import Database
     from service.flow import Admission
     from service.leases import LeaseTerms
@@ -57,6 +58,14 @@ def _job_keys(row: JobValues) -> str:
     return json.dumps({"queue": row["queue"], "limits": list(row.get("limits") or ())})
 
 
+def _slot_args(rows: Sequence[JobValues], token: str) -> list[Any]:
+    """The arguments of ``http_grant`` and ``http_undo``: the token, then each job."""
+    args: list[Any] = [PROTOCOL, token]
+    for row in rows:
+        args += [row["id"], _job_keys(row)]
+    return args
+
+
 class SlotArbiter:
     """Redis's side of an HTTP grant, called from the claim's database thread: a
     synchronous client of its own (redis-py's pool is thread-safe)."""
@@ -74,30 +83,50 @@ class SlotArbiter:
         slots are given back if ``session``'s transaction ends without a commit. With
         Redis unreachable nothing is granted: a slot Redis does not know of would let
         Redis workers exceed the limit once it answers again."""
-        args: list[Any] = [PROTOCOL, token]
-        for row in rows:
-            args += [row["id"], _job_keys(row)]
         try:
             answers: list[str] = self.client.fcall(
-                "celeriac_v1_http_grant", 1, self.flow_key, *args
+                "celeriac_v1_http_grant", 1, self.flow_key, *_slot_args(rows, token)
             )
         except RedisError as exc:
-            if not self._failing:
-                log.warning("Redis does not answer (%s): jobs with limits wait for it", exc)
-            self._failing = True
-            return [HELD] * len(rows)
+            return self._unanswered(exc, rows)
         self._failing = False
         taken = [row for row, answer in zip(rows, answers, strict=True) if answer == ""]
         if taken:
             _unless_committed(session, lambda: self.undo(taken, token))
         return answers
 
-    def undo(self, rows: Sequence[JobValues], token: str) -> None:
-        args: list[Any] = [PROTOCOL, token]
-        for row in rows:
-            args += [row["id"], _job_keys(row)]
+    async def take_from_loop(
+        self, link: RedisLink, rows: Sequence[JobValues], token: str
+    ) -> list[str]:
+        """``take`` from the event loop, through the broker's own connection (flow
+        control's claim on the direct path, service/flow_direct.py), whose caller gives
+        the slots back (``undo_from_loop``) if its transaction does not commit."""
         try:
-            self.client.fcall("celeriac_v1_http_undo", 1, self.flow_key, *args)
+            answers: list[str] = await link.call(
+                "FCALL", "celeriac_v1_http_grant", 1, self.flow_key, *_slot_args(rows, token)
+            )
+        except RedisError as exc:
+            return self._unanswered(exc, rows)
+        self._failing = False
+        return answers
+
+    def _unanswered(self, exc: RedisError, rows: Sequence[JobValues]) -> list[str]:
+        if not self._failing:
+            log.warning("Redis does not answer (%s): jobs with limits wait for it", exc)
+        self._failing = True
+        return [HELD] * len(rows)
+
+    def undo(self, rows: Sequence[JobValues], token: str) -> None:
+        try:
+            self.client.fcall("celeriac_v1_http_undo", 1, self.flow_key, *_slot_args(rows, token))
+        except RedisError as exc:  # held until ``repair`` finds SQL never granted them
+            log.warning("giving back the slots of an uncommitted HTTP lease failed: %s", exc)
+
+    async def undo_from_loop(self, link: RedisLink, rows: Sequence[JobValues], token: str) -> None:
+        try:
+            await link.call(
+                "FCALL", "celeriac_v1_http_undo", 1, self.flow_key, *_slot_args(rows, token)
+            )
         except RedisError as exc:  # held until ``repair`` finds SQL never granted them
             log.warning("giving back the slots of an uncommitted HTTP lease failed: %s", exc)
 
@@ -135,14 +164,27 @@ def arbitrate(session: Session, admission: Admission, terms: LeaseTerms) -> Admi
     jobs that name limited keys, in order; a job it refuses stays queued (blocked), and
     the key it found full is full for the claim's next look too."""
     slots = terms.slot_arbiter
-    if slots is None or not admission.rules or not admission.admitted:
+    limited = needing_slots(admission) if slots is not None else []
+    if slots is None or not limited:
         return admission
+    return with_answers(admission, limited, slots.take(session, limited, terms.token))
+
+
+def needing_slots(admission: Admission) -> list[JobValues]:
+    """The admitted jobs that name limited keys: those Redis gives slots to."""
     from service.flow import keys_of
 
-    limited = [row for row in admission.admitted if any(k in admission.rules for k in keys_of(row))]
-    if not limited:
-        return admission
-    answers = slots.take(session, limited, terms.token)
+    if not admission.rules:
+        return []
+    rules = admission.rules
+    return [row for row in admission.admitted if any(key in rules for key in keys_of(row))]
+
+
+def with_answers(
+    admission: Admission, limited: Sequence[JobValues], answers: list[str]
+) -> Admission:
+    """``admission`` after Redis's answers for ``limited``: a job it refused stays queued
+    (blocked), and the key it found full is full for the claim's next look too."""
     refused = {row["id"]: answer for row, answer in zip(limited, answers, strict=True) if answer}
     if refused:
         admission.blocked += [row for row in admission.admitted if row["id"] in refused]

@@ -285,6 +285,18 @@ class DirectPg(Direct):
         return compiled.rows(answer.rows, () if compiled.columns else answer.types())
 
     @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[DirectTransaction]:
+        """An explicit transaction on one of these connections, for a unit whose later
+        statements depend on the rows of earlier ones (flow control's claim: a few round
+        trips, each a pipeline). Left without ``commit``, it rolls back; left by an
+        error or a cancellation, its connection is closed, and the server rolls back."""
+        async with self._connection() as wire:
+            tx = DirectTransaction(wire, self.outage)
+            yield tx
+            if tx.begun and not tx.committed:
+                await tx.rollback()
+
+    @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[WireConnection]:
         async with self._slots:
             wire = await self._take()
@@ -316,3 +328,49 @@ def wire_dialect(dialect: sa.Dialect) -> sa.Dialect:
     numbered.paramstyle = "numeric_dollar"
     numbered.positional = True
     return numbered
+
+
+class DirectTransaction:
+    """One explicit transaction from the event loop (``DirectPg.transaction``): ``run``
+    sends steps in one pipeline (the first begins the transaction), ``commit`` its last
+    steps and the COMMIT in one. Each returns every step's rows, converted as ``fetch``
+    converts them. A failure raises as ``fetch`` does (``Refused``: nothing committed;
+    ``DatabaseUnavailable``)."""
+
+    __slots__ = ("_outage", "_started", "_wire", "begun", "committed")
+
+    def __init__(self, wire: WireConnection, outage: OutageTracker) -> None:
+        self._wire = wire
+        self._outage = outage
+        self._started = time.monotonic()
+        self.begun = self.committed = False
+
+    async def run(self, steps: Sequence[Step]) -> list[list[Row]]:
+        return await self._send(steps, b"")
+
+    async def commit(self, steps: Sequence[Step] = ()) -> list[list[Row]]:
+        rows = await self._send(steps, b"COMMIT")
+        self.committed = True
+        self._outage.succeeded(self._started)
+        return rows
+
+    async def rollback(self) -> None:
+        await self._send((), b"ROLLBACK")
+
+    async def _send(self, steps: Sequence[Step], end: bytes) -> list[list[Row]]:
+        statements: list[Statement] = [] if self.begun else [(b"BEGIN", ())]
+        statements += [(step.sql_bytes, bound(step.positional_params, v)) for step, v in steps]
+        if end:
+            statements.append((end, ()))
+        try:
+            answers = await self._wire.run(statements)
+        except psycopg.Error as exc:
+            raise refusal(exc, self._outage) from exc
+        answers = answers[0 if self.begun else 1 :]
+        self.begun = True
+        return [
+            step.rows(answer.rows, () if step.columns else answer.types())
+            if step.returns_rows
+            else []
+            for (step, _), answer in zip(steps, answers, strict=False)
+        ]
