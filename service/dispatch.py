@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -49,6 +50,7 @@ log = logging.getLogger("celeriac.dispatch")
 
 Terms = Callable[[], LeaseTerms]
 _DRAINED_KEYS = 1024  # distinct queue lists remembered (then forgotten all at once)
+PLAIN_RETRY_SECONDS = 1.0
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 T = TypeVar("T")
 
@@ -74,6 +76,7 @@ class Dispatcher:
         self._down = False
         # queues -> Signals.ready_generation when a claim of them here last came back short
         self._drained_at: dict[tuple[str, ...], int] = {}
+        self._all_limited_at = -PLAIN_RETRY_SECONDS  # see ``_limited_lately``
 
     async def lease(
         self, queues: Sequence[str], max_jobs: int, wait: float, terms: Terms
@@ -178,8 +181,10 @@ class Dispatcher:
             if not flow.active(self.db.engine):
                 return await claim_ids_direct(self.direct, ids, terms())
             limited = flow.limited_queues(self.db.engine)
-            if limited is not None:
+            if limited is not None and not self._limited_lately():
                 granted = await claim_ids_direct(self.direct, ids, terms(), limited)
+                if not granted:  # a batch of limited jobs: the next ones likely are too
+                    self._all_limited_at = time.monotonic()
                 taken = {row["id"] for row in granted}
                 rest = [job_id for job_id in ids if job_id not in taken]
             if rest:
@@ -190,6 +195,14 @@ class Dispatcher:
         # The broker's order; last, what flow control took from SQL for blocked ids.
         order = {job_id: index for index, job_id in enumerate(ids)}
         return sorted(granted, key=lambda row: order.get(row["id"], len(ids)))
+
+    def _limited_lately(self) -> bool:
+        """Whether a batch of candidates lately had no job that the plain statement
+        grants under flow control (one naming no limits, outside queues with limits of
+        their own): then flow control's claim takes the next batches whole, jobs without
+        limits too, and spares the plain statement's round trip, until the plain statement
+        is tried again ``PLAIN_RETRY_SECONDS`` later."""
+        return time.monotonic() - self._all_limited_at < PLAIN_RETRY_SECONDS
 
     async def _flow_claim_direct(
         self, direct: DirectPg, ids: Sequence[str], terms: Terms

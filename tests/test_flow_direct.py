@@ -24,6 +24,7 @@ from conftest import migrated_database, selected_databases
 from service import flow, flow_direct
 from service.brokers.sql import SqlBroker
 from service.db import Database
+from service.dispatch import PLAIN_RETRY_SECONDS
 from service.effects import Effects
 from service.jobs import Defaults, insert_jobs, new_job
 from service.leases import LeaseTerms, Settle, new_token, settle
@@ -180,3 +181,41 @@ def test_a_stale_snapshot_of_the_rules_is_left_to_the_pools_path(
         lambda session: set(session.execute(sa.select(JOBS_TABLE.c.status)).scalars())
     )
     assert statuses == {JobStatus.queued}
+
+
+def test_after_a_batch_of_limited_jobs_flow_control_takes_the_next_whole(
+    db: Database, now: datetime
+) -> None:
+    """Under flow control the dispatcher first grants the candidates that name no limits
+    in one plain statement. A batch where that granted nothing (every job named limits)
+    makes flow control's claim take the next batches whole, jobs without limits too,
+    for ``PLAIN_RETRY_SECONDS``; then the plain statement is tried again."""
+    ids = configured(db, now)
+
+    async def run() -> list[set[str]]:
+        signals = Signals()
+        runtime = Runtime(Settings(), db, signals, SqlBroker(db, signals, fallback_seconds=1.0))
+        direct, dispatcher = runtime.direct, runtime.dispatcher
+        assert isinstance(direct, DirectPg)
+        plain_statements = []
+        fetch = direct.fetch
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            plain_statements.append(args[0])
+            return await fetch(*args, **kwargs)
+
+        direct.fetch = counted  # type: ignore[method-assign]  # a spy: the real call runs
+        try:
+            batches = [[ids["a1"], ids["b1"]], [ids["plain"], ids["c1"]], [ids["r1"]]]
+            granted: list[set[str]] = []
+            for batch in batches[:2]:
+                granted.append(labels(ids, await dispatcher._claim_ids(batch, lambda: terms(now))))
+            assert len(plain_statements) == 1  # only the first batch's
+            dispatcher._all_limited_at -= PLAIN_RETRY_SECONDS
+            granted.append(labels(ids, await dispatcher._claim_ids(batches[2], lambda: terms(now))))
+            assert len(plain_statements) == 2
+            return granted
+        finally:
+            await runtime.close()
+
+    assert asyncio.run(run()) == [{"a1", "b1"}, {"plain", "c1"}, {"r1"}]

@@ -383,13 +383,14 @@ def test_a_waiter_that_comes_during_the_settle_is_not_handed_a_narrow_row(db: Da
     assert effects.finished == [job["id"]] and effects.settled == {}
 
 
-def test_under_flow_control_a_limited_job_is_granted_by_the_pool_and_settled_directly(
+def test_under_flow_control_a_limited_job_is_granted_by_flow_control_and_settled_directly(
     db: Database,
 ) -> None:
-    """With a limit configured, the direct claim grants a job that names no limits and
-    leaves one that does (flow control counts it); the dispatcher's pool path grants
-    that one, and both settle in the direct statement, which frees the limited one's
-    slot: its key has room again, and the job it held back is announced once more."""
+    """With a limit configured, the plain direct claim grants a job that names no limits
+    and leaves one that does; the dispatcher's flow-control claim grants that one (it
+    counts its key: tests/test_flow_direct.py), and both settle in the direct statement,
+    which frees the limited one's slot: its key has room again, and the job it held back
+    is announced once more."""
     now = Clock().now()
     db.run_sync(
         lambda session: session.add(
@@ -426,7 +427,7 @@ def test_under_flow_control_a_limited_job_is_granted_by_the_pool_and_settled_dir
     settled = asyncio.run(dispatch_and_settle())
     assert sorted(settled) == sorted([plain["id"], limited["id"]])
     assert {stored(db, i)["status"] for i in settled} == {JobStatus.succeeded}
-    # Its slot was held from the grant through the pool's path until its settle.
+    # Its slot was held from the grant until its settle.
     assert db.run_sync(lambda session: flow.running_counts(session, ["fl-1"])) == {}
     assert "fl-1" not in state.full
 
