@@ -212,12 +212,13 @@ class Dispatcher:
         ``flow.claim_by_ids`` takes them. Run to its end even if the lease is cancelled,
         as a claim in a database thread is: a grant it committed is reclaimed at its
         deadline, and Redis's slots are never given back for a grant that committed."""
-        from service import flow, flow_direct, flow_redis
+        from service import flow, flow_direct
 
-        arbiter = flow_redis.arbiter(self.broker)
-        link = getattr(self.broker, "calls", None)
+        first = terms()
+        link = getattr(self.broker, "calls", None)  # the Redis broker's pipelined connection
+        arbiter = first.slot_arbiter
         slots = (arbiter, link) if arbiter is not None and link is not None else None
-        claim = flow_direct.claim_by_ids(direct, self.db.engine, ids, terms(), slots)
+        claim = flow_direct.claim_by_ids(direct, self.db.engine, ids, first, slots)
         claimed = await _to_the_end(claim)
         if not claimed.blocked:
             return claimed.granted

@@ -43,6 +43,9 @@ from service.pg_wire import Statement, WireConnection
 # statement waiting on a row lock (a claim behind a settle) holds one meanwhile.
 CONNECTIONS = 8
 NOTIFY = b"SELECT pg_notify($1, $2)"
+# As the pool's transactions begin: a unit that counts after it locks (flow control's
+# claim) needs each statement's own snapshot, whatever the server's default.
+BEGIN = b"BEGIN ISOLATION LEVEL READ COMMITTED"
 APPLICATION_NAME = "celeriac-direct"
 
 Row = dict[str, Any]
@@ -358,7 +361,7 @@ class DirectTransaction:
         await self._send((), b"ROLLBACK")
 
     async def _send(self, steps: Sequence[Step], end: bytes) -> list[list[Row]]:
-        statements: list[Statement] = [] if self.begun else [(b"BEGIN", ())]
+        statements: list[Statement] = [] if self.begun else [(BEGIN, ())]
         statements += [(step.sql_bytes, bound(step.positional_params, v)) for step, v in steps]
         if end:
             statements.append((end, ()))

@@ -28,6 +28,7 @@ from conftest import (
     unique_name,
 )
 
+from service import flow, flow_redis
 from service.brokers import redis as redis_broker
 from service.brokers.amqp import AmqpBroker, Layout
 from service.brokers.base import Broker, BrokerHooks, BrokerUnavailable
@@ -38,7 +39,7 @@ from service.jobs import insert_jobs, new_job
 from service.leases import LeaseTerms, claim_by_ids, new_token
 from service.models import JOBS_TABLE, JobValues
 from service.runtime import Runtime
-from service.schemas import JobSubmit
+from service.schemas import JobSubmit, LimitSpec
 from service.settings import Settings
 from service.signals import Signals
 
@@ -189,6 +190,54 @@ def test_an_http_grant_drops_the_envelopes_after_the_answer(backend: Backend) ->
         await asyncio.gather(*h.runtime.spawned())  # the ack, spawned by the grant
         assert await h.broker.redis.hgetall(job_key) == {"done": "1"}
         assert 0 < await h.broker.redis.ttl(job_key) <= 30  # flow_redis.TOMBSTONE_SECONDS
+
+    run(backend, scenario, redis_workers=True)
+
+
+_REFUSE_GRANT_ROWS = """
+CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+CREATE TRIGGER {name} BEFORE INSERT ON limit_grants FOR EACH ROW EXECUTE FUNCTION {name}();
+"""
+
+
+def test_a_limited_grant_that_does_not_commit_gives_its_redis_slot_back(backend: Backend) -> None:
+    """With Redis workers served, Redis arbitrates the limit slots of an HTTP grant inside
+    the claim's transaction (service/flow_redis.py). A claim whose grant the database
+    refuses (here a trigger refuses its grant rows: the direct claim's commit, then the
+    pool's) gives the slot back: once the database accepts again, the next claim gets
+    the job. A slot left taken would keep the key (``max_running`` 1) full."""
+    if backend.broker != "redis" or backend.database != "postgres":
+        pytest.skip("Redis's slots for HTTP grants; the refusing trigger is PostgreSQL's")
+
+    async def scenario(h: Harness) -> None:
+        db, now = h.runtime.db, h.runtime.clock.now()
+        await db.run(lambda s: flow.put_limit(s, "sl-*", LimitSpec(max_running=1), now))
+        await flow.sync_redis(h.runtime)  # the rule, as the Lua functions read it
+        await db.run(flow.snapshot)  # fresh: the direct claim takes the first try
+        row = new_job(JobSubmit(task="t", queue=h.queue, limits=["sl-1"]), now, h.runtime.defaults)
+        await db.run(lambda session: insert_jobs(session, [row]))
+        await h.runtime.after_submit([row])
+        arbiter = flow_redis.arbiter(h.broker)
+        assert arbiter is not None
+
+        def terms() -> LeaseTerms:
+            t = h.terms()
+            return LeaseTerms(t.worker, t.token, t.now, t.lease_seconds, t.default_seconds,
+                              slot_arbiter=arbiter)  # fmt: skip
+
+        trigger = unique_name("refuse_")
+        await db.run(lambda s: s.execute(sa.text(_REFUSE_GRANT_ROWS.format(name=trigger))))
+        try:
+            with pytest.raises(sa.exc.DBAPIError, match="refused for the test"):
+                await h.runtime.dispatcher.lease([h.queue], 1, 0.0, terms)
+        finally:
+            drop = f"DROP TRIGGER {trigger} ON limit_grants; DROP FUNCTION {trigger}()"
+            await db.run(lambda s: s.execute(sa.text(drop)))
+        assert (await h.status(row["id"]))[0] == "queued"
+        await db.run(flow.snapshot)
+        leased = await h.runtime.dispatcher.lease([h.queue], 1, 0.0, terms)
+        assert [r["id"] for r in leased] == [row["id"]]
 
     run(backend, scenario, redis_workers=True)
 
