@@ -18,6 +18,10 @@ here; everything else, and every database but PostgreSQL, keeps the pool.
   other error raises ``Refused``: nothing was committed, and the caller takes the pool's
   path, which answers as it always has (retries a deadlock, refuses a bad row).
   A connection that failed, or whose statement was cancelled, is closed, never reused.
+- ``DirectPg.transaction``: an explicit transaction (READ COMMITTED) on one of those
+  connections, for a unit whose later statements depend on the rows of earlier ones
+  (flow control's claim, service/flow_direct.py): a pipeline per round trip, the COMMIT
+  in the last; the same failures, and a unit left without its commit rolls back.
 """
 
 from __future__ import annotations
