@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from service.brokers.base import Broker, BrokerUnavailable, Candidates
 from service.brokers.sql import SqlBroker
@@ -52,7 +52,6 @@ Terms = Callable[[], LeaseTerms]
 _DRAINED_KEYS = 1024  # distinct queue lists remembered (then forgotten all at once)
 PLAIN_RETRY_SECONDS = 1.0
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
-T = TypeVar("T")
 
 
 class Dispatcher:
@@ -209,23 +208,19 @@ class Dispatcher:
     ) -> list[JobValues]:
         """Flow control's claim of these ids on the direct path (service/flow_direct.py);
         for as many as it left blocked, the queues' other jobs through the pool, as
-        ``flow.claim_by_ids`` takes them. Run to its end even if the lease is cancelled,
-        as a claim in a database thread is: a grant it committed is reclaimed at its
-        deadline, and Redis's slots are never given back for a grant that committed."""
+        ``flow.claim_by_ids`` takes them."""
         from service import flow, flow_direct
 
         first = terms()
         link = getattr(self.broker, "calls", None)  # the Redis broker's pipelined connection
         arbiter = first.slot_arbiter
         slots = (arbiter, link) if arbiter is not None and link is not None else None
-        claim = flow_direct.claim_by_ids(direct, self.db.engine, ids, first, slots)
-        claimed = await _to_the_end(claim)
-        if not claimed.blocked:
+        claimed = await flow_direct.claim_by_ids(direct, self.db.engine, ids, first, slots)
+        blocked = claimed.blocked
+        if not blocked:
             return claimed.granted
-        queues = list(dict.fromkeys(row["queue"] for row in claimed.blocked))
-        more = len(claimed.blocked)
         return claimed.granted + await self.db.run(
-            lambda s: flow.claim_from_queues(s, queues, more, terms()), rows=more
+            lambda s: flow.instead_of_blocked(s, blocked, terms()), rows=len(blocked)
         )
 
     async def _claim_queues(
@@ -298,19 +293,3 @@ class Dispatcher:
                         await event.wait()
             finally:
                 self.signals.drop_ready_waiter(queues, event)
-
-
-async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
-    """``work``'s result; cancelling the caller does not cancel ``work``, which runs to its
-    end (its failure then logged, never left unretrieved)."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_log_failure)
-        raise
-
-
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("a claim whose lease was cancelled failed: %s", task.exception())

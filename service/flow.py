@@ -1161,16 +1161,25 @@ def claim_by_ids(
     admission = arbitrate(session, admission, terms)  # Redis's slots (flow_redis)
     admission.admitted = leases._grant(session, admission.admitted, terms)
     record_grants(session, admission, terms.token, terms.now)
-    granted = admission.admitted
-    if admission.blocked:
-        # The broker's index is in age order and cannot skip a full key: what it offered
-        # was blocked, so take as many from SQL, which passes full keys by. (Its index
-        # still holds those ids: popped later, they are stale candidates, as usual.)
-        queues = list(dict.fromkeys(row["queue"] for row in admission.blocked))
-        if allows_queue is not None:
-            queues = [queue for queue in queues if allows_queue(queue)]
-        granted += claim_from_queues(session, queues, len(admission.blocked), terms)
-    return granted
+    return admission.admitted + instead_of_blocked(session, admission.blocked, terms, allows_queue)
+
+
+def instead_of_blocked(
+    session: Session,
+    blocked: Sequence[JobValues],
+    terms: LeaseTerms,
+    allows_queue: Callable[[str], bool] | None = None,
+) -> list[JobValues]:
+    """After a claim by ids: as many jobs as it left blocked, from their queues in SQL.
+    The broker's index is in age order and cannot skip a full key: what it offered was
+    blocked, so take as many from SQL, which passes full keys by. (Its index still holds
+    those ids: popped later, they are stale candidates, as usual.)"""
+    if not blocked:
+        return []
+    queues = list(dict.fromkeys(row["queue"] for row in blocked))
+    if allows_queue is not None:
+        queues = [queue for queue in queues if allows_queue(queue)]
+    return claim_from_queues(session, queues, len(blocked), terms)
 
 
 def record_mirrored(session: Session, ids: Sequence[str], token: str, now: datetime) -> None:

@@ -24,6 +24,7 @@ caller, as the pool's path leaves it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from service.models import JOBS_TABLE, LIMIT_GRANTS_TABLE, JobValues, UTCDateTim
 from service.pg_direct import DirectPg, DirectTransaction, Refused, Step
 from service.states import JobStatus
 
+log = logging.getLogger("celeriac.flow")
 # Redis's side of the grant, where the service serves Redis workers (``flow_redis``).
 Slots = tuple[SlotArbiter, RedisLink]
 
@@ -53,8 +55,28 @@ class Claimed:
 async def claim_by_ids(
     direct: DirectPg, engine: Any, ids: Sequence[str], terms: leases.LeaseTerms, slots: Slots | None
 ) -> Claimed:
-    """``flow.claim_by_ids``'s first look (its fallback to the queues' other jobs is the
-    caller's) for a caller that may use every queue; see the module's docstring."""
+    """``flow.claim_by_ids``'s first look (its fallback to the queues' other jobs,
+    ``flow.instead_of_blocked``, is the caller's) for a caller that may use every queue;
+    see the module's docstring. It runs to its end even if its caller is cancelled, as a
+    claim in a database thread does: cancelled during its COMMIT, it could not tell
+    whether to give Redis's slots back. (A grant it committed for a caller that has gone
+    is reclaimed at its deadline.)"""
+    claim = asyncio.ensure_future(_claim(direct, engine, ids, terms, slots))
+    try:
+        return await asyncio.shield(claim)
+    except asyncio.CancelledError:
+        claim.add_done_callback(_log_failure)
+        raise
+
+
+def _log_failure(claim: asyncio.Future[Claimed]) -> None:
+    if not claim.cancelled() and claim.exception() is not None:
+        log.warning("a claim whose lease was cancelled failed: %s", claim.exception())
+
+
+async def _claim(
+    direct: DirectPg, engine: Any, ids: Sequence[str], terms: leases.LeaseTerms, slots: Slots | None
+) -> Claimed:
     state = flow.state_of(engine)
     snap = state.snapshot
     if snap is None or time.monotonic() - snap.read_at >= flow.SNAPSHOT_SECONDS:
