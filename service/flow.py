@@ -342,7 +342,7 @@ async def freed_after_commit(db: Database, rows: Iterable[JobValues], effects: E
         return
     try:
         effects.dispatch += await db.run(lambda session: _held_back(session, state, slots))
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, errors.DatabaseUnavailable) as exc:  # the settle stands
         log.warning("announcing the jobs that freed limit slots let through failed: %s", exc)
 
 

@@ -11,6 +11,7 @@ claim, run end to end in tests/test_flow_invariants.py.)"""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -19,11 +20,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import migrated_database, selected_databases
+from conftest import free_port, migrated_database, selected_databases
 
 from service import flow, flow_direct
 from service.brokers.sql import SqlBroker
-from service.db import Database
+from service.db import Database, create_engine
 from service.dispatch import PLAIN_RETRY_SECONDS
 from service.effects import Effects
 from service.jobs import Defaults, insert_jobs, new_job
@@ -219,3 +220,22 @@ def test_after_a_batch_of_limited_jobs_flow_control_takes_the_next_whole(
             await runtime.close()
 
     assert asyncio.run(run()) == [{"a1", "b1"}, {"plain", "c1"}, {"r1"}]
+
+
+def test_a_settle_that_committed_is_not_failed_by_its_announcement(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The jobs a freed slot lets through are read after the settle's commit: with the
+    database gone by then, that read is logged and left to the reconciler, and the
+    settle is not answered 503 (it committed)."""
+    db = Database(create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone"))
+    try:
+        state = flow.state_of(db.engine)
+        state.reoffers, state.held["fd-a"] = True, time.monotonic()
+        row: Any = {"id": "j", "queue": "q_fd", "limit_key": "fd-a"}
+        effects = Effects()
+        asyncio.run(flow.freed_after_commit(db, [row], effects))
+    finally:
+        db.dispose()
+    assert effects.dispatch == []
+    assert "announcing the jobs that freed limit slots let through failed" in caplog.text
